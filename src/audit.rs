@@ -1,0 +1,639 @@
+//! The audit record (DESIGN.md "Audit record"), its reasons, and the one writer
+//! task that serialises records off the request path.
+//!
+//! Records are written in order and never dropped: when the writer falls
+//! behind, senders wait on the bounded channel (fail closed). This module owns
+//! the field names; nothing else formats a record.
+
+/// Why a transaction was refused or ended abnormally (the `reason` field).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    BadRequest,
+    NotInCatalog,
+    PortNotAllowed,
+    MethodNotAllowed,
+    DenyRule,
+    IpLiteral,
+    PrivateAddress,
+    PinMismatch,
+    ClientNotAllowed,
+    HostMismatch,
+    AuthRequired,
+    AuthFailed,
+    RateLimited,
+    HeaderTooLarge,
+    DnsFailure,
+    UpstreamConnectFailed,
+    UpstreamTls,
+    UpstreamReset,
+    ConnectionLimit,
+    Shutdown,
+    Timeout,
+    SniMismatch,
+    SniRequired,
+    EchDenied,
+    ClientClosed,
+}
+
+impl Reason {
+    /// Every reason, for metrics and documentation.
+    pub const ALL: [Reason; 25] = [
+        Reason::BadRequest,
+        Reason::NotInCatalog,
+        Reason::PortNotAllowed,
+        Reason::MethodNotAllowed,
+        Reason::DenyRule,
+        Reason::IpLiteral,
+        Reason::PrivateAddress,
+        Reason::PinMismatch,
+        Reason::ClientNotAllowed,
+        Reason::HostMismatch,
+        Reason::AuthRequired,
+        Reason::AuthFailed,
+        Reason::RateLimited,
+        Reason::HeaderTooLarge,
+        Reason::DnsFailure,
+        Reason::UpstreamConnectFailed,
+        Reason::UpstreamTls,
+        Reason::UpstreamReset,
+        Reason::ConnectionLimit,
+        Reason::Shutdown,
+        Reason::Timeout,
+        Reason::SniMismatch,
+        Reason::SniRequired,
+        Reason::EchDenied,
+        Reason::ClientClosed,
+    ];
+
+    /// The stable snake_case name used in records, headers and metrics.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Reason::BadRequest => "bad_request",
+            Reason::NotInCatalog => "not_in_catalog",
+            Reason::PortNotAllowed => "port_not_allowed",
+            Reason::MethodNotAllowed => "method_not_allowed",
+            Reason::DenyRule => "deny_rule",
+            Reason::IpLiteral => "ip_literal",
+            Reason::PrivateAddress => "private_address",
+            Reason::PinMismatch => "pin_mismatch",
+            Reason::ClientNotAllowed => "client_not_allowed",
+            Reason::HostMismatch => "host_mismatch",
+            Reason::AuthRequired => "auth_required",
+            Reason::AuthFailed => "auth_failed",
+            Reason::RateLimited => "rate_limited",
+            Reason::HeaderTooLarge => "header_too_large",
+            Reason::DnsFailure => "dns_failure",
+            Reason::UpstreamConnectFailed => "upstream_connect_failed",
+            Reason::UpstreamTls => "upstream_tls",
+            Reason::UpstreamReset => "upstream_reset",
+            Reason::ConnectionLimit => "connection_limit",
+            Reason::Shutdown => "shutdown",
+            Reason::Timeout => "timeout",
+            Reason::SniMismatch => "sni_mismatch",
+            Reason::SniRequired => "sni_required",
+            Reason::EchDenied => "ech_denied",
+            Reason::ClientClosed => "client_closed",
+        }
+    }
+
+    /// A sentence for the refusal body and `explain`.
+    pub const fn describe(self) -> &'static str {
+        match self {
+            Reason::BadRequest => "the request target is malformed or not an http:// URL",
+            Reason::NotInCatalog => "the host is not in the catalog",
+            Reason::PortNotAllowed => "the host is in the catalog, but not on this port",
+            Reason::MethodNotAllowed => "the rule does not allow this method",
+            Reason::DenyRule => "a deny rule matches",
+            Reason::IpLiteral => "IP-literal targets are refused unless a rule lists the address",
+            Reason::PrivateAddress => "the name resolves only to private or reserved addresses",
+            Reason::PinMismatch => "the name does not resolve to the rule's pinned addresses",
+            Reason::ClientNotAllowed => "this client address may not use the proxy",
+            Reason::HostMismatch => "the inner request's host differs from the tunnel's host",
+            Reason::AuthRequired => "proxy authentication is required",
+            Reason::AuthFailed => "proxy authentication failed",
+            Reason::RateLimited => "too many requests",
+            Reason::HeaderTooLarge => "the request head is too large",
+            Reason::DnsFailure => "the name could not be resolved",
+            Reason::UpstreamConnectFailed => "the upstream server could not be reached",
+            Reason::UpstreamTls => "the upstream server's TLS failed verification",
+            Reason::UpstreamReset => "the upstream server closed the connection early",
+            Reason::ConnectionLimit => "the proxy is at its connection limit",
+            Reason::Shutdown => "the proxy is shutting down",
+            Reason::Timeout => "the upstream server did not answer in time",
+            Reason::SniMismatch => "the TLS server name differs from the CONNECT host",
+            Reason::SniRequired => "this rule requires TLS with a server name",
+            Reason::EchDenied => "this rule refuses Encrypted ClientHello",
+            Reason::ClientClosed => "the client closed the connection early",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// === the record ===
+
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use serde::ser::{SerializeMap, Serializer};
+use serde::Serialize;
+use tokio::sync::{mpsc, Notify};
+
+use crate::config::{AuditFormat, AuditPath};
+
+/// The `decision` field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Decided {
+    Allow,
+    Bypass,
+    Inspect,
+    Deny,
+    Report,
+}
+
+impl Decided {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Decided::Allow => "allow",
+            Decided::Bypass => "bypass",
+            Decided::Inspect => "inspect",
+            Decided::Deny => "deny",
+            Decided::Report => "report",
+        }
+    }
+}
+
+/// One audit record (DESIGN.md "Audit record"). Absent values are `None` and
+/// are left out of the JSON, never written as empty strings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Record {
+    pub ts: SystemTime,
+    pub id: u64,
+    pub client: SocketAddr,
+    pub user: Option<Arc<str>>,
+    pub method: Option<http::Method>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub url: Option<String>,
+    pub decision: Decided,
+    pub rule: Option<Arc<str>>,
+    pub reason: Option<Reason>,
+    pub upstream: Option<SocketAddr>,
+    pub sni: Option<String>,
+    pub ech: bool,
+    pub status: Option<u16>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub duration_ms: u64,
+}
+
+impl Record {
+    /// A record with only the start fields set; the rest is filled as the
+    /// transaction goes.
+    pub fn new(id: u64, client: SocketAddr, ts: SystemTime) -> Self {
+        Record {
+            ts,
+            id,
+            client,
+            user: None,
+            method: None,
+            host: None,
+            port: None,
+            url: None,
+            decision: Decided::Deny,
+            rule: None,
+            reason: None,
+            upstream: None,
+            sni: None,
+            ech: false,
+            status: None,
+            bytes_up: 0,
+            bytes_down: 0,
+            duration_ms: 0,
+        }
+    }
+
+    /// The `id` as written in records and refusal bodies.
+    pub fn id_string(&self) -> String {
+        format_id(self.id)
+    }
+}
+
+/// Format a record id: 16 lower-case hex digits.
+pub fn format_id(id: u64) -> String {
+    format!("{id:016x}")
+}
+
+impl Serialize for Record {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("ts", &humantime::format_rfc3339_millis(self.ts).to_string())?;
+        m.serialize_entry("id", &format_id(self.id))?;
+        m.serialize_entry("client", &self.client.to_string())?;
+        if let Some(u) = &self.user {
+            m.serialize_entry("user", u.as_ref())?;
+        }
+        if let Some(v) = &self.method {
+            m.serialize_entry("method", v.as_str())?;
+        }
+        if let Some(v) = &self.host {
+            m.serialize_entry("host", v)?;
+        }
+        if let Some(v) = self.port {
+            m.serialize_entry("port", &v)?;
+        }
+        if let Some(v) = &self.url {
+            m.serialize_entry("url", v)?;
+        }
+        m.serialize_entry("decision", self.decision.as_str())?;
+        if let Some(v) = &self.rule {
+            m.serialize_entry("rule", v.as_ref())?;
+        }
+        if let Some(v) = self.reason {
+            m.serialize_entry("reason", v.as_str())?;
+        }
+        if let Some(v) = self.upstream {
+            m.serialize_entry("upstream", &v.to_string())?;
+        }
+        if let Some(v) = &self.sni {
+            m.serialize_entry("sni", v)?;
+        }
+        if self.ech {
+            m.serialize_entry("ech", &true)?;
+        }
+        if let Some(v) = self.status {
+            m.serialize_entry("status", &v)?;
+        }
+        m.serialize_entry("bytes_up", &self.bytes_up)?;
+        m.serialize_entry("bytes_down", &self.bytes_down)?;
+        m.serialize_entry("duration_ms", &self.duration_ms)?;
+        m.end()
+    }
+}
+
+/// Ids unique within a process and, with a random prefix, across restarts.
+pub struct IdGen {
+    prefix: u64,
+    next: AtomicU64,
+}
+
+impl IdGen {
+    pub fn new() -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        IdGen {
+            prefix: h.finish() << 32,
+            next: AtomicU64::new(1),
+        }
+    }
+
+    pub fn next(&self) -> u64 {
+        self.prefix ^ self.next.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+impl Default for IdGen {
+    fn default() -> Self {
+        IdGen::new()
+    }
+}
+
+// === the sink and the writer ===
+
+/// Where serialised records go. The writer calls it from its own thread.
+pub trait AuditSink: Send + 'static {
+    /// Write a batch of records, in order.
+    ///
+    /// # Errors
+    /// An I/O error; the writer logs it and retries the batch.
+    fn write(&mut self, records: &[Record]) -> io::Result<()>;
+    /// Reopen the destination (log rotation). Default: nothing to do.
+    ///
+    /// # Errors
+    /// An I/O error opening the new file.
+    fn reopen(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// JSON-lines (or Squid) text to stdout or a file.
+pub struct LineSink {
+    path: AuditPath,
+    format: AuditFormat,
+    out: Box<dyn Write + Send>,
+    line: Vec<u8>,
+}
+
+impl LineSink {
+    /// Open the destination.
+    ///
+    /// # Errors
+    /// The file cannot be opened for appending.
+    pub fn open(path: AuditPath, format: AuditFormat) -> io::Result<Self> {
+        let out = open_out(&path)?;
+        Ok(LineSink {
+            path,
+            format,
+            out,
+            line: Vec::with_capacity(512),
+        })
+    }
+}
+
+fn open_out(path: &AuditPath) -> io::Result<Box<dyn Write + Send>> {
+    Ok(match path {
+        AuditPath::Stdout => Box::new(io::BufWriter::with_capacity(64 * 1024, io::stdout())),
+        AuditPath::File(p) => Box::new(io::BufWriter::with_capacity(64 * 1024, open_append(p)?)),
+    })
+}
+
+fn open_append(p: &PathBuf) -> io::Result<std::fs::File> {
+    std::fs::OpenOptions::new().create(true).append(true).open(p)
+}
+
+impl AuditSink for LineSink {
+    fn write(&mut self, records: &[Record]) -> io::Result<()> {
+        for r in records {
+            self.line.clear();
+            match self.format {
+                AuditFormat::Json => serde_json::to_writer(&mut self.line, r).map_err(io::Error::other)?,
+                AuditFormat::Squid => squid_line(&mut self.line, r)?,
+            }
+            self.line.push(b'\n');
+            self.out.write_all(&self.line)?;
+        }
+        self.out.flush()
+    }
+
+    fn reopen(&mut self) -> io::Result<()> {
+        self.out.flush()?;
+        self.out = open_out(&self.path)?;
+        Ok(())
+    }
+}
+
+/// Squid's native access.log line:
+/// `time elapsed client code/status bytes method URL user hierarchy/peer type`.
+fn squid_line(out: &mut Vec<u8>, r: &Record) -> io::Result<()> {
+    let t = r
+        .ts
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let code = match (r.decision, r.method.as_ref()) {
+        (Decided::Deny, _) => "TCP_DENIED",
+        (_, Some(m)) if *m == http::Method::CONNECT => "TCP_TUNNEL",
+        _ if r.reason.is_some() => "TCP_MISS_ABORTED",
+        _ => "TCP_MISS",
+    };
+    let url = match (&r.url, &r.host, r.port) {
+        (Some(u), _, _) => u.clone(),
+        (None, Some(h), Some(p)) if h.contains(':') => format!("[{h}]:{p}"),
+        (None, Some(h), Some(p)) => format!("{h}:{p}"),
+        _ => "-".into(),
+    };
+    let peer = match r.upstream {
+        Some(a) => format!("HIER_DIRECT/{}", a.ip()),
+        None => "HIER_NONE/-".into(),
+    };
+    write!(
+        out,
+        "{}.{:03} {:>6} {} {}/{:03} {} {} {} {} {} -",
+        t.as_secs(),
+        t.subsec_millis(),
+        r.duration_ms,
+        r.client.ip(),
+        code,
+        r.status.unwrap_or(0),
+        r.bytes_down,
+        r.method.as_ref().map_or("-", http::Method::as_str),
+        url,
+        r.user.as_deref().unwrap_or("-"),
+        peer,
+    )
+}
+
+/// Records kept in memory, for tests and the status page.
+#[derive(Clone, Default)]
+pub struct MemorySink {
+    records: Arc<Mutex<Vec<Record>>>,
+    changed: Arc<Notify>,
+}
+
+impl MemorySink {
+    pub fn new() -> Self {
+        MemorySink::default()
+    }
+
+    /// A copy of every record written so far.
+    pub fn records(&self) -> Vec<Record> {
+        self.records.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Wait until `pred` holds for the records written (or `timeout` passes);
+    /// returns the records at that point.
+    pub async fn wait_for(
+        &self,
+        timeout: std::time::Duration,
+        pred: impl Fn(&[Record]) -> bool,
+    ) -> Vec<Record> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            let now = self.records();
+            if pred(&now) {
+                return now;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.records();
+            }
+        }
+    }
+}
+
+impl AuditSink for MemorySink {
+    fn write(&mut self, records: &[Record]) -> io::Result<()> {
+        if let Ok(mut r) = self.records.lock() {
+            r.extend_from_slice(records);
+        }
+        self.changed.notify_waiters();
+        Ok(())
+    }
+}
+
+/// Several sinks written in turn (file plus memory for the status page, say).
+pub struct Tee(pub Vec<Box<dyn AuditSink>>);
+
+impl AuditSink for Tee {
+    fn write(&mut self, records: &[Record]) -> io::Result<()> {
+        for s in &mut self.0 {
+            s.write(records)?;
+        }
+        Ok(())
+    }
+
+    fn reopen(&mut self) -> io::Result<()> {
+        for s in &mut self.0 {
+            s.reopen()?;
+        }
+        Ok(())
+    }
+}
+
+enum Msg {
+    Record(Box<Record>),
+    Reopen,
+}
+
+/// How many queued records make new transactions wait for the writer.
+pub const HIGH_WATER: usize = 65_536;
+
+/// The cloneable handle that transactions send records through.
+#[derive(Clone)]
+pub struct AuditLog {
+    tx: mpsc::UnboundedSender<Msg>,
+    state: Arc<WriterState>,
+}
+
+struct WriterState {
+    queued: AtomicUsize,
+    written: AtomicU64,
+    waits: AtomicU64,
+    drained: Notify,
+}
+
+/// The writer thread; `join` after every handle is dropped flushes the rest.
+pub struct AuditWriter {
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AuditWriter {
+    /// Wait until every record sent before the last handle was dropped is written.
+    pub fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                tracing::error!("audit writer thread panicked");
+            }
+        }
+    }
+}
+
+impl AuditLog {
+    /// Start the writer thread on `sink`.
+    ///
+    /// # Errors
+    /// The thread could not be spawned.
+    pub fn start(mut sink: Box<dyn AuditSink>) -> io::Result<(AuditLog, AuditWriter)> {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
+        let state = Arc::new(WriterState {
+            queued: AtomicUsize::new(0),
+            written: AtomicU64::new(0),
+            waits: AtomicU64::new(0),
+            drained: Notify::new(),
+        });
+        let st = Arc::clone(&state);
+        let thread = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || {
+                let mut batch: Vec<Record> = Vec::with_capacity(256);
+                while let Some(first) = rx.blocking_recv() {
+                    let mut reopen = false;
+                    let mut push = |m: Msg, batch: &mut Vec<Record>| match m {
+                        Msg::Record(r) => batch.push(*r),
+                        Msg::Reopen => reopen = true,
+                    };
+                    push(first, &mut batch);
+                    while batch.len() < 4096 {
+                        match rx.try_recv() {
+                            Ok(m) => push(m, &mut batch),
+                            Err(_) => break,
+                        }
+                    }
+                    write_batch(sink.as_mut(), &batch);
+                    let n = batch.len();
+                    batch.clear();
+                    st.written.fetch_add(n as u64, Ordering::Relaxed);
+                    if st.queued.fetch_sub(n, Ordering::AcqRel) - n < HIGH_WATER {
+                        st.drained.notify_waiters();
+                    }
+                    if reopen {
+                        if let Err(e) = sink.reopen() {
+                            tracing::error!(error = %e, "cannot reopen the audit file; keeping the old one");
+                        }
+                    }
+                }
+            })?;
+        Ok((
+            AuditLog { tx, state },
+            AuditWriter {
+                thread: Some(thread),
+            },
+        ))
+    }
+
+    /// Wait while the writer is behind (fail closed). Cheap when it is not.
+    pub async fn ready(&self) {
+        while self.state.queued.load(Ordering::Acquire) >= HIGH_WATER {
+            self.state.waits.fetch_add(1, Ordering::Relaxed);
+            let n = self.state.drained.notified();
+            if self.state.queued.load(Ordering::Acquire) < HIGH_WATER {
+                break;
+            }
+            n.await;
+        }
+    }
+
+    /// Queue a record. Never drops it; never blocks (see [`AuditLog::ready`]).
+    pub fn send(&self, record: Record) {
+        self.state.queued.fetch_add(1, Ordering::AcqRel);
+        if self.tx.send(Msg::Record(Box::new(record))).is_err() {
+            self.state.queued.fetch_sub(1, Ordering::AcqRel);
+            tracing::error!("audit writer is gone; record lost");
+        }
+    }
+
+    /// Ask the writer to reopen its file (SIGHUP).
+    pub fn reopen(&self) {
+        let _ = self.tx.send(Msg::Reopen);
+    }
+
+    /// Records written so far.
+    pub fn written(&self) -> u64 {
+        self.state.written.load(Ordering::Relaxed)
+    }
+
+    /// Records queued and not yet written.
+    pub fn queued(&self) -> usize {
+        self.state.queued.load(Ordering::Relaxed)
+    }
+
+    /// How often a transaction waited for the writer.
+    pub fn waits(&self) -> u64 {
+        self.state.waits.load(Ordering::Relaxed)
+    }
+}
+
+/// Write one batch, retrying on I/O errors: records are never dropped.
+fn write_batch(sink: &mut dyn AuditSink, batch: &[Record]) {
+    let mut delay = std::time::Duration::from_millis(10);
+    while let Err(e) = sink.write(batch) {
+        tracing::error!(error = %e, "cannot write audit records; retrying");
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(std::time::Duration::from_secs(1));
+        if let Err(e) = sink.reopen() {
+            tracing::error!(error = %e, "cannot reopen the audit file");
+        }
+    }
+}

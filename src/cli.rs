@@ -1,0 +1,153 @@
+//! The `check` and `explain` verbs: what an operator reads, built on the
+//! same policy code the proxy runs.
+use std::collections::BTreeMap;
+use std::fmt::{self, Write as _};
+
+use crate::config::{DefaultAction, Settings};
+use crate::policy::{Policy, Verdict};
+use crate::target::{self, Target};
+
+/// A one-screen summary of a loaded configuration and catalog.
+pub fn summary(settings: &Settings) -> String {
+    let p = &settings.policy;
+    let mut out = String::new();
+    let _ = writeln!(out, "configuration: {}", settings.source);
+    let catalog = settings
+        .policy_settings
+        .catalog
+        .as_ref()
+        .map_or_else(|| "built-in".to_string(), |c| c.display().to_string());
+    let _ = writeln!(out, "catalog:       {catalog} (hash {:016x})", p.hash());
+    let listen: Vec<String> = settings.server.listen.iter().map(ToString::to_string).collect();
+    let _ = writeln!(out, "listen:        {}", listen.join(", "));
+    let _ = writeln!(
+        out,
+        "default:       {}",
+        match p.default_action() {
+            DefaultAction::Deny => "deny (anything not in the catalog is refused)",
+            DefaultAction::Report => "report (misses are let through and recorded)",
+        }
+    );
+    let _ = writeln!(
+        out,
+        "inspection:    {}",
+        if p.inspection_enabled() { "on (allow tunnels are terminated with our CA)" } else { "off (every tunnel is spliced)" }
+    );
+    let mut actions: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut hosts = 0;
+    for r in p.rules() {
+        *actions.entry(r.action.as_str()).or_default() += 1;
+        hosts += r.hosts.len() + r.addresses.len();
+    }
+    let acts: Vec<String> = actions.iter().map(|(a, n)| format!("{n} {a}")).collect();
+    let _ = writeln!(out, "rules:         {} ({}), {hosts} host patterns", p.rules().len(), acts.join(", "));
+    let _ = writeln!(out);
+    let _ = writeln!(out, "  {:<6} {:<12} {:<34} hosts", "action", "ports", "rule");
+    for r in p.rules() {
+        let ports: Vec<String> = r.ports.iter().map(ToString::to_string).collect();
+        let mut names: Vec<String> = r.hosts.clone();
+        names.extend(r.addresses.iter().map(ToString::to_string));
+        let shown = if names.len() > 3 {
+            format!("{} (+{} more)", names[..2].join(" "), names.len() - 2)
+        } else {
+            names.join(" ")
+        };
+        let _ = writeln!(out, "  {:<6} {:<12} {:<34} {shown}", r.action.as_str(), ports.join(","), clip(&r.name, 34));
+    }
+    for w in &settings.warnings {
+        let _ = writeln!(out, "{w}");
+    }
+    out
+}
+
+fn clip(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let mut c: String = s.chars().take(n - 1).collect();
+        c.push('…');
+        c
+    }
+}
+
+/// The answer to `explain TARGET`.
+pub struct Explained {
+    pub input: String,
+    pub target: Target,
+    pub method: http::Method,
+    pub verdict: Verdict,
+    pub rule: Option<String>,
+    pub reason: Option<&'static str>,
+    pub why: String,
+    pub losers: Vec<(String, &'static str)>,
+}
+
+/// Parse `http://host/...` (a plain request) or `host:port` (a CONNECT) and explain it.
+///
+/// # Errors
+/// The target does not parse; the message says why.
+pub fn explain(policy: &Policy, input: &str) -> Result<Explained, String> {
+    let input = input.trim();
+    let (target, method) = if input.contains("://") {
+        let uri: http::Uri = input.parse().map_err(|e| format!("not a URL: {e}"))?;
+        let t = target::parse_absolute(&uri).map_err(|e| format!("bad_request: {e}"))?;
+        (t, http::Method::GET)
+    } else {
+        let t = target::parse_authority(input).map_err(|e| format!("bad_request: {e}"))?;
+        (t, http::Method::CONNECT)
+    };
+    let ex = policy.explain(&target, &method);
+    let d = ex.decision;
+    let rule = d.rule.and_then(|i| policy.rule(i));
+    let why = match (d.verdict, rule, d.reason) {
+        (Verdict::Allow, Some(r), _) if method == http::Method::CONNECT && policy.inspection_enabled() => {
+            format!("rule \"{}\" allows it; the tunnel is inspected with our CA", r.name)
+        }
+        (Verdict::Allow, Some(r), _) => format!("rule \"{}\" allows it", r.name),
+        (Verdict::Bypass, Some(r), _) => format!(
+            "rule \"{}\" bypasses inspection: bytes are spliced untouched (SNI check: {})",
+            r.name,
+            r.sni.as_str()
+        ),
+        (Verdict::Report, _, Some(reason)) => format!(
+            "no rule decides it ({}); policy.default = \"report\" lets it through and records it",
+            reason.describe()
+        ),
+        (_, _, Some(reason)) => reason.describe().to_string(),
+        _ => String::new(),
+    };
+    let losers = ex
+        .losers
+        .iter()
+        .filter_map(|(i, loss)| policy.rule(*i).map(|r| (r.name.clone(), loss.describe())))
+        .collect();
+    Ok(Explained {
+        input: input.to_string(),
+        target,
+        method,
+        verdict: d.verdict,
+        rule: rule.map(|r| r.name.clone()),
+        reason: d.reason.map(|r| r.as_str()),
+        why,
+        losers,
+    })
+}
+
+impl fmt::Display for Explained {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "target:   {} ({} {})", self.input, self.method, self.target)?;
+        writeln!(f, "decision: {}", self.verdict.as_str())?;
+        writeln!(f, "rule:     {}", self.rule.as_deref().unwrap_or("(none)"))?;
+        if let Some(r) = self.reason {
+            writeln!(f, "reason:   {r}")?;
+        }
+        writeln!(f, "why:      {}", self.why)?;
+        if self.verdict.is_permitted() {
+            writeln!(f, "then:     the name is resolved and every address vetted (private ranges refused unless dns.allow_private covers them)")?;
+        }
+        for (name, why) in &self.losers {
+            writeln!(f, "also matched: \"{name}\": {why}")?;
+        }
+        Ok(())
+    }
+}

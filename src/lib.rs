@@ -1,0 +1,138 @@
+//! egress-proxy: an egress allowlist forward proxy.
+//!
+//! # Layout
+//!
+//! - [`config`]: raw configuration (file + environment) and its validation into [`config::Settings`].
+//! - [`target`]: the normalised target of a request; the only place hosts are normalised.
+//! - [`policy`]: the compiled catalog and the pure decision on (host, port, method); address vetting in [`policy::ip`].
+//! - [`audit`]: the audit record, its reasons, and the single writer task.
+//! - [`dns`], [`upstream`]: resolution with static overrides, vetting of every address, dialing.
+//! - [`proxy`]: the accept loop, HTTP forwarding, CONNECT tunnels.
+//! - [`cli`]: the `check` and `explain` verbs.
+#![forbid(unsafe_code)]
+
+pub mod audit;
+pub mod cli;
+pub mod config;
+pub mod dns;
+pub mod policy;
+pub mod proxy;
+pub mod shutdown;
+pub mod target;
+pub mod upstream;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::audit::{AuditLog, IdGen};
+use crate::config::Settings;
+use crate::proxy::Shared;
+use crate::shutdown::Drain;
+
+/// Time allowed for a DNS answer (then `dns_failure`, 504).
+pub const DNS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Dns(#[from] dns::SetupError),
+}
+
+/// A proxy ready to serve on bound listeners.
+pub struct Proxy {
+    shared: Arc<Shared>,
+    listeners: Vec<TcpListener>,
+}
+
+/// A handle to a running proxy: reload, counters.
+#[derive(Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Proxy {
+    /// Set up shared state. Records go to `audit`.
+    ///
+    /// # Errors
+    /// The resolver cannot be configured.
+    pub fn new(listeners: Vec<TcpListener>, settings: Settings, audit: AuditLog) -> Result<Self, StartError> {
+        let resolver = dns::Resolver::new(&settings.dns, DNS_TIMEOUT)?;
+        let cap = proxy::connection_cap(settings.server.max_connections);
+        tracing::info!(max_connections = cap, "connection cap");
+        let shared = Arc::new(Shared {
+            settings: ArcSwap::from_pointee(settings),
+            resolver,
+            audit,
+            ids: IdGen::new(),
+            drain: Drain::new(),
+            conns: Arc::new(Semaphore::new(cap)),
+        });
+        Ok(Proxy { shared, listeners })
+    }
+
+    /// A handle for reloads and inspection.
+    pub fn handle(&self) -> Handle {
+        Handle {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Serve until `shutdown` resolves, then drain within `server.shutdown_grace`.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        for l in self.listeners {
+            if let Ok(a) = l.local_addr() {
+                tracing::info!(listen = %a, "serving");
+            }
+            let shared = Arc::clone(&self.shared);
+            tokio::spawn(proxy::serve(l, shared));
+        }
+        shutdown.await;
+        let grace = self.shared.settings.load().server.shutdown_grace;
+        tracing::info!(grace = ?grace, "shutting down: no new connections");
+        self.shared.drain.drain(grace).await;
+    }
+}
+
+impl Handle {
+    /// Swap in new settings (policy, clients, DNS overrides, limits).
+    /// Open tunnels and in-flight requests keep the snapshot they started with.
+    pub fn reload(&self, settings: Settings) {
+        self.shared.resolver.set_static(settings.dns.static_hosts.clone());
+        self.shared.resolver.clear_cache();
+        self.shared.settings.store(Arc::new(settings));
+    }
+
+    /// The settings now in force.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.shared.settings.load_full()
+    }
+
+    /// Ask the audit writer to reopen its file.
+    pub fn reopen_audit(&self) {
+        self.shared.audit.reopen();
+    }
+
+    /// Connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.shared.drain.tracker.len()
+    }
+}
+
+/// Serve `listeners` with `settings` until `shutdown` resolves.
+///
+/// # Errors
+/// The proxy could not start.
+pub async fn run(
+    listeners: Vec<TcpListener>,
+    settings: Settings,
+    audit: AuditLog,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    Proxy::new(listeners, settings, audit)?.run(shutdown).await;
+    Ok(())
+}

@@ -1,0 +1,174 @@
+//! The `egress-proxy` binary: command line, logging, configuration, signals.
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use egress_proxy::audit::{AuditLog, LineSink};
+use egress_proxy::config::Settings;
+use egress_proxy::{cli, Proxy};
+use tokio::net::TcpListener;
+
+/// Egress allowlist forward proxy.
+#[derive(Parser)]
+#[command(name = "egress-proxy", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    /// Configuration file (default: config/egress-proxy.toml, else the built-in default).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve (the default).
+    Run,
+    /// Validate the configuration and catalog; print a summary and warnings.
+    Check,
+    /// Say what the policy decides for a target: "http://host/path" or "host:port".
+    Explain {
+        /// "http://host/…" (a plain request) or "host:port" (a CONNECT).
+        target: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let settings = match Settings::load(cli.config.as_deref(), std::env::vars()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("egress-proxy: invalid configuration:\n{e}");
+            return ExitCode::from(1);
+        }
+    };
+    match cli.cmd.unwrap_or(Cmd::Run) {
+        Cmd::Check => {
+            print!("{}", cli::summary(&settings));
+            println!("configuration OK");
+            ExitCode::SUCCESS
+        }
+        Cmd::Explain { target } => match cli::explain(&settings.policy, &target) {
+            Ok(ex) => {
+                print!("{ex}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("egress-proxy: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Cmd::Run => serve(settings, cli.config),
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+}
+
+fn serve(settings: Settings, config: Option<PathBuf>) -> ExitCode {
+    tracing::info!(config = %settings.source, rules = settings.policy.rules().len(), "configuration loaded");
+    for w in &settings.warnings {
+        tracing::warn!("{w}");
+    }
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::info!(nofile = n, "file-descriptor limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the file-descriptor limit"),
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("egress-proxy: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async move {
+        let mut listeners = Vec::new();
+        for addr in &settings.server.listen {
+            match TcpListener::bind(addr).await {
+                Ok(l) => listeners.push(l),
+                Err(e) => {
+                    eprintln!("egress-proxy: cannot listen on {addr}: {e}");
+                    return ExitCode::from(1);
+                }
+            }
+        }
+        let sink = match LineSink::open(settings.audit.path.clone(), settings.audit.format) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("egress-proxy: cannot open the audit log: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        let (audit, writer) = match AuditLog::start(Box::new(sink)) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("egress-proxy: cannot start the audit writer: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        let proxy = match Proxy::new(listeners, settings, audit) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("egress-proxy: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        let handle = proxy.handle();
+        tokio::spawn(signals::reload_on_hup(handle, config));
+        proxy.run(signals::terminate()).await;
+        tokio::task::spawn_blocking(move || writer.join()).await.ok();
+        tracing::info!("stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+mod signals {
+    use std::path::PathBuf;
+
+    use egress_proxy::config::Settings;
+    use egress_proxy::Handle;
+    use tokio::signal::unix::{signal, SignalKind};
+
+    /// Resolves on SIGTERM or SIGINT.
+    pub async fn terminate() {
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        match (term, int) {
+            (Ok(mut t), Ok(mut i)) => {
+                tokio::select! {
+                    _ = t.recv() => tracing::info!("SIGTERM"),
+                    _ = i.recv() => tracing::info!("SIGINT"),
+                }
+            }
+            _ => {
+                tracing::error!("cannot install signal handlers; stopping on ctrl-c only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+
+    /// SIGHUP: reload configuration and catalog; reopen the audit file.
+    pub async fn reload_on_hup(handle: Handle, config: Option<PathBuf>) {
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::error!("cannot install the SIGHUP handler; reload disabled");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            handle.reopen_audit();
+            match Settings::load(config.as_deref(), std::env::vars()) {
+                Ok(s) => {
+                    tracing::info!(rules = s.policy.rules().len(), "reloaded");
+                    handle.reload(s);
+                }
+                Err(e) => tracing::error!("reload failed; keeping the old configuration:\n{e}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,560 @@
+//! The compiled, immutable policy: catalog rules indexed for a decision on
+//! (host, port[, method]) whose cost does not grow with the catalog.
+//!
+//! Pure: no I/O, no logging, no allocation in [`Policy::decide`]. Address
+//! vetting after DNS lives in [`ip`]; the proxy calls both.
+//!
+//! Matching (DESIGN.md "Policy"): the candidates are the rules whose host
+//! pattern matches and whose ports contain the port; the most specific pattern
+//! wins (exact, then wildcards with more labels); ties go deny > bypass >
+//! allow, then to the rule written first.
+pub mod ip;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use crate::audit::Reason;
+use crate::config::{DefaultAction, Rate};
+use crate::target::{Host, Target};
+
+/// A rule's action.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Action {
+    // Declaration order is precedence on a tie: deny > bypass > allow.
+    Allow,
+    Bypass,
+    Deny,
+}
+
+impl Action {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Bypass => "bypass",
+            Action::Deny => "deny",
+        }
+    }
+}
+
+/// How a spliced tunnel's ClientHello is checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SniMode {
+    Off,
+    MatchIfTls,
+    Require,
+}
+
+impl SniMode {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            SniMode::Off => "off",
+            SniMode::MatchIfTls => "match-if-tls",
+            SniMode::Require => "require",
+        }
+    }
+}
+
+/// What to do with an Encrypted ClientHello.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EchMode {
+    Allow,
+    Deny,
+}
+
+/// An inclusive port range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortRange {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+impl PortRange {
+    #[inline]
+    pub fn contains(self, port: u16) -> bool {
+        self.lo <= port && port <= self.hi
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.lo == self.hi {
+            write!(f, "{}", self.lo)
+        } else {
+            write!(f, "{}-{}", self.lo, self.hi)
+        }
+    }
+}
+
+/// One validated catalog rule, as written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleSpec {
+    pub name: String,
+    /// Exact normalised names, or `*.` followed by one.
+    pub hosts: Vec<String>,
+    pub addresses: Vec<IpNet>,
+    pub ports: Vec<PortRange>,
+    pub action: Action,
+    /// None: every method.
+    pub methods: Option<Vec<http::Method>>,
+    pub sni: SniMode,
+    pub ech: EchMode,
+    pub ips: Vec<IpAddr>,
+    pub pin: bool,
+    pub rate: Option<Rate>,
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+impl RuleSpec {
+    /// Equal in everything but the name: an exact duplicate.
+    pub fn same_effect(&self, other: &RuleSpec) -> bool {
+        let mut a = self.clone();
+        a.name.clone_from(&other.name);
+        a == *other
+    }
+
+    fn allows_port(&self, port: u16) -> bool {
+        self.ports.iter().any(|r| r.contains(port))
+    }
+
+    /// True when `method` is allowed (rules without `methods` allow all).
+    pub fn allows_method(&self, method: &http::Method) -> bool {
+        self.methods.as_ref().is_none_or(|ms| ms.contains(method))
+    }
+}
+
+/// A rule in a compiled policy.
+pub type Rule = RuleSpec;
+
+/// The policy's verdict before dialing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    Allow,
+    Bypass,
+    Deny,
+    /// A policy miss let through because `policy.default = "report"`.
+    Report,
+}
+
+impl Verdict {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Bypass => "bypass",
+            Verdict::Deny => "deny",
+            Verdict::Report => "report",
+        }
+    }
+
+    pub const fn is_permitted(self) -> bool {
+        !matches!(self, Verdict::Deny)
+    }
+}
+
+/// The outcome of [`Policy::decide`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    /// Index of the rule that decided, if any (see [`Policy::rule`]).
+    pub rule: Option<usize>,
+    /// Why refused, or for `report`, which miss was let through.
+    pub reason: Option<Reason>,
+}
+
+impl Decision {
+    const fn deny(rule: Option<usize>, reason: Reason) -> Self {
+        Decision {
+            verdict: Verdict::Deny,
+            rule,
+            reason: Some(reason),
+        }
+    }
+}
+
+/// One (rule, ports) pair under a host pattern, ordered for the tie-break.
+#[derive(Clone, Debug)]
+struct Entry {
+    rule: u32,
+    action: Action,
+}
+
+/// The compiled catalog.
+#[derive(Debug)]
+pub struct Policy {
+    rules: Vec<Rule>,
+    /// Rule names, shared into audit records without copying.
+    names: Vec<Arc<str>>,
+    /// Exact host -> entries, best first.
+    exact: HashMap<Box<str>, Vec<Entry>>,
+    /// Suffix of `*.suffix` -> entries, best first.
+    wildcard: HashMap<Box<str>, Vec<Entry>>,
+    /// Rules admitting IP-literal targets.
+    addresses: Vec<(IpNet, Entry)>,
+    default: DefaultAction,
+    inspect: bool,
+    /// Stable hash of the rules, for metrics and the status page.
+    hash: u64,
+}
+
+/// Why a matching rule lost, for `explain`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Loss {
+    /// The host pattern matched, the port did not.
+    Port,
+    /// A more specific host pattern decided.
+    LessSpecific,
+    /// Same pattern specificity, but the winner's action takes precedence.
+    Precedence,
+    /// Same pattern specificity and action; the winner is written first.
+    LaterInFile,
+}
+
+impl Loss {
+    pub const fn describe(self) -> &'static str {
+        match self {
+            Loss::Port => "its host pattern matches, but not this port",
+            Loss::LessSpecific => "a more specific host pattern decided",
+            Loss::Precedence => "same host pattern specificity; deny beats bypass beats allow",
+            Loss::LaterInFile => "same pattern and action; the rule written first wins",
+        }
+    }
+}
+
+/// A decision with the rules that matched the host but lost.
+#[derive(Clone, Debug)]
+pub struct Explanation {
+    pub decision: Decision,
+    pub losers: Vec<(usize, Loss)>,
+}
+
+// === impl Policy ===
+
+impl Policy {
+    /// A policy with no rules (every request is a policy miss).
+    pub fn empty() -> Self {
+        Policy::compile(Vec::new(), DefaultAction::Deny, false)
+    }
+
+    /// Index validated rules. `inspect` says whether a CA is configured.
+    pub fn compile(rules: Vec<RuleSpec>, default: DefaultAction, inspect: bool) -> Self {
+        let mut exact: HashMap<Box<str>, Vec<Entry>> = HashMap::new();
+        let mut wildcard: HashMap<Box<str>, Vec<Entry>> = HashMap::new();
+        let mut addresses = Vec::new();
+        for (i, r) in rules.iter().enumerate() {
+            let entry = Entry {
+                rule: u32::try_from(i).unwrap_or(u32::MAX),
+                action: r.action,
+            };
+            for h in &r.hosts {
+                let (map, key) = match h.strip_prefix("*.") {
+                    Some(suffix) => (&mut wildcard, suffix),
+                    None => (&mut exact, h.as_str()),
+                };
+                let list = map.entry(key.into()).or_default();
+                if !list.iter().any(|e: &Entry| e.rule == entry.rule) {
+                    list.push(entry.clone());
+                }
+            }
+            for a in &r.addresses {
+                addresses.push((*a, entry.clone()));
+            }
+        }
+        let order = |a: &Entry, b: &Entry| b.action.cmp(&a.action).then(a.rule.cmp(&b.rule));
+        exact.values_mut().for_each(|v| v.sort_by(order));
+        wildcard.values_mut().for_each(|v| v.sort_by(order));
+        addresses.sort_by(|a, b| order(&a.1, &b.1));
+        let hash = hash_rules(&rules, default);
+        let names = rules.iter().map(|r| Arc::from(r.name.as_str())).collect();
+        Policy {
+            rules,
+            names,
+            exact,
+            wildcard,
+            addresses,
+            default,
+            inspect,
+            hash,
+        }
+    }
+
+    /// The rules, in catalog order.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// One rule by the index a [`Decision`] carries.
+    pub fn rule(&self, index: usize) -> Option<&Rule> {
+        self.rules.get(index)
+    }
+
+    /// The name of rule `index`, for audit records.
+    pub fn rule_name(&self, index: usize) -> Option<Arc<str>> {
+        self.names.get(index).cloned()
+    }
+
+    /// True when a CA is configured: `allow` tunnels are inspected.
+    pub fn inspection_enabled(&self) -> bool {
+        self.inspect
+    }
+
+    /// The policy for misses.
+    pub fn default_action(&self) -> DefaultAction {
+        self.default
+    }
+
+    /// A stable hash of the rules and default (hex in the status page).
+    pub fn hash(&self) -> u64 {
+        self.hash
+    }
+
+    /// Decide a target. `method` is the request method (`CONNECT` for a tunnel).
+    ///
+    /// Does not allocate. Address vetting after DNS is separate ([`ip`]).
+    pub fn decide(&self, target: &Target, method: &http::Method) -> Decision {
+        let found = match &target.host {
+            Host::Name(name) => self.lookup_name(name, target.port),
+            Host::Ip(ip) => self.lookup_ip(*ip, target.port),
+        };
+        let rule = match found {
+            Lookup::Rule(r) => r,
+            // An IP literal outside its rule's ports is refused, never reported.
+            Lookup::PortMiss if matches!(target.host, Host::Ip(_)) => {
+                return Decision::deny(None, Reason::PortNotAllowed)
+            }
+            Lookup::PortMiss => return self.miss(Reason::PortNotAllowed),
+            Lookup::None if matches!(target.host, Host::Ip(_)) => {
+                return Decision::deny(None, Reason::IpLiteral)
+            }
+            Lookup::None => return self.miss(Reason::NotInCatalog),
+        };
+        let spec = &self.rules[rule];
+        let index = Some(rule);
+        match spec.action {
+            Action::Deny => Decision::deny(index, Reason::DenyRule),
+            _ if !self.method_allowed(spec, method) => {
+                Decision::deny(index, Reason::MethodNotAllowed)
+            }
+            Action::Allow => Decision {
+                verdict: Verdict::Allow,
+                rule: index,
+                reason: None,
+            },
+            Action::Bypass => Decision {
+                verdict: Verdict::Bypass,
+                rule: index,
+                reason: None,
+            },
+        }
+    }
+
+    /// `methods` limits plain HTTP (and inspected requests). A CONNECT to a
+    /// rule with `methods` is refused unless the rule lists CONNECT or the
+    /// tunnel will be inspected (where each inner request is checked):
+    /// otherwise a tunnel would carry any method past the limit.
+    fn method_allowed(&self, spec: &Rule, method: &http::Method) -> bool {
+        if spec.allows_method(method) {
+            return true;
+        }
+        *method == http::Method::CONNECT && self.inspect && spec.action == Action::Allow
+    }
+
+    fn miss(&self, reason: Reason) -> Decision {
+        match self.default {
+            DefaultAction::Deny => Decision::deny(None, reason),
+            DefaultAction::Report => Decision {
+                verdict: Verdict::Report,
+                rule: None,
+                reason: Some(reason),
+            },
+        }
+    }
+
+    fn lookup_name(&self, name: &str, port: u16) -> Lookup {
+        let mut matched = false;
+        if let Some(entries) = self.exact.get(name) {
+            matched = true;
+            if let Some(r) = self.first_with_port(entries, port) {
+                return Lookup::Rule(r);
+            }
+        }
+        // Wildcards from the longest suffix (most labels) to the shortest;
+        // `*.example.com` matches any subdomain, not the apex.
+        let mut rest = name;
+        while let Some(dot) = rest.find('.') {
+            rest = &rest[dot + 1..];
+            if let Some(entries) = self.wildcard.get(rest) {
+                matched = true;
+                if let Some(r) = self.first_with_port(entries, port) {
+                    return Lookup::Rule(r);
+                }
+            }
+        }
+        if matched {
+            Lookup::PortMiss
+        } else {
+            Lookup::None
+        }
+    }
+
+    fn lookup_ip(&self, ip: IpAddr, port: u16) -> Lookup {
+        let mut matched = false;
+        for (net, entry) in &self.addresses {
+            if net.contains(&ip) {
+                matched = true;
+                if self.rules[entry.rule as usize].allows_port(port) {
+                    return Lookup::Rule(entry.rule as usize);
+                }
+            }
+        }
+        if matched {
+            Lookup::PortMiss
+        } else {
+            Lookup::None
+        }
+    }
+
+    #[inline]
+    fn first_with_port(&self, entries: &[Entry], port: u16) -> Option<usize> {
+        entries
+            .iter()
+            .find(|e| self.rules[e.rule as usize].allows_port(port))
+            .map(|e| e.rule as usize)
+    }
+
+    /// The decision plus every other rule that matched the host, and why it lost.
+    pub fn explain(&self, target: &Target, method: &http::Method) -> Explanation {
+        let decision = self.decide(target, method);
+        let winner = decision.rule.map(|w| (w, self.specificity(w, &target.host)));
+        let mut losers = Vec::new();
+        for (i, r) in self.rules.iter().enumerate() {
+            if Some(i) == decision.rule {
+                continue;
+            }
+            let Some(spec) = self.specificity(i, &target.host) else {
+                continue;
+            };
+            let loss = if !r.allows_port(target.port) {
+                Loss::Port
+            } else {
+                match winner {
+                    Some((_, Some(ws))) if ws > spec => Loss::LessSpecific,
+                    Some((w, _)) if self.rules[w].action != r.action => Loss::Precedence,
+                    _ => Loss::LaterInFile,
+                }
+            };
+            losers.push((i, loss));
+        }
+        Explanation { decision, losers }
+    }
+
+    /// How specifically rule `i` matches `host`: None when it does not;
+    /// exact names and addresses rank above every wildcard.
+    fn specificity(&self, i: usize, host: &Host) -> Option<usize> {
+        let r = &self.rules[i];
+        match host {
+            Host::Ip(ip) => r
+                .addresses
+                .iter()
+                .filter(|n| n.contains(ip))
+                .map(|n| usize::from(n.prefix_len()) + 1000)
+                .max(),
+            Host::Name(name) => r
+                .hosts
+                .iter()
+                .filter_map(|p| match p.strip_prefix("*.") {
+                    None => (**name == **p).then_some(usize::MAX),
+                    Some(suffix) => {
+                        let sub = name.strip_suffix(suffix)?;
+                        (sub.len() > 1 && sub.ends_with('.')).then(|| suffix.split('.').count())
+                    }
+                })
+                .max(),
+        }
+    }
+
+    /// Warnings for rules that other rules fully shadow (never decide anything).
+    pub fn shadowed(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, r) in self.rules.iter().enumerate() {
+            let mut by = Vec::new();
+            let covered = r.hosts.iter().all(|h| self.pattern_covered(i, h, &r.ports, &mut by))
+                && r.addresses.iter().all(|a| self.address_covered(i, a, &r.ports, &mut by));
+            if covered && !(r.hosts.is_empty() && r.addresses.is_empty()) {
+                by.sort_unstable();
+                by.dedup();
+                let names: Vec<String> = by
+                    .iter()
+                    .map(|&j| format!("#{} \"{}\"", j + 1, self.rules[j].name))
+                    .collect();
+                out.push(format!(
+                    "warning: rule #{} \"{}\" never decides anything: every host and port it names is decided by rule {}",
+                    i + 1,
+                    r.name,
+                    names.join(", ")
+                ));
+            }
+        }
+        out
+    }
+
+    fn beats(&self, j: usize, i: usize) -> bool {
+        let (a, b) = (&self.rules[j], &self.rules[i]);
+        a.action > b.action || (a.action == b.action && j < i)
+    }
+
+    fn pattern_covered(&self, i: usize, pattern: &str, ports: &[PortRange], by: &mut Vec<usize>) -> bool {
+        ports.iter().all(|range| {
+            let winner = self.rules.iter().enumerate().find(|(j, s)| {
+                *j != i
+                    && self.beats(*j, i)
+                    && s.hosts.iter().any(|h| h == pattern)
+                    && s.ports.iter().any(|p| p.lo <= range.lo && range.hi <= p.hi)
+            });
+            winner.map(|(j, _)| by.push(j)).is_some()
+        })
+    }
+
+    fn address_covered(&self, i: usize, net: &IpNet, ports: &[PortRange], by: &mut Vec<usize>) -> bool {
+        ports.iter().all(|range| {
+            let winner = self.rules.iter().enumerate().find(|(j, s)| {
+                *j != i
+                    && self.beats(*j, i)
+                    && s.addresses.iter().any(|a| a.contains(net))
+                    && s.ports.iter().any(|p| p.lo <= range.lo && range.hi <= p.hi)
+            });
+            winner.map(|(j, _)| by.push(j)).is_some()
+        })
+    }
+}
+
+enum Lookup {
+    Rule(usize),
+    PortMiss,
+    None,
+}
+
+/// FNV-1a over a canonical text of the rules: stable across runs and builds.
+fn hash_rules(rules: &[Rule], default: DefaultAction) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |s: &str| {
+        for b in s.bytes().chain(std::iter::once(0)) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    feed(match default {
+        DefaultAction::Deny => "deny",
+        DefaultAction::Report => "report",
+    });
+    for r in rules {
+        feed(&format!("{r:?}"));
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,188 @@
+//! Bodies: the response body type the proxy serves, and the counting
+//! wrappers that stream request and response bodies without buffering them,
+//! adding their sizes to the transaction's record.
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+use super::txn::Txn;
+use crate::audit::Reason;
+
+/// What the proxy answers with: a small fixed body, or a streamed upstream one.
+pub enum ProxyBody {
+    Full(Option<Bytes>),
+    Streamed(Box<ResponseBody>),
+}
+
+impl ProxyBody {
+    pub fn full(b: Bytes) -> Self {
+        ProxyBody::Full(Some(b))
+    }
+
+    pub fn empty() -> Self {
+        ProxyBody::Full(None)
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Streamed(s) => Pin::new(s.as_mut()).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Full(b) => b.is_none(),
+            ProxyBody::Streamed(s) => s.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            ProxyBody::Full(None) => SizeHint::with_exact(0),
+            ProxyBody::Streamed(s) => s.inner.size_hint(),
+        }
+    }
+}
+
+/// Shared between the request body (read by the upstream connection task)
+/// and the transaction.
+#[derive(Default)]
+pub struct UpCount {
+    pub bytes: AtomicU64,
+    /// The client's body failed (it vanished mid-upload).
+    pub client_error: AtomicBool,
+}
+
+/// The client's request body on its way upstream, counted.
+pub struct RequestBody {
+    inner: Incoming,
+    count: Arc<UpCount>,
+}
+
+impl RequestBody {
+    pub fn new(inner: Incoming, count: Arc<UpCount>) -> Self {
+        RequestBody { inner, count }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.count.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.count.client_error.store(true, Ordering::Relaxed),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The upstream response body on its way to the client; owns the
+/// transaction and ends it when the body ends, fails, or is dropped.
+pub struct ResponseBody {
+    inner: Incoming,
+    txn: Option<Txn>,
+    up: Option<Arc<UpCount>>,
+    status: u16,
+}
+
+impl ResponseBody {
+    pub fn new(inner: Incoming, txn: Txn, up: Option<Arc<UpCount>>, status: u16) -> Self {
+        ResponseBody {
+            inner,
+            txn: Some(txn),
+            up,
+            status,
+        }
+    }
+
+    fn end(&mut self, reason: Option<Reason>) {
+        if let Some(mut txn) = self.txn.take() {
+            if let Some(up) = &self.up {
+                txn.add_up(up.bytes.load(Ordering::Relaxed));
+            }
+            txn.finish(Some(self.status), reason);
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(f))) => {
+                if let (Some(d), Some(txn)) = (f.data_ref(), this.txn.as_mut()) {
+                    txn.add_down(d.len() as u64);
+                }
+            }
+            // A truncated or reset upstream body: the error reaches hyper,
+            // which aborts the client connection rather than pad the body.
+            Poll::Ready(Some(Err(_))) => this.end(Some(Reason::UpstreamReset)),
+            Poll::Ready(None) => this.end(None),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        if let Some(mut txn) = self.txn.take() {
+            if let Some(up) = &self.up {
+                txn.add_up(up.bytes.load(Ordering::Relaxed));
+            }
+            // Dropped before its end: the client went away (or shutdown cut
+            // it; Txn's drop tells which).
+            txn.rec().status = Some(self.status);
+            drop(txn);
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! Refusals: the only mapping from a reason to an HTTP status and response.
+//!
+//! Every refusal before a response carries `Connection: close`, an
+//! `X-Egress-Error: <reason>` header and a short text body naming the reason
+//! and the record id.
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use super::body::ProxyBody;
+use crate::audit::{format_id, Reason};
+
+/// The header naming the reason of a refusal.
+pub const X_EGRESS_ERROR: &str = "x-egress-error";
+
+/// A refusal on its way to the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub reason: Reason,
+    /// Seconds, for 429.
+    pub retry_after: Option<u64>,
+}
+
+impl Refusal {
+    /// A refusal with the reason's usual status.
+    pub fn new(reason: Reason) -> Self {
+        Refusal {
+            status: status_for(reason),
+            reason,
+            retry_after: None,
+        }
+    }
+
+    /// The same reason with another status (504 for a DNS time-out).
+    pub fn with_status(reason: Reason, status: StatusCode) -> Self {
+        Refusal {
+            status,
+            reason,
+            retry_after: None,
+        }
+    }
+
+    /// The response sent to the client.
+    pub fn response(&self, id: u64, realm: Option<&str>) -> Response<ProxyBody> {
+        let body = format!(
+            "egress-proxy refused this request: {} ({})\nid: {}\n",
+            self.reason.as_str(),
+            self.reason.describe(),
+            format_id(id)
+        );
+        let mut resp = Response::new(ProxyBody::full(Bytes::from(body)));
+        *resp.status_mut() = self.status;
+        let h = resp.headers_mut();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        h.insert(X_EGRESS_ERROR, HeaderValue::from_static(self.reason.as_str()));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if let Some(secs) = self.retry_after {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+            let realm = realm.unwrap_or("egress-proxy").replace('"', "");
+            if let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{realm}\", charset=\"UTF-8\"")) {
+                h.insert(header::PROXY_AUTHENTICATE, v);
+            }
+        }
+        resp
+    }
+
+    /// The same response as raw HTTP/1.1 bytes, for refusals made before
+    /// hyper reads the request (connection limit, client ACL).
+    pub fn raw(&self, id: u64) -> Vec<u8> {
+        let body = format!(
+            "egress-proxy refused this request: {} ({})\nid: {}\n",
+            self.reason.as_str(),
+            self.reason.describe(),
+            format_id(id)
+        );
+        format!(
+            "HTTP/1.1 {} {}\r\nconnection: close\r\nx-egress-error: {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n\r\n{}",
+            self.status.as_u16(),
+            self.status.canonical_reason().unwrap_or(""),
+            self.reason.as_str(),
+            body.len(),
+            body
+        )
+        .into_bytes()
+    }
+}
+
+/// DESIGN.md's table of reasons and statuses.
+pub const fn status_for(reason: Reason) -> StatusCode {
+    match reason {
+        Reason::BadRequest => StatusCode::BAD_REQUEST,
+        Reason::NotInCatalog
+        | Reason::PortNotAllowed
+        | Reason::MethodNotAllowed
+        | Reason::DenyRule
+        | Reason::IpLiteral
+        | Reason::PrivateAddress
+        | Reason::PinMismatch
+        | Reason::ClientNotAllowed
+        | Reason::HostMismatch
+        | Reason::SniMismatch
+        | Reason::SniRequired
+        | Reason::EchDenied => StatusCode::FORBIDDEN,
+        Reason::AuthRequired | Reason::AuthFailed => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+        Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        Reason::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        Reason::DnsFailure
+        | Reason::UpstreamConnectFailed
+        | Reason::UpstreamTls
+        | Reason::UpstreamReset
+        | Reason::ClientClosed => StatusCode::BAD_GATEWAY,
+        Reason::ConnectionLimit | Reason::Shutdown => StatusCode::SERVICE_UNAVAILABLE,
+        Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
+    }
+}

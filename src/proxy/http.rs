@@ -1,0 +1,203 @@
+//! Plain HTTP forwarding of absolute-form requests: switch to origin-form,
+//! set `Host` from the URI, strip hop-by-hop headers both ways, and stream
+//! bodies through a kept-alive upstream connection to the vetted address.
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use ::http::uri::{PathAndQuery, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::http1 as client;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+
+use super::body::{ProxyBody, RequestBody, ResponseBody, UpCount};
+use super::error::Refusal;
+use super::txn::Txn;
+use super::{dial_target, refuse, upstream_refusal, ConnCtx};
+use crate::audit::Reason;
+use crate::config::Settings;
+use crate::policy::Rule;
+use crate::target::{Host, Target};
+use crate::upstream;
+
+/// How long to wait for an upstream response head.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A kept-alive upstream connection.
+pub struct Pooled {
+    addr: SocketAddr,
+    sender: client::SendRequest<RequestBody>,
+}
+
+/// Forward one request and stream the response back.
+pub async fn forward(
+    ctx: &ConnCtx,
+    settings: &Settings,
+    mut txn: Txn,
+    req: Request<Incoming>,
+    target: Target,
+    rule: Option<&Rule>,
+) -> Response<ProxyBody> {
+    let addrs = match dial_target(ctx, settings, &target, rule).await {
+        Ok(a) => a,
+        Err(r) => return refuse(txn, r, settings),
+    };
+    let (parts, body) = req.into_parts();
+    let up = (!hyper::body::Body::is_end_stream(&body)).then(|| Arc::new(UpCount::default()));
+    let body = RequestBody::new(body, up.clone().unwrap_or_default());
+    let mut out = Request::new(body);
+    *out.method_mut() = parts.method;
+    *out.uri_mut() = origin_form(&parts.uri);
+    *out.headers_mut() = parts.headers;
+    prepare_request_headers(out.headers_mut(), &target, settings.server.via);
+
+    let mut reused = take_pooled(ctx, &addrs);
+    let resp = loop {
+        let mut pooled = match reused.take() {
+            Some(p) => p,
+            None => match connect(ctx, &addrs, settings).await {
+                Ok(p) => p,
+                Err(r) => return refuse(txn, r, settings),
+            },
+        };
+        txn.rec().upstream = Some(pooled.addr);
+        let was_reused = pooled.sender.is_ready();
+        let sent = tokio::time::timeout(RESPONSE_TIMEOUT, async {
+            if pooled.sender.ready().await.is_err() {
+                return Err(None);
+            }
+            pooled.sender.try_send_request(out).await.map_err(Some)
+        })
+        .await;
+        match sent {
+            Ok(Ok(resp)) => {
+                put_pooled(ctx, pooled);
+                break resp;
+            }
+            Ok(Err(Some(mut e))) => match e.take_message() {
+                // Never sent: a stale kept-alive connection. Try a fresh one.
+                Some(req) if was_reused => {
+                    out = req;
+                    continue;
+                }
+                _ => {
+                    tracing::debug!(error = %e.error(), "upstream request failed");
+                    let reason = if up.as_ref().is_some_and(|u| u.client_error.load(std::sync::atomic::Ordering::Relaxed)) {
+                        Reason::ClientClosed
+                    } else {
+                        Reason::UpstreamReset
+                    };
+                    return refuse(txn, Refusal::new(reason), settings);
+                }
+            },
+            Ok(Err(None)) => return refuse(txn, Refusal::new(Reason::UpstreamReset), settings),
+            Err(_) => return refuse(txn, Refusal::new(Reason::Timeout), settings),
+        }
+    };
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    if settings.server.via {
+        add_via(&mut parts.headers);
+    }
+    let status = parts.status.as_u16();
+    let body = ResponseBody::new(body, txn, up, status);
+    Response::from_parts(parts, ProxyBody::Streamed(Box::new(body)))
+}
+
+fn take_pooled(ctx: &ConnCtx, addrs: &[SocketAddr]) -> Option<Pooled> {
+    let mut slot = ctx.upstream.lock().ok()?;
+    match slot.take() {
+        Some(p) if addrs.contains(&p.addr) && !p.sender.is_closed() => Some(p),
+        _ => None,
+    }
+}
+
+fn put_pooled(ctx: &ConnCtx, p: Pooled) {
+    if let Ok(mut slot) = ctx.upstream.lock() {
+        *slot = Some(p);
+    }
+}
+
+async fn connect(ctx: &ConnCtx, addrs: &[SocketAddr], settings: &Settings) -> Result<Pooled, Refusal> {
+    let (stream, addr) = upstream::dial(addrs, settings.limits.connect_timeout)
+        .await
+        .map_err(|e| upstream_refusal(&e))?;
+    let (sender, conn) = client::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|_| Refusal::new(Reason::UpstreamConnectFailed))?;
+    let hard = ctx.shared.drain.hard.clone();
+    ctx.shared.drain.tracker.spawn(async move {
+        tokio::select! {
+            r = conn => if let Err(e) = r { tracing::debug!(error = %e, "upstream connection ended") },
+            () = hard.cancelled() => {}
+        }
+    });
+    Ok(Pooled { addr, sender })
+}
+
+fn origin_form(uri: &Uri) -> Uri {
+    let pq = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    Uri::from(pq)
+}
+
+/// Headers that belong to one hop and never cross the proxy.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
+/// Remove hop-by-hop headers, the ones `Connection` names, and
+/// `Transfer-Encoding` (hyper frames each hop itself).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| *n != header::HOST && *n != header::CONTENT_LENGTH)
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
+    }
+    for n in &HOP_BY_HOP {
+        headers.remove(n);
+    }
+    headers.remove(header::TRANSFER_ENCODING);
+}
+
+fn prepare_request_headers(headers: &mut HeaderMap, target: &Target, via: bool) {
+    strip_hop_by_hop(headers);
+    let host = match (&target.host, target.port) {
+        (Host::Name(n), 80) => n.to_string(),
+        (Host::Name(n), p) => format!("{n}:{p}"),
+        (Host::Ip(std::net::IpAddr::V6(ip)), 80) => format!("[{ip}]"),
+        (Host::Ip(std::net::IpAddr::V6(ip)), p) => format!("[{ip}]:{p}"),
+        (Host::Ip(ip), 80) => ip.to_string(),
+        (Host::Ip(ip), p) => format!("{ip}:{p}"),
+    };
+    if let Ok(v) = HeaderValue::from_str(&host) {
+        headers.insert(header::HOST, v);
+    }
+    if via {
+        add_via(headers);
+    }
+}
+
+fn add_via(headers: &mut HeaderMap) {
+    headers.append(header::VIA, HeaderValue::from_static("1.1 egress-proxy"));
+}

@@ -1,0 +1,303 @@
+//! The data path: the accept loop, the connection permit, the client ACL,
+//! one hyper HTTP/1 connection per client, and the dispatch of each request
+//! to [`http`] (absolute-form forwarding) or [`connect`] (tunnels).
+//!
+//! Every transaction gets exactly one audit record ([`txn::Txn`]); every
+//! refusal goes through [`error::Refusal`]. Policy and settings are read once
+//! per request from the current snapshot, so a reload never changes a
+//! transaction half-way.
+pub mod body;
+pub mod connect;
+pub mod error;
+pub mod http;
+pub mod peek;
+pub mod tunnel;
+pub mod txn;
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use ipnet::IpNet;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::audit::{AuditLog, Decided, IdGen, Reason};
+use crate::config::Settings;
+use crate::dns::Resolver;
+use crate::policy::Verdict;
+use crate::shutdown::Drain;
+use crate::target::{self, Target};
+use body::ProxyBody;
+use error::Refusal;
+use txn::Txn;
+
+/// State shared by every connection.
+pub struct Shared {
+    /// The current settings and policy; swapped whole on reload.
+    pub settings: ArcSwap<Settings>,
+    pub resolver: Resolver,
+    pub audit: AuditLog,
+    pub ids: IdGen,
+    pub drain: Drain,
+    /// Connection permits (`server.max_connections`).
+    pub conns: Arc<Semaphore>,
+}
+
+impl Shared {
+    /// A new transaction record for `client`.
+    pub fn txn(&self, client: SocketAddr) -> Txn {
+        Txn::new(
+            self.audit.clone(),
+            self.drain.hard.clone(),
+            self.ids.next(),
+            client,
+        )
+    }
+}
+
+/// The connection cap: `server.max_connections`, or when 0, derived from
+/// the file-descriptor limit (two descriptors a connection, some kept back).
+pub fn connection_cap(configured: usize) -> usize {
+    if configured > 0 {
+        return configured;
+    }
+    let nofile = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft);
+    let nofile = usize::try_from(nofile).unwrap_or(usize::MAX);
+    (nofile.saturating_sub(64) / 2).max(16)
+}
+
+/// Accept connections on `listener` until the drain begins.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let graceful = shared.drain.graceful.clone();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = graceful.cancelled() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE/ENFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed; backing off");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let permit = Arc::clone(&shared.conns).try_acquire_owned().ok();
+        let shared2 = Arc::clone(&shared);
+        shared.drain.tracker.spawn(async move {
+            match permit {
+                Some(permit) => connection(stream, peer, shared2, permit).await,
+                None => refuse_raw(stream, peer, &shared2, Reason::ConnectionLimit).await,
+            }
+        });
+    }
+}
+
+fn client_allowed(allow: &[IpNet], ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    allow.iter().any(|n| n.contains(&ip))
+}
+
+/// Answer a refusal before hyper reads the request, then close without a
+/// reset: stop writing, and read (and discard) what the client still sends
+/// for a moment, so unread bytes do not turn our close into an RST that
+/// would destroy the answer before the client reads it.
+async fn refuse_raw(mut stream: TcpStream, peer: SocketAddr, shared: &Shared, reason: Reason) {
+    let refusal = Refusal::new(reason);
+    let txn = shared.txn(peer);
+    let id = txn.id();
+    txn.refuse(refusal.status.as_u16(), reason);
+    let raw = refusal.raw(id);
+    let linger = async {
+        stream.write_all(&raw).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        let mut total = 0usize;
+        while total < 256 * 1024 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => total += n,
+            }
+        }
+        Ok::<(), std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), linger).await;
+}
+
+/// Per client connection: the context each request handler sees.
+pub struct ConnCtx {
+    shared: Arc<Shared>,
+    client: SocketAddr,
+    /// The upstream connection kept alive for this client connection,
+    /// keyed by the vetted address it goes to.
+    upstream: Mutex<Option<http::Pooled>>,
+}
+
+async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, permit: OwnedSemaphorePermit) {
+    let _permit = permit;
+    let settings = shared.settings.load_full();
+    if !client_allowed(&settings.clients, peer.ip()) {
+        refuse_raw(stream, peer, &shared, Reason::ClientNotAllowed).await;
+        return;
+    }
+    let _ = stream.set_nodelay(true);
+    let ctx = Arc::new(ConnCtx {
+        shared: Arc::clone(&shared),
+        client: peer,
+        upstream: Mutex::new(None),
+    });
+    let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let served2 = Arc::clone(&served);
+    let svc = service_fn(move |req| {
+        let ctx = Arc::clone(&ctx);
+        served2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        async move { Ok::<_, Infallible>(handle(ctx, req).await) }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.limits.header_read_timeout)
+        .max_buf_size(settings.limits.max_header_bytes.max(8192))
+        .keep_alive(true);
+    let conn = builder.serve_connection(TokioIo::new(stream), svc).with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = shared.drain.graceful.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                r = conn.as_mut() => r,
+                () = shared.drain.hard.cancelled() => Ok(()),
+            }
+        }
+    };
+    if let Err(e) = result {
+        let first = served.load(std::sync::atomic::Ordering::Relaxed) == 0;
+        record_connection_error(&shared, peer, &e, first);
+    }
+}
+
+/// Refusals hyper answered itself while parsing get their record here.
+fn record_connection_error(shared: &Shared, peer: SocketAddr, e: &hyper::Error, first: bool) {
+    let (reason, status) = if e.is_parse_too_large() {
+        (Reason::HeaderTooLarge, Some(431))
+    } else if e.is_parse() {
+        (Reason::BadRequest, Some(400))
+    } else if e.is_timeout() && first {
+        // A head that never completed on a fresh connection (slowloris).
+        (Reason::Timeout, None)
+    } else {
+        tracing::debug!(error = %e, client = %peer, "client connection ended");
+        return;
+    };
+    let txn = shared.txn(peer);
+    match status {
+        Some(s) => txn.refuse(s, reason),
+        None => {
+            let mut txn = txn;
+            txn.set_decision(Decided::Deny);
+            txn.finish(None, Some(reason));
+        }
+    }
+}
+
+/// One request: parse the target, decide, then forward or tunnel.
+async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let shared = &ctx.shared;
+    shared.audit.ready().await;
+    let settings = shared.settings.load_full();
+    let mut txn = shared.txn(ctx.client);
+    txn.rec().method = Some(req.method().clone());
+    let is_connect = req.method() == Method::CONNECT;
+    if !is_connect {
+        txn.rec().url = Some(truncate(req.uri().to_string(), 4096));
+    }
+    let parsed = if is_connect {
+        match req.uri().authority() {
+            Some(a) if req.uri().path_and_query().is_none_or(|p| p.as_str().is_empty() || p.as_str() == "/") => {
+                target::parse_authority(a.as_str())
+            }
+            _ => target::parse_authority(&req.uri().to_string()),
+        }
+    } else {
+        target::parse_absolute(req.uri())
+    };
+    let target = match parsed {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::debug!(error = %e, client = %ctx.client, "bad request target");
+            return refuse(txn, Refusal::new(Reason::BadRequest), &settings);
+        }
+    };
+    txn.set_target(&target);
+    let policy = Arc::clone(&settings.policy);
+    let decision = policy.decide(&target, req.method());
+    txn.set_rule(decision.rule.and_then(|i| policy.rule_name(i)));
+    match decision.verdict {
+        Verdict::Deny => {
+            let reason = decision.reason.unwrap_or(Reason::NotInCatalog);
+            return refuse(txn, Refusal::new(reason), &settings);
+        }
+        Verdict::Report => txn.set_decision(Decided::Report),
+        Verdict::Allow => txn.set_decision(Decided::Allow),
+        Verdict::Bypass => txn.set_decision(Decided::Bypass),
+    }
+    let rule = decision.rule.and_then(|i| policy.rule(i));
+    if is_connect {
+        connect::tunnel(&ctx, &settings, txn, req, target, rule).await
+    } else {
+        http::forward(&ctx, &settings, txn, req, target, rule).await
+    }
+}
+
+/// Record and answer a refusal.
+pub(crate) fn refuse(txn: Txn, refusal: Refusal, settings: &Settings) -> Response<ProxyBody> {
+    let id = txn.id();
+    txn.refuse(refusal.status.as_u16(), refusal.reason);
+    refusal.response(id, Some(&settings.auth.realm))
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+/// Resolve and vet the target, then dial; refusals come back ready to send.
+pub(crate) async fn dial_target(
+    ctx: &ConnCtx,
+    settings: &Settings,
+    target: &Target,
+    rule: Option<&crate::policy::Rule>,
+) -> Result<Vec<SocketAddr>, Refusal> {
+    crate::upstream::vetted_addrs(&ctx.shared.resolver, target, rule, &settings.dns.allow_private)
+        .await
+        .map_err(|e| upstream_refusal(&e))
+}
+
+pub(crate) fn upstream_refusal(e: &crate::upstream::UpstreamError) -> Refusal {
+    let reason = e.reason();
+    if e.is_timeout() {
+        Refusal::with_status(reason, ::http::StatusCode::GATEWAY_TIMEOUT)
+    } else {
+        Refusal::new(reason)
+    }
+}

@@ -1,0 +1,104 @@
+//! One transaction's audit record from start to end. The record is sent
+//! exactly once: by [`Txn::finish`], or on drop (a client that vanished, or
+//! a task cut at shutdown).
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::{AuditLog, Decided, Reason, Record};
+use crate::target::{Host, Target};
+
+/// An open transaction.
+pub struct Txn {
+    rec: Option<Record>,
+    start: Instant,
+    audit: AuditLog,
+    hard: CancellationToken,
+}
+
+impl Txn {
+    pub fn new(audit: AuditLog, hard: CancellationToken, id: u64, client: SocketAddr) -> Self {
+        Txn {
+            rec: Some(Record::new(id, client, SystemTime::now())),
+            start: Instant::now(),
+            audit,
+            hard,
+        }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.rec.as_ref().map_or(0, |r| r.id)
+    }
+
+    /// The record being filled.
+    pub fn rec(&mut self) -> &mut Record {
+        // `rec` is only None after finish, which consumes self.
+        self.rec.get_or_insert_with(|| Record::new(0, SocketAddr::from(([0, 0, 0, 0], 0)), SystemTime::now()))
+    }
+
+    pub fn set_target(&mut self, t: &Target) {
+        let r = self.rec();
+        r.host = Some(match &t.host {
+            Host::Name(n) => n.to_string(),
+            Host::Ip(ip) => ip.to_string(),
+        });
+        r.port = Some(t.port);
+    }
+
+    pub fn set_rule(&mut self, name: Option<Arc<str>>) {
+        self.rec().rule = name;
+    }
+
+    pub fn set_decision(&mut self, d: Decided) {
+        self.rec().decision = d;
+    }
+
+    pub fn add_up(&mut self, n: u64) {
+        self.rec().bytes_up += n;
+    }
+
+    pub fn add_down(&mut self, n: u64) {
+        self.rec().bytes_down += n;
+    }
+
+    /// End the transaction with `status` and, if abnormal, `reason`.
+    pub fn finish(mut self, status: Option<u16>, reason: Option<Reason>) {
+        if let Some(mut rec) = self.rec.take() {
+            rec.status = status.or(rec.status);
+            rec.reason = reason.or(rec.reason);
+            self.emit(rec);
+        }
+    }
+
+    /// End a refused transaction: decision deny (unless already report), the status and reason.
+    pub fn refuse(mut self, status: u16, reason: Reason) {
+        if let Some(mut rec) = self.rec.take() {
+            rec.decision = Decided::Deny;
+            rec.status = Some(status);
+            rec.reason = Some(reason);
+            self.emit(rec);
+        }
+    }
+
+    fn emit(&self, mut rec: Record) {
+        rec.duration_ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.audit.send(rec);
+    }
+}
+
+impl Drop for Txn {
+    fn drop(&mut self) {
+        if let Some(mut rec) = self.rec.take() {
+            if rec.reason.is_none() {
+                rec.reason = Some(if self.hard.is_cancelled() {
+                    Reason::Shutdown
+                } else {
+                    Reason::ClientClosed
+                });
+            }
+            self.emit(rec);
+        }
+    }
+}
