@@ -154,6 +154,10 @@ impl Body for ResponseBody {
                 if let (Some(d), Some(txn)) = (f.data_ref(), this.txn.as_mut()) {
                     txn.add_down(d.len() as u64);
                 }
+                // hyper stops polling once the body says it is complete.
+                if this.inner.is_end_stream() {
+                    this.end(None);
+                }
             }
             // A truncated or reset upstream body: the error reaches hyper,
             // which aborts the client connection rather than pad the body.
@@ -175,6 +179,11 @@ impl Body for ResponseBody {
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
+        if self.inner.is_end_stream() {
+            // Complete (an empty body, or one hyper finished without a final poll).
+            self.end(None);
+            return;
+        }
         if let Some(mut txn) = self.txn.take() {
             if let Some(up) = &self.up {
                 txn.add_up(up.bytes.load(Ordering::Relaxed));

@@ -72,10 +72,24 @@ impl Txn {
         }
     }
 
-    /// End a refused transaction: decision deny (unless already report), the status and reason.
+    /// End a refused transaction with its status and reason. Policy and
+    /// client refusals record `deny`; an upstream failure (DNS, connect,
+    /// reset, time-out) keeps the policy's decision, so the record says both
+    /// what was allowed and why it still failed.
     pub fn refuse(mut self, status: u16, reason: Reason) {
         if let Some(mut rec) = self.rec.take() {
-            rec.decision = Decided::Deny;
+            let upstream_failure = matches!(
+                reason,
+                Reason::DnsFailure
+                    | Reason::UpstreamConnectFailed
+                    | Reason::UpstreamTls
+                    | Reason::UpstreamReset
+                    | Reason::Timeout
+                    | Reason::ClientClosed
+            );
+            if !upstream_failure {
+                rec.decision = Decided::Deny;
+            }
             rec.status = Some(status);
             rec.reason = Some(reason);
             self.emit(rec);

@@ -1,0 +1,1 @@
+//! The `check` and `explain` commands, run as the real binary.

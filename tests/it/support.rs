@@ -1,0 +1,417 @@
+//! Test support: the proxy in-process on port 0 with an in-memory audit
+//! sink, and real loopback origins (HTTP, TLS with certificates made at test
+//! time, raw TCP).
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
+
+use bytes::Bytes;
+use egress_proxy::audit::{AuditLog, AuditWriter, MemorySink, Record};
+use egress_proxy::config::{ConfigSource, Settings};
+use egress_proxy::{Handle, Proxy};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// How long tests wait for a record or an answer before failing.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Install the ring crypto provider once for every rustls user in tests.
+pub fn crypto() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// A proxy running in-process.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    pub audit: MemorySink,
+    pub handle: Handle,
+    pub dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+    writer: Option<AuditWriter>,
+}
+
+/// Write `config` and `catalog` into a temp dir and load them as the proxy would.
+pub fn load(config: &str, catalog: &str) -> (Settings, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("egress-proxy.toml");
+    std::fs::write(&cfg, config).expect("write config");
+    std::fs::write(dir.path().join("catalog.toml"), catalog).expect("write catalog");
+    let settings = Settings::from_toml(ConfigSource::File(cfg), config, Vec::new())
+        .unwrap_or_else(|e| panic!("test config must load:\n{e}"));
+    (settings, dir)
+}
+
+/// A config for tests: loopback clients, the given static DNS names mapped
+/// to 127.0.0.1, loopback allowed as a private range, plus `extra` TOML
+/// lines appended to the sections (written as full `[section]` blocks).
+pub fn config(names: &[&str], extra: &str) -> String {
+    let statics: Vec<String> = names
+        .iter()
+        .map(|n| format!("\"{n}\" = [\"127.0.0.1\"]"))
+        .collect();
+    format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nshutdown_grace = \"2s\"\n\n\
+         [clients]\nallow = [\"127.0.0.0/8\", \"::1/128\"]\n\n\
+         [dns]\nstatic = {{ {} }}\nallow_private = [\"127.0.0.0/8\"]\n\n\
+         [policy]\ncatalog = \"catalog.toml\"\n\n{extra}\n",
+        statics.join(", ")
+    )
+}
+
+impl TestProxy {
+    /// Start with a config and catalog text.
+    pub async fn start(config: &str, catalog: &str) -> TestProxy {
+        let (settings, dir) = load(config, catalog);
+        TestProxy::start_settings(settings, dir).await
+    }
+
+    /// Start with loaded settings.
+    pub async fn start_settings(settings: Settings, dir: tempfile::TempDir) -> TestProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let audit = MemorySink::new();
+        let (log, writer) = AuditLog::start(Box::new(audit.clone())).expect("audit writer");
+        let proxy = Proxy::new(vec![listener], settings, log).expect("proxy");
+        let handle = proxy.handle();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            proxy
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        TestProxy {
+            addr,
+            audit,
+            handle,
+            dir,
+            stop: Some(stop),
+            task: Some(task),
+            writer: Some(writer),
+        }
+    }
+
+    /// The proxy URL for HTTP clients.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A reqwest client using this proxy for http:// and https://.
+    pub fn client(&self) -> reqwest::Client {
+        crypto();
+        reqwest::Client::builder()
+            .proxy(reqwest::Proxy::all(self.url()).expect("proxy url"))
+            .timeout(WAIT)
+            .build()
+            .expect("client")
+    }
+
+    /// Wait for `n` records and return them.
+    pub async fn records(&self, n: usize) -> Vec<Record> {
+        let got = self.audit.wait_for(WAIT, |r| r.len() >= n).await;
+        assert!(got.len() >= n, "expected {n} audit records, got {}: {got:#?}", got.len());
+        got
+    }
+
+    /// Wait for exactly `n` records, then make sure no more arrive shortly.
+    pub async fn exactly(&self, n: usize) -> Vec<Record> {
+        let got = self.records(n).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let now = self.audit.records();
+        assert_eq!(now.len(), n, "expected exactly {n} records: {now:#?}");
+        got
+    }
+
+    /// Stop the proxy (drain) and flush the audit writer.
+    pub async fn stop(mut self) -> Vec<Record> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(WAIT, t).await;
+        }
+        self.audit.records()
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        // The writer thread ends when the proxy's handles are gone.
+        drop(self.writer.take());
+    }
+}
+
+/// What an origin saw of one request.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: String,
+    pub uri: String,
+    pub headers: Vec<(String, String)>,
+    pub body_len: usize,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// An HTTP/1.1 origin on loopback. Paths:
+/// `/bytes/N` streams N bytes (content-length), `/chunked/N` streams N bytes
+/// chunked, `/echo` answers with the request body, anything else "hello".
+pub struct HttpOrigin {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl HttpOrigin {
+    pub async fn start() -> HttpOrigin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+        let addr = listener.local_addr().expect("addr");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen2 = Arc::clone(&seen);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let seen = Arc::clone(&seen2);
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| origin_reply(req, Arc::clone(&seen)));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        HttpOrigin { addr, seen }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("seen").clone()
+    }
+}
+
+type OriginBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+async fn origin_reply(
+    req: Request<Incoming>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+) -> Result<Response<OriginBody>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    seen.lock().expect("seen").push(Seen {
+        method: parts.method.to_string(),
+        uri: parts.uri.to_string(),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .collect(),
+        body_len: body.len(),
+    });
+    let path = parts.uri.path().to_string();
+    let resp = if let Some(n) = path.strip_prefix("/bytes/") {
+        let n: usize = n.parse().unwrap_or(0);
+        Response::builder()
+            .header("content-length", n)
+            .header("connection", "keep-alive, x-hop")
+            .header("x-hop", "must-not-reach-the-client")
+            .header("keep-alive", "timeout=5")
+            .body(stream_body(n))
+    } else if let Some(n) = path.strip_prefix("/chunked/") {
+        let n: usize = n.parse().unwrap_or(0);
+        Response::builder().body(stream_body(n))
+    } else if path == "/echo" {
+        Response::builder().body(Full::new(body).boxed())
+    } else {
+        Response::builder()
+            .header("content-type", "text/plain")
+            .body(Full::new(Bytes::from_static(b"hello")).boxed())
+    };
+    Ok(resp.expect("response"))
+}
+
+/// A body of `n` bytes in 64 KiB frames, generated as it is read.
+pub fn stream_body(n: usize) -> OriginBody {
+    let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+    let frames = (0..n.div_ceil(64 * 1024)).map(move |i| {
+        let len = (n - i * 64 * 1024).min(64 * 1024);
+        Ok::<_, Infallible>(Frame::data(chunk.slice(..len)))
+    });
+    StreamBody::new(futures_lite_stream(frames)).boxed()
+}
+
+fn futures_lite_stream<I: Iterator + Unpin>(it: I) -> IterStream<I> {
+    IterStream(it)
+}
+
+/// A minimal iterator-backed stream (avoids another dev-dependency).
+pub struct IterStream<I>(I);
+
+impl<I: Iterator + Unpin> futures_core::Stream for IterStream<I> {
+    type Item = I::Item;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<I::Item>> {
+        std::task::Poll::Ready(self.0.next())
+    }
+}
+
+/// A raw TCP origin that runs `f` on each accepted connection.
+pub async fn tcp_origin<F, Fut>(f: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let f = Arc::new(f);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let f = Arc::clone(&f);
+            tokio::spawn(async move { f(s).await });
+        }
+    });
+    addr
+}
+
+/// A TCP echo origin.
+pub async fn echo_origin() -> SocketAddr {
+    tcp_origin(|mut s| async move {
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    })
+    .await
+}
+
+/// A certificate and key for `names`, self-signed, made now.
+pub struct TestCert {
+    pub cert_der: rustls::pki_types::CertificateDer<'static>,
+    pub key_der: rustls::pki_types::PrivateKeyDer<'static>,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+pub fn self_signed(names: &[&str]) -> TestCert {
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    let ck = rcgen::generate_simple_self_signed(names).expect("rcgen");
+    TestCert {
+        cert_der: ck.cert.der().clone(),
+        key_der: rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into()),
+        cert_pem: ck.cert.pem(),
+        key_pem: ck.signing_key.serialize_pem(),
+    }
+}
+
+/// What a TLS origin saw: the SNI of each handshake.
+pub struct TlsOrigin {
+    pub addr: SocketAddr,
+    pub cert: TestCert,
+    pub snis: Arc<Mutex<Vec<Option<String>>>>,
+}
+
+impl TlsOrigin {
+    /// A TLS origin for `name` that answers each connection's HTTP/1.1 requests with "tls hello".
+    pub async fn start(name: &str) -> TlsOrigin {
+        crypto();
+        let cert = self_signed(&[name]);
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert_der.clone()], cert.key_der.clone_key())
+            .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let snis = Arc::new(Mutex::new(Vec::new()));
+        let snis2 = Arc::clone(&snis);
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                let snis = Arc::clone(&snis2);
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(s).await else { return };
+                    let sni = tls.get_ref().1.server_name().map(str::to_string);
+                    snis.lock().expect("snis").push(sni);
+                    let svc = service_fn(|_req: Request<Incoming>| async {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"tls hello"))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        TlsOrigin { addr, cert, snis }
+    }
+
+    /// A rustls client config that trusts this origin's certificate.
+    pub fn client_config(&self) -> rustls::ClientConfig {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.cert.cert_der.clone()).expect("root");
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth()
+    }
+}
+
+/// Open a raw connection to the proxy, send `head`, and read until the
+/// proxy closes or `WAIT` passes. Returns everything read.
+pub async fn raw(proxy: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(proxy).await.expect("connect");
+    s.write_all(bytes).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Send a CONNECT and read the response head; returns (status, stream).
+pub async fn connect(proxy: SocketAddr, authority: &str) -> (u16, TcpStream) {
+    let mut s = TcpStream::connect(proxy).await.expect("connect");
+    s.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let head = read_head(&mut s).await;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, s)
+}
+
+/// Read an HTTP response head byte by byte (leaves the rest unread).
+pub async fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(WAIT, s.read(&mut b)).await {
+            Ok(Ok(1)) => head.push(b[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
