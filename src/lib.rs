@@ -11,12 +11,15 @@
 //! - [`cli`]: the `check` and `explain` verbs.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod dns;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod shutdown;
 pub mod target;
 pub mod upstream;
@@ -28,7 +31,8 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::audit::{AuditLog, IdGen};
+use crate::audit::{AuditLog, AuditSink, AuditWriter, IdGen, Tee};
+use crate::metrics::{Metrics, MetricsSink};
 use crate::config::Settings;
 use crate::proxy::Shared;
 use crate::shutdown::Drain;
@@ -43,10 +47,22 @@ pub enum StartError {
     Dns(#[from] dns::SetupError),
 }
 
+/// Start the audit writer on `sink`, with the metrics fed from the same records.
+///
+/// # Errors
+/// The writer thread could not be started.
+pub fn start_audit(sink: Box<dyn AuditSink>) -> std::io::Result<(AuditLog, AuditWriter, Arc<Metrics>)> {
+    let metrics = Arc::new(Metrics::new());
+    let tee = Tee(vec![sink, Box::new(MetricsSink(Arc::clone(&metrics)))]);
+    let (log, writer) = AuditLog::start(Box::new(tee))?;
+    Ok((log, writer, metrics))
+}
+
 /// A proxy ready to serve on bound listeners.
 pub struct Proxy {
     shared: Arc<Shared>,
     listeners: Vec<TcpListener>,
+    admin: Option<TcpListener>,
 }
 
 /// A handle to a running proxy: reload, counters.
@@ -60,10 +76,16 @@ impl Proxy {
     ///
     /// # Errors
     /// The resolver cannot be configured.
-    pub fn new(listeners: Vec<TcpListener>, settings: Settings, audit: AuditLog) -> Result<Self, StartError> {
+    pub fn new(
+        listeners: Vec<TcpListener>,
+        settings: Settings,
+        audit: AuditLog,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StartError> {
         let resolver = dns::Resolver::new(&settings.dns, DNS_TIMEOUT)?;
         let cap = proxy::connection_cap(settings.server.max_connections);
         tracing::info!(max_connections = cap, "connection cap");
+        metrics.set_catalog(settings.policy.hash(), settings.policy.rules().len());
         let shared = Arc::new(Shared {
             settings: ArcSwap::from_pointee(settings),
             resolver,
@@ -71,8 +93,19 @@ impl Proxy {
             ids: IdGen::new(),
             drain: Drain::new(),
             conns: Arc::new(Semaphore::new(cap)),
+            metrics,
         });
-        Ok(Proxy { shared, listeners })
+        Ok(Proxy {
+            shared,
+            listeners,
+            admin: None,
+        })
+    }
+
+    /// Serve the admin endpoints on `listener` too.
+    pub fn with_admin(mut self, listener: TcpListener) -> Self {
+        self.admin = Some(listener);
+        self
     }
 
     /// A handle for reloads and inspection.
@@ -91,6 +124,12 @@ impl Proxy {
             let shared = Arc::clone(&self.shared);
             tokio::spawn(proxy::serve(l, shared));
         }
+        if let Some(l) = self.admin {
+            if let Ok(a) = l.local_addr() {
+                tracing::info!(admin = %a, "admin endpoints");
+            }
+            tokio::spawn(admin::serve(l, Arc::clone(&self.shared)));
+        }
         shutdown.await;
         let grace = self.shared.settings.load().server.shutdown_grace;
         tracing::info!(grace = ?grace, "shutting down: no new connections");
@@ -102,6 +141,9 @@ impl Handle {
     /// Swap in new settings (policy, clients, DNS overrides, limits).
     /// Open tunnels and in-flight requests keep the snapshot they started with.
     pub fn reload(&self, settings: Settings) {
+        self.shared
+            .metrics
+            .set_catalog(settings.policy.hash(), settings.policy.rules().len());
         self.shared.resolver.set_static(settings.dns.static_hosts.clone());
         self.shared.resolver.clear_cache();
         self.shared.settings.store(Arc::new(settings));
@@ -115,6 +157,16 @@ impl Handle {
     /// Ask the audit writer to reopen its file.
     pub fn reopen_audit(&self) {
         self.shared.audit.reopen();
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// The audit handle (queue figures).
+    pub fn audit(&self) -> &AuditLog {
+        &self.shared.audit
     }
 
     /// Connections open now.
@@ -131,8 +183,9 @@ pub async fn run(
     listeners: Vec<TcpListener>,
     settings: Settings,
     audit: AuditLog,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
-    Proxy::new(listeners, settings, audit)?.run(shutdown).await;
+    Proxy::new(listeners, settings, audit, metrics)?.run(shutdown).await;
     Ok(())
 }

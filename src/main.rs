@@ -3,9 +3,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use egress_proxy::audit::{AuditLog, LineSink};
+use egress_proxy::audit::LineSink;
 use egress_proxy::config::Settings;
-use egress_proxy::{cli, Proxy};
+use egress_proxy::{cli, reload, Proxy};
 use tokio::net::TcpListener;
 
 /// Egress allowlist forward proxy.
@@ -106,22 +106,36 @@ fn serve(settings: Settings, config: Option<PathBuf>) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
-        let (audit, writer) = match AuditLog::start(Box::new(sink)) {
+        let (audit, writer, metrics) = match egress_proxy::start_audit(Box::new(sink)) {
             Ok(a) => a,
             Err(e) => {
                 eprintln!("egress-proxy: cannot start the audit writer: {e}");
                 return ExitCode::from(1);
             }
         };
-        let proxy = match Proxy::new(listeners, settings, audit) {
+        let admin = match settings.server.admin_listen {
+            Some(addr) => match TcpListener::bind(addr).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    eprintln!("egress-proxy: cannot listen on {addr} (server.admin_listen): {e}");
+                    return ExitCode::from(1);
+                }
+            },
+            None => None,
+        };
+        let mut proxy = match Proxy::new(listeners, settings, audit, metrics) {
             Ok(p) => p,
             Err(e) => {
                 eprintln!("egress-proxy: {e}");
                 return ExitCode::from(1);
             }
         };
+        if let Some(l) = admin {
+            proxy = proxy.with_admin(l);
+        }
         let handle = proxy.handle();
-        tokio::spawn(signals::reload_on_hup(handle, config));
+        tokio::spawn(reload::on_hangup(handle.clone(), config.clone(), reload::process_env));
+        tokio::spawn(reload::watch(handle, config, reload::process_env, std::time::Duration::from_secs(1)));
         proxy.run(signals::terminate()).await;
         tokio::task::spawn_blocking(move || writer.join()).await.ok();
         tracing::info!("stopped");
@@ -130,10 +144,6 @@ fn serve(settings: Settings, config: Option<PathBuf>) -> ExitCode {
 }
 
 mod signals {
-    use std::path::PathBuf;
-
-    use egress_proxy::config::Settings;
-    use egress_proxy::Handle;
     use tokio::signal::unix::{signal, SignalKind};
 
     /// Resolves on SIGTERM or SIGINT.
@@ -150,24 +160,6 @@ mod signals {
             _ => {
                 tracing::error!("cannot install signal handlers; stopping on ctrl-c only");
                 let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-
-    /// SIGHUP: reload configuration and catalog; reopen the audit file.
-    pub async fn reload_on_hup(handle: Handle, config: Option<PathBuf>) {
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            tracing::error!("cannot install the SIGHUP handler; reload disabled");
-            return;
-        };
-        while hup.recv().await.is_some() {
-            handle.reopen_audit();
-            match Settings::load(config.as_deref(), std::env::vars()) {
-                Ok(s) => {
-                    tracing::info!(rules = s.policy.rules().len(), "reloaded");
-                    handle.reload(s);
-                }
-                Err(e) => tracing::error!("reload failed; keeping the old configuration:\n{e}"),
             }
         }
     }

@@ -12,12 +12,11 @@ use tokio::net::TcpStream;
 use super::body::ProxyBody;
 use super::tunnel::{self, Check};
 use super::txn::Txn;
-use super::{dial_target, refuse, upstream_refusal, ConnCtx};
+use super::{dial_target, refuse, ConnCtx};
 use crate::audit::Reason;
 use crate::config::Settings;
 use crate::policy::{Rule, SniMode};
 use crate::target::Target;
-use crate::upstream;
 
 /// Open a tunnel for an allowed CONNECT.
 pub async fn tunnel(
@@ -32,9 +31,9 @@ pub async fn tunnel(
         Ok(a) => a,
         Err(r) => return refuse(txn, r, settings),
     };
-    let (upstream, addr) = match upstream::dial(&addrs, settings.limits.connect_timeout).await {
+    let (upstream, addr) = match super::dial(ctx, &addrs, settings).await {
         Ok(c) => c,
-        Err(e) => return refuse(txn, upstream_refusal(&e), settings),
+        Err(r) => return refuse(txn, r, settings),
     };
     txn.rec().upstream = Some(addr);
     let check = match rule {
@@ -56,7 +55,9 @@ pub async fn tunnel(
     let idle = settings.limits.tunnel_idle_timeout;
     let hard = ctx.shared.drain.hard.clone();
     let on_upgrade = hyper::upgrade::on(&mut req);
+    let open_tunnels = ctx.shared.metrics.open_tunnels.clone();
     ctx.shared.drain.tracker.spawn(async move {
+        let _open = crate::metrics::GaugeGuard::new(&open_tunnels);
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {

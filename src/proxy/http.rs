@@ -15,12 +15,11 @@ use hyper_util::rt::TokioIo;
 use super::body::{ProxyBody, RequestBody, ResponseBody, UpCount};
 use super::error::Refusal;
 use super::txn::Txn;
-use super::{dial_target, refuse, upstream_refusal, ConnCtx};
+use super::{dial_target, refuse, ConnCtx};
 use crate::audit::Reason;
 use crate::config::Settings;
 use crate::policy::Rule;
 use crate::target::{Host, Target};
-use crate::upstream;
 
 /// How long to wait for an upstream response head.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -121,9 +120,7 @@ fn put_pooled(ctx: &ConnCtx, p: Pooled) {
 }
 
 async fn connect(ctx: &ConnCtx, addrs: &[SocketAddr], settings: &Settings) -> Result<Pooled, Refusal> {
-    let (stream, addr) = upstream::dial(addrs, settings.limits.connect_timeout)
-        .await
-        .map_err(|e| upstream_refusal(&e))?;
+    let (stream, addr) = super::dial(ctx, addrs, settings).await?;
     let (sender, conn) = client::Builder::new()
         .handshake(TokioIo::new(stream))
         .await

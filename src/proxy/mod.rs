@@ -33,6 +33,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::audit::{AuditLog, Decided, IdGen, Reason};
 use crate::config::Settings;
 use crate::dns::Resolver;
+use crate::metrics::{GaugeGuard, Metrics};
 use crate::policy::Verdict;
 use crate::shutdown::Drain;
 use crate::target::{self, Target};
@@ -50,6 +51,7 @@ pub struct Shared {
     pub drain: Drain,
     /// Connection permits (`server.max_connections`).
     pub conns: Arc<Semaphore>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Shared {
@@ -97,7 +99,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         shared.drain.tracker.spawn(async move {
             match permit {
                 Some(permit) => connection(stream, peer, shared2, permit).await,
-                None => refuse_raw(stream, peer, &shared2, Reason::ConnectionLimit).await,
+                None => {
+                    shared2.metrics.connection_limit.inc();
+                    refuse_raw(stream, peer, &shared2, Reason::ConnectionLimit).await;
+                }
             }
         });
     }
@@ -148,6 +153,7 @@ pub struct ConnCtx {
 
 async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, permit: OwnedSemaphorePermit) {
     let _permit = permit;
+    let _open = GaugeGuard::new(&shared.metrics.open_connections);
     let settings = shared.settings.load_full();
     if !client_allowed(&settings.clients, peer.ip()) {
         refuse_raw(stream, peer, &shared, Reason::ClientNotAllowed).await;
@@ -292,9 +298,24 @@ pub(crate) async fn dial_target(
     target: &Target,
     rule: Option<&crate::policy::Rule>,
 ) -> Result<Vec<SocketAddr>, Refusal> {
-    crate::upstream::vetted_addrs(&ctx.shared.resolver, target, rule, &settings.dns.allow_private)
-        .await
-        .map_err(|e| upstream_refusal(&e))
+    let start = std::time::Instant::now();
+    let vetted = crate::upstream::vetted_addrs(&ctx.shared.resolver, target, rule, &settings.dns.allow_private).await;
+    if matches!(target.host, crate::target::Host::Name(_)) {
+        ctx.shared.metrics.dns_seconds.observe(start.elapsed().as_secs_f64());
+    }
+    vetted.map_err(|e| upstream_refusal(&e))
+}
+
+/// Dial vetted addresses, timing the connect.
+pub(crate) async fn dial(
+    ctx: &ConnCtx,
+    addrs: &[SocketAddr],
+    settings: &Settings,
+) -> Result<(TcpStream, SocketAddr), Refusal> {
+    let start = std::time::Instant::now();
+    let dialed = crate::upstream::dial(addrs, settings.limits.connect_timeout).await;
+    ctx.shared.metrics.connect_seconds.observe(start.elapsed().as_secs_f64());
+    dialed.map_err(|e| upstream_refusal(&e))
 }
 
 pub(crate) fn upstream_refusal(e: &crate::upstream::UpstreamError) -> Refusal {

@@ -68,7 +68,7 @@ pub const MAX_HELLO_BYTES: usize = 64 * 1024;
 /// bytes; this is the (lenient) TLSCiphertext bound, 2^14 + 2048.
 pub const MAX_RECORD_LEN: usize = (1 << 14) + 2048;
 
-/// TLS extension type of `encrypted_client_hello` (RFC 9849 / draft-ietf-tls-esni).
+/// TLS extension type of `encrypted_client_hello` (draft-ietf-tls-esni).
 pub const EXT_ENCRYPTED_CLIENT_HELLO: u16 = 0xfe0d;
 
 /// TLS alert description `handshake_failure`.
@@ -142,7 +142,15 @@ pub fn peek(buf: &[u8]) -> Peek {
 /// tunnel.
 pub fn tls_alert(description: u8) -> [u8; 7] {
     const FATAL: u8 = 2;
-    [CONTENT_TYPE_ALERT, 0x03, 0x03, 0x00, 0x02, FATAL, description]
+    [
+        CONTENT_TYPE_ALERT,
+        0x03,
+        0x03,
+        0x00,
+        0x02,
+        FATAL,
+        description,
+    ]
 }
 
 enum Scan {
@@ -170,7 +178,10 @@ fn scan_records(buf: &[u8]) -> Scan {
     loop {
         let rest = buf.get(pos..).unwrap_or_default();
         // Check what is present of the next record header before waiting.
-        if rest.first().is_some_and(|&typ| typ != CONTENT_TYPE_HANDSHAKE) {
+        if rest
+            .first()
+            .is_some_and(|&typ| typ != CONTENT_TYPE_HANDSHAKE)
+        {
             return Scan::Bad("non-handshake record before the ClientHello is complete");
         }
         if rest.get(1).is_some_and(|&major| major != 0x03) {
@@ -192,7 +203,11 @@ fn scan_records(buf: &[u8]) -> Scan {
         if message_len.is_none() {
             // Pick up the handshake header bytes this record carries.
             let missing = HANDSHAKE_HEADER_LEN.saturating_sub(seen);
-            for (slot, &b) in header.iter_mut().skip(seen).zip(payload.iter().take(missing)) {
+            for (slot, &b) in header
+                .iter_mut()
+                .skip(seen)
+                .zip(payload.iter().take(missing))
+            {
                 *slot = b;
             }
             let have = seen + payload.len().min(missing);
@@ -277,8 +292,7 @@ fn parse_extensions(block: &[u8]) -> Result<ClientHelloInfo, &'static str> {
     let mut sni_data: Option<&[u8]> = None;
     let mut rest = block;
     while !rest.is_empty() {
-        let Ok((next, TlsExtension::Unknown(typ, data))) = parse_tls_extension_unknown(rest)
-        else {
+        let Ok((next, TlsExtension::Unknown(typ, data))) = parse_tls_extension_unknown(rest) else {
             return Err("unparsable ClientHello extensions");
         };
         types.push(typ.0);

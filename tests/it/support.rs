@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
 use bytes::Bytes;
-use egress_proxy::audit::{AuditLog, AuditWriter, MemorySink, Record};
+use egress_proxy::audit::{AuditWriter, MemorySink, Record};
 use egress_proxy::config::{ConfigSource, Settings};
 use egress_proxy::{Handle, Proxy};
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -36,6 +36,8 @@ pub fn crypto() {
 /// A proxy running in-process.
 pub struct TestProxy {
     pub addr: SocketAddr,
+    /// The admin listener (/healthz, /readyz, /metrics, /api/*).
+    pub admin: SocketAddr,
     pub audit: MemorySink,
     pub handle: Handle,
     pub dir: tempfile::TempDir,
@@ -84,8 +86,13 @@ impl TestProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let audit = MemorySink::new();
-        let (log, writer) = AuditLog::start(Box::new(audit.clone())).expect("audit writer");
-        let proxy = Proxy::new(vec![listener], settings, log).expect("proxy");
+        let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+        let admin = admin_listener.local_addr().expect("admin addr");
+        let (log, writer, metrics) =
+            egress_proxy::start_audit(Box::new(audit.clone())).expect("audit writer");
+        let proxy = Proxy::new(vec![listener], settings, log, metrics)
+            .expect("proxy")
+            .with_admin(admin_listener);
         let handle = proxy.handle();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -97,6 +104,7 @@ impl TestProxy {
         });
         TestProxy {
             addr,
+            admin,
             audit,
             handle,
             dir,

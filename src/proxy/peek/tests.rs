@@ -332,7 +332,10 @@ fn not_tls_is_decided_early() {
     assert_eq!(peek(&[0x16, 0x03]), Peek::NeedMore);
     assert_eq!(peek(b"G"), Peek::NotTls);
     assert_eq!(peek(&[0x16, 0x01]), Peek::NotTls);
-    assert_eq!(peek(b"GET / HTTP/1.1\r\nHost: example.org\r\n\r\n"), Peek::NotTls);
+    assert_eq!(
+        peek(b"GET / HTTP/1.1\r\nHost: example.org\r\n\r\n"),
+        Peek::NotTls
+    );
     assert_eq!(peek(b"SSH-2.0-OpenSSH_9.6\r\n"), Peek::NotTls);
     // SSLv2-compatible hello.
     assert_eq!(peek(&[0x80, 0x2e, 0x01, 0x00, 0x02]), Peek::NotTls);
@@ -575,7 +578,12 @@ fn alert_records() {
 
 #[test]
 fn rustls_agrees_on_real_hellos() {
-    for name in [HOST, "example.org", "a-b.c.example", "xn--bcher-kva.example"] {
+    for name in [
+        HOST,
+        "example.org",
+        "a-b.c.example",
+        "xn--bcher-kva.example",
+    ] {
         let bytes = rustls_hello(name);
         let Peek::Hello(info) = peek(&bytes) else {
             panic!("{name}");

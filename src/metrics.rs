@@ -1,0 +1,179 @@
+//! Prometheus metrics (OpenMetrics text on the admin listener).
+//!
+//! Per-transaction counters are fed from audit records by [`MetricsSink`] on
+//! the audit writer's thread, so the request path never looks up a labelled
+//! metric or takes a lock for them; the request path only touches plain
+//! atomic gauges and the two dial-time histograms. Labels are a small fixed
+//! set (decision, rule name, reason, result), never a raw host.
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::audit::{AuditLog, AuditSink, Record};
+
+/// Labels of the transaction counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TxnLabels {
+    pub decision: &'static str,
+    pub rule: String,
+    pub reason: &'static str,
+}
+
+/// Labels of the per-rule byte counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabels {
+    pub rule: String,
+}
+
+/// Labels of the reload counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+/// Labels of the catalog info gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CatalogLabels {
+    pub hash: String,
+}
+
+/// Every metric the proxy exports.
+pub struct Metrics {
+    registry: Registry,
+    pub transactions: Family<TxnLabels, Counter>,
+    pub bytes_up: Family<RuleLabels, Counter>,
+    pub bytes_down: Family<RuleLabels, Counter>,
+    pub open_connections: Gauge,
+    pub open_tunnels: Gauge,
+    pub dns_seconds: Histogram,
+    pub connect_seconds: Histogram,
+    pub reloads: Family<ResultLabels, Counter>,
+    pub catalog: Family<CatalogLabels, Gauge>,
+    pub catalog_rules: Gauge,
+    pub connection_limit: Counter,
+    pub audit_written: Counter,
+    pub audit_queued: Gauge,
+    pub audit_waits: Counter,
+    audit_waits_seen: AtomicU64,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("egress");
+        let m = Metrics {
+            transactions: Family::default(),
+            bytes_up: Family::default(),
+            bytes_down: Family::default(),
+            open_connections: Gauge::default(),
+            open_tunnels: Gauge::default(),
+            dns_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
+            connect_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
+            reloads: Family::default(),
+            catalog: Family::default(),
+            catalog_rules: Gauge::default(),
+            connection_limit: Counter::default(),
+            audit_written: Counter::default(),
+            audit_queued: Gauge::default(),
+            audit_waits: Counter::default(),
+            audit_waits_seen: AtomicU64::new(0),
+            registry: Registry::default(),
+        };
+        registry.register("transactions", "Transactions by decision, rule and reason", m.transactions.clone());
+        registry.register_with_unit("rule_up", "Payload bytes client to upstream by rule", Unit::Bytes, m.bytes_up.clone());
+        registry.register_with_unit("rule_down", "Payload bytes upstream to client by rule", Unit::Bytes, m.bytes_down.clone());
+        registry.register("open_connections", "Client connections open now", m.open_connections.clone());
+        registry.register("open_tunnels", "CONNECT tunnels open now", m.open_tunnels.clone());
+        registry.register_with_unit("dns_lookup", "DNS lookup latency", Unit::Seconds, m.dns_seconds.clone());
+        registry.register_with_unit("upstream_connect", "Upstream TCP connect latency", Unit::Seconds, m.connect_seconds.clone());
+        registry.register("reloads", "Configuration reloads by result", m.reloads.clone());
+        registry.register("catalog_info", "The loaded catalog (hash label; value 1)", m.catalog.clone());
+        registry.register("catalog_rules", "Rules in the loaded catalog", m.catalog_rules.clone());
+        registry.register("connection_limit_refusals", "Connections refused at the connection cap", m.connection_limit.clone());
+        registry.register("audit_records", "Audit records written", m.audit_written.clone());
+        registry.register("audit_queue", "Audit records queued, not yet written", m.audit_queued.clone());
+        registry.register("audit_backpressure_waits", "Transactions that waited for the audit writer", m.audit_waits.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// Record that a catalog is loaded.
+    pub fn set_catalog(&self, hash: u64, rules: usize) {
+        self.catalog.clear();
+        self.catalog
+            .get_or_create(&CatalogLabels {
+                hash: format!("{hash:016x}"),
+            })
+            .set(1);
+        self.catalog_rules.set(i64::try_from(rules).unwrap_or(i64::MAX));
+    }
+
+    /// OpenMetrics text, with the audit writer's figures brought up to date.
+    pub fn encode(&self, audit: &AuditLog) -> String {
+        self.audit_queued.set(i64::try_from(audit.queued()).unwrap_or(i64::MAX));
+        let waits = audit.waits();
+        let seen = self.audit_waits_seen.swap(waits, Ordering::Relaxed);
+        self.audit_waits.inc_by(waits.saturating_sub(seen));
+        let mut out = String::with_capacity(8192);
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    fn observe(&self, r: &Record) {
+        let rule = r.rule.as_deref().unwrap_or("").to_string();
+        self.transactions
+            .get_or_create(&TxnLabels {
+                decision: r.decision.as_str(),
+                rule: rule.clone(),
+                reason: r.reason.map_or("", |x| x.as_str()),
+            })
+            .inc();
+        if r.bytes_up > 0 || r.bytes_down > 0 {
+            let labels = RuleLabels { rule };
+            self.bytes_up.get_or_create(&labels).inc_by(r.bytes_up);
+            self.bytes_down.get_or_create(&labels).inc_by(r.bytes_down);
+        }
+        self.audit_written.inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// The audit sink that turns records into counters (on the writer thread).
+pub struct MetricsSink(pub Arc<Metrics>);
+
+impl AuditSink for MetricsSink {
+    fn write(&mut self, records: &[Record]) -> io::Result<()> {
+        for r in records {
+            self.0.observe(r);
+        }
+        Ok(())
+    }
+}
+
+/// Decrements a gauge when dropped (open connections, open tunnels).
+pub struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    pub fn new(g: &Gauge) -> Self {
+        g.inc();
+        GaugeGuard(g.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
