@@ -13,9 +13,11 @@
 
 pub mod admin;
 pub mod audit;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod dns;
+pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
@@ -86,6 +88,7 @@ impl Proxy {
         let cap = proxy::connection_cap(settings.server.max_connections);
         tracing::info!(max_connections = cap, "connection cap");
         metrics.set_catalog(settings.policy.hash(), settings.policy.rules().len());
+        let settings_for_guards = settings.clone();
         let shared = Arc::new(Shared {
             settings: ArcSwap::from_pointee(settings),
             resolver,
@@ -93,6 +96,8 @@ impl Proxy {
             ids: IdGen::new(),
             drain: Drain::new(),
             conns: Arc::new(Semaphore::new(cap)),
+            guards: ArcSwap::from_pointee(proxy::Guards::new(&settings_for_guards)),
+            client_conns: Arc::default(),
             metrics,
         });
         Ok(Proxy {
@@ -130,7 +135,17 @@ impl Proxy {
             }
             tokio::spawn(admin::serve(l, Arc::clone(&self.shared)));
         }
+        let sweeper = {
+            let shared = Arc::clone(&self.shared);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+                    shared.guards.load().rates.sweep();
+                }
+            })
+        };
         shutdown.await;
+        sweeper.abort();
         let grace = self.shared.settings.load().server.shutdown_grace;
         tracing::info!(grace = ?grace, "shutting down: no new connections");
         self.shared.drain.drain(grace).await;
@@ -146,6 +161,7 @@ impl Handle {
             .set_catalog(settings.policy.hash(), settings.policy.rules().len());
         self.shared.resolver.set_static(settings.dns.static_hosts.clone());
         self.shared.resolver.clear_cache();
+        self.shared.guards.store(Arc::new(proxy::Guards::new(&settings)));
         self.shared.settings.store(Arc::new(settings));
     }
 
@@ -167,6 +183,16 @@ impl Handle {
     /// The audit handle (queue figures).
     pub fn audit(&self) -> &AuditLog {
         &self.shared.audit
+    }
+
+    /// Keys held by the per-client rate limiters now.
+    pub fn rate_limit_keys(&self) -> usize {
+        self.shared.guards.load().rates.keys()
+    }
+
+    /// Sweep idle rate-limit keys now (the proxy also does it every 10 s).
+    pub fn sweep_rate_limits(&self) {
+        self.shared.guards.load().rates.sweep();
     }
 
     /// Connections open now.

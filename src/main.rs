@@ -30,11 +30,25 @@ enum Cmd {
         /// "http://host/…" (a plain request) or "host:port" (a CONNECT).
         target: String,
     },
+    /// Proxy-authentication helpers.
+    Auth {
+        #[command(subcommand)]
+        cmd: AuthCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuthCmd {
+    /// Read a password on standard input; print the PHC string for `[auth] users`.
+    Hash,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
+    if let Some(Cmd::Auth { cmd: AuthCmd::Hash }) = cli.cmd {
+        return auth_hash();
+    }
     let settings = match Settings::load(cli.config.as_deref(), std::env::vars()) {
         Ok(s) => s,
         Err(e) => {
@@ -59,6 +73,31 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Run => serve(settings, cli.config),
+        Cmd::Auth { .. } => ExitCode::from(1),
+    }
+}
+
+/// `auth hash`: the first line of standard input (without its line end).
+fn auth_hash() -> ExitCode {
+    let mut line = String::new();
+    if std::io::stdin().read_line(&mut line).is_err() {
+        eprintln!("egress-proxy: cannot read the password from standard input");
+        return ExitCode::from(1);
+    }
+    let password = line.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        eprintln!("egress-proxy: empty password");
+        return ExitCode::from(1);
+    }
+    match egress_proxy::auth::hash_password(password) {
+        Ok(phc) => {
+            println!("{phc}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("egress-proxy: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 

@@ -31,6 +31,15 @@ impl Refusal {
         }
     }
 
+    /// 429 `rate_limited` with `Retry-After`.
+    pub fn rate_limited(retry_after: u64) -> Self {
+        Refusal {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            reason: Reason::RateLimited,
+            retry_after: Some(retry_after),
+        }
+    }
+
     /// The same reason with another status (504 for a DNS time-out).
     pub fn with_status(reason: Reason, status: StatusCode) -> Self {
         Refusal {

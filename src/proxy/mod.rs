@@ -11,6 +11,7 @@ pub mod connect;
 pub mod error;
 pub mod http;
 pub mod peek;
+pub mod pp;
 pub mod tunnel;
 pub mod txn;
 
@@ -32,7 +33,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::audit::{AuditLog, Decided, IdGen, Reason};
 use crate::config::Settings;
+use crate::auth::Auth;
 use crate::dns::Resolver;
+use crate::limits::{ClientConns, RateLimits};
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::policy::Verdict;
 use crate::shutdown::Drain;
@@ -51,7 +54,26 @@ pub struct Shared {
     pub drain: Drain,
     /// Connection permits (`server.max_connections`).
     pub conns: Arc<Semaphore>,
+    /// Rate limiters and auth of the current snapshot; rebuilt on reload.
+    pub guards: ArcSwap<Guards>,
+    /// Open connections per client address (`limits.per_client_connections`).
+    pub client_conns: Arc<ClientConns>,
     pub metrics: Arc<Metrics>,
+}
+
+/// What guards the door, per settings snapshot.
+pub struct Guards {
+    pub rates: RateLimits,
+    pub auth: Option<Arc<Auth>>,
+}
+
+impl Guards {
+    pub fn new(settings: &Settings) -> Self {
+        Guards {
+            rates: RateLimits::new(settings),
+            auth: Auth::new(&settings.auth).map(Arc::new),
+        }
+    }
 }
 
 impl Shared {
@@ -151,7 +173,7 @@ pub struct ConnCtx {
     upstream: Mutex<Option<http::Pooled>>,
 }
 
-async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, permit: OwnedSemaphorePermit) {
+async fn connection(mut stream: TcpStream, mut peer: SocketAddr, shared: Arc<Shared>, permit: OwnedSemaphorePermit) {
     let _permit = permit;
     let _open = GaugeGuard::new(&shared.metrics.open_connections);
     let settings = shared.settings.load_full();
@@ -159,6 +181,30 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, pe
         refuse_raw(stream, peer, &shared, Reason::ClientNotAllowed).await;
         return;
     }
+    if settings.server.proxy_protocol {
+        // Only from allowed sources (checked above); then the carried
+        // address is the client for ACLs, limits and records.
+        match pp::read_header(&mut stream, peer, settings.limits.header_read_timeout).await {
+            Ok(client) => peer = client,
+            Err(e) => {
+                tracing::debug!(error = %e, client = %peer, "PROXY header refused");
+                refuse_raw(stream, peer, &shared, Reason::BadRequest).await;
+                return;
+            }
+        }
+        if !client_allowed(&settings.clients, peer.ip()) {
+            refuse_raw(stream, peer, &shared, Reason::ClientNotAllowed).await;
+            return;
+        }
+    }
+    let Some(_client_permit) = shared
+        .client_conns
+        .acquire(peer.ip(), settings.limits.per_client_connections)
+    else {
+        shared.metrics.connection_limit.inc();
+        refuse_raw(stream, peer, &shared, Reason::ConnectionLimit).await;
+        return;
+    };
     let _ = stream.set_nodelay(true);
     let ctx = Arc::new(ConnCtx {
         shared: Arc::clone(&shared),
@@ -225,11 +271,26 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<ProxyBody
     let shared = &ctx.shared;
     shared.audit.ready().await;
     let settings = shared.settings.load_full();
+    let guards = shared.guards.load_full();
     let mut txn = shared.txn(ctx.client);
     txn.rec().method = Some(req.method().clone());
     let is_connect = req.method() == Method::CONNECT;
     if !is_connect {
         txn.rec().url = Some(truncate(req.uri().to_string(), 4096));
+    }
+    if let Some(auth) = &guards.auth {
+        match authenticate(auth, &req).await {
+            Ok(user) => txn.rec().user = Some(user),
+            Err(reason) => return refuse(txn, Refusal::new(reason), &settings),
+        }
+    }
+    let ip = ctx.client.ip();
+    let rate = guards
+        .rates
+        .request(ip)
+        .and_then(|()| if is_connect { guards.rates.tunnel(ip) } else { Ok(()) });
+    if let Err(l) = rate {
+        return refuse(txn, Refusal::rate_limited(l.retry_after), &settings);
     }
     let parsed = if is_connect {
         match req.uri().authority() {
@@ -265,12 +326,31 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<ProxyBody
         Verdict::Allow => txn.set_decision(Decided::Allow),
         Verdict::Bypass => txn.set_decision(Decided::Bypass),
     }
+    if let Some(Err(l)) = decision.rule.map(|i| guards.rates.rule(i)) {
+        return refuse(txn, Refusal::rate_limited(l.retry_after), &settings);
+    }
     let rule = decision.rule.and_then(|i| policy.rule(i));
     if is_connect {
         connect::tunnel(&ctx, &settings, txn, req, target, rule).await
     } else {
         http::forward(&ctx, &settings, txn, req, target, rule).await
     }
+}
+
+/// Check `Proxy-Authorization` before any policy decision. Verified
+/// credentials come from the cache; a miss is verified off the runtime.
+async fn authenticate(auth: &Arc<Auth>, req: &Request<Incoming>) -> Result<Arc<str>, Reason> {
+    let Some(value) = req.headers().get(hyper::header::PROXY_AUTHORIZATION) else {
+        return Err(Reason::AuthRequired);
+    };
+    if let Some(user) = auth.cached(value.as_bytes()) {
+        return Ok(user);
+    }
+    let auth = Arc::clone(auth);
+    let value = value.as_bytes().to_vec();
+    tokio::task::spawn_blocking(move || auth.verify(&value))
+        .await
+        .unwrap_or(Err(Reason::AuthFailed))
 }
 
 /// Record and answer a refusal.

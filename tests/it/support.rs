@@ -423,3 +423,208 @@ pub async fn read_head(s: &mut TcpStream) -> String {
     }
     String::from_utf8_lossy(&head).into_owned()
 }
+
+// === added for http_forward.rs and refusals.rs ===
+
+/// Everything [`config`] writes, with each part open to change: static
+/// names mapped to any address, `allow_private` only when listed, the
+/// client ACL, and lines added inside `[server]`, `[dns]` and `[policy]`
+/// (which [`config`] already opens, so `extra` cannot add to them).
+#[derive(Default)]
+pub struct ConfigOpts<'a> {
+    /// `dns.static` entries: (name, address).
+    pub statics: &'a [(&'a str, &'a str)],
+    /// `dns.allow_private` CIDRs (none unless listed).
+    pub allow_private: &'a [&'a str],
+    /// `clients.allow`; empty means loopback (`127.0.0.0/8`, `::1/128`).
+    pub clients: &'a [&'a str],
+    /// Lines added inside `[server]`.
+    pub server: &'a str,
+    /// Lines added inside `[dns]`.
+    pub dns: &'a str,
+    /// Lines added inside `[policy]`.
+    pub policy: &'a str,
+    /// Further full `[section]` blocks.
+    pub extra: &'a str,
+}
+
+/// A config built from [`ConfigOpts`].
+pub fn config_with(o: &ConfigOpts<'_>) -> String {
+    let quoted = |v: &[&str]| {
+        v.iter()
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let statics: Vec<String> = o
+        .statics
+        .iter()
+        .map(|(n, ip)| format!("\"{n}\" = [\"{ip}\"]"))
+        .collect();
+    let clients = if o.clients.is_empty() {
+        quoted(&["127.0.0.0/8", "::1/128"])
+    } else {
+        quoted(o.clients)
+    };
+    format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nshutdown_grace = \"2s\"\n{}\n\n\
+         [clients]\nallow = [{clients}]\n\n\
+         [dns]\nstatic = {{ {} }}\nallow_private = [{}]\n{}\n\n\
+         [policy]\ncatalog = \"catalog.toml\"\n{}\n\n{}\n",
+        o.server,
+        statics.join(", "),
+        quoted(o.allow_private),
+        o.dns,
+        o.policy,
+        o.extra,
+    )
+}
+
+/// A response read off a raw socket.
+#[derive(Clone, Debug, Default)]
+pub struct RawResponse {
+    pub status: u16,
+    /// The head as received, up to and including the blank line.
+    pub head: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Every value of header `name`.
+    pub fn headers_named(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    pub fn body_text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+fn parse_head(head: &str) -> (u16, Vec<(String, String)>) {
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, headers)
+}
+
+/// Parse one complete response (the bytes up to the close): the head, then
+/// the body by content-length, chunked framing, or up to the end.
+pub fn parse_response(raw: &[u8]) -> RawResponse {
+    let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return RawResponse {
+            head: String::from_utf8_lossy(raw).into_owned(),
+            ..RawResponse::default()
+        };
+    };
+    let head = String::from_utf8_lossy(&raw[..end + 4]).into_owned();
+    let (status, headers) = parse_head(&head);
+    let mut resp = RawResponse {
+        status,
+        head,
+        headers,
+        body: Vec::new(),
+    };
+    let rest = &raw[end + 4..];
+    resp.body = if let Some(n) = resp.header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        rest[..n.min(rest.len())].to_vec()
+    } else if resp.header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        dechunk(rest)
+    } else {
+        rest.to_vec()
+    };
+    resp
+}
+
+/// Decode a chunked body (no trailers kept); stops at the last chunk or
+/// at the end of the input.
+pub fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") {
+        let size_text = String::from_utf8_lossy(&raw[..eol]);
+        let size_text = size_text.split(';').next().unwrap_or("").trim().to_string();
+        let Ok(size) = usize::from_str_radix(&size_text, 16) else { break };
+        raw = &raw[eol + 2..];
+        if size == 0 {
+            break;
+        }
+        let take = size.min(raw.len());
+        out.extend_from_slice(&raw[..take]);
+        raw = &raw[(take + 2).min(raw.len())..];
+    }
+    out
+}
+
+/// Read exactly one response with a content-length body (or none) off a
+/// kept-alive stream, leaving the connection open; bounded by `WAIT`.
+pub async fn read_response(s: &mut TcpStream) -> RawResponse {
+    let head = read_head(s).await;
+    let (status, headers) = parse_head(&head);
+    let mut resp = RawResponse {
+        status,
+        head,
+        headers,
+        body: Vec::new(),
+    };
+    let n = resp
+        .header("content-length")
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; n];
+    match tokio::time::timeout(WAIT, s.read_exact(&mut body)).await {
+        Ok(Ok(_)) => resp.body = body,
+        _ => panic!("response body of {n} bytes did not arrive: {}", resp.head),
+    }
+    resp
+}
+
+/// Like [`raw`], but returns the bytes (read until the proxy closes, an
+/// error such as a reset, or `WAIT`).
+pub async fn raw_bytes(proxy: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(proxy).await.expect("connect");
+    s.write_all(bytes).await.expect("write");
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    let _ = tokio::time::timeout(WAIT, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    out
+}
+
+impl TestProxy {
+    /// Like [`TestProxy::client`] with another overall time-out (for long
+    /// transfers).
+    pub fn client_with_timeout(&self, timeout: Duration) -> reqwest::Client {
+        crypto();
+        reqwest::Client::builder()
+            .proxy(reqwest::Proxy::all(self.url()).expect("proxy url"))
+            .timeout(timeout)
+            .build()
+            .expect("client")
+    }
+}

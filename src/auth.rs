@@ -1,0 +1,151 @@
+//! Optional proxy authentication: `Proxy-Authorization: Basic` checked
+//! against argon2 PHC hashes from `[auth] users`.
+//!
+//! Verifying a hash costs milliseconds, so a verified credential is cached
+//! (bounded, short TTL, like Squid's `credentialsttl`) under a keyed hash of
+//! the header value, never the password itself. Failures are not cached.
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use argon2::{Argon2, PasswordHash, PasswordHasher, PasswordVerifier};
+use base64::Engine;
+
+use crate::audit::Reason;
+use crate::config::AuthSettings;
+
+/// How long a verified credential is trusted without verifying again.
+pub const CACHE_TTL: Duration = Duration::from_secs(300);
+/// How many verified credentials are kept.
+pub const CACHE_MAX: usize = 4096;
+
+/// The `[auth]` users, parsed once per snapshot.
+pub struct Auth {
+    users: HashMap<String, String>,
+    keys: std::collections::hash_map::RandomState,
+    cache: Mutex<HashMap<u64, (Arc<str>, Instant)>>,
+}
+
+impl Auth {
+    /// None when no users are configured (auth off).
+    pub fn new(settings: &AuthSettings) -> Option<Self> {
+        if settings.users.is_empty() {
+            return None;
+        }
+        Some(Auth {
+            users: settings.users.iter().map(|(u, h)| (u.clone(), h.clone())).collect(),
+            keys: std::collections::hash_map::RandomState::new(),
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn key(&self, header: &[u8]) -> u64 {
+        let mut h = self.keys.build_hasher();
+        h.write(header);
+        h.finish()
+    }
+
+    /// A cached verification, if fresh.
+    pub fn cached(&self, header: &[u8]) -> Option<Arc<str>> {
+        let key = self.key(header);
+        let cache = self.cache.lock().ok()?;
+        match cache.get(&key) {
+            Some((user, at)) if at.elapsed() < CACHE_TTL => Some(Arc::clone(user)),
+            _ => None,
+        }
+    }
+
+    /// Verify a `Proxy-Authorization` value (slow: run it off the runtime).
+    ///
+    /// # Errors
+    /// `auth_failed` for anything but a valid Basic credential of a known user.
+    pub fn verify(&self, header: &[u8]) -> Result<Arc<str>, Reason> {
+        let value = std::str::from_utf8(header).map_err(|_| Reason::AuthFailed)?;
+        let (scheme, b64) = value.trim().split_once(' ').ok_or(Reason::AuthFailed)?;
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return Err(Reason::AuthFailed);
+        }
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .map_err(|_| Reason::AuthFailed)?;
+        let text = String::from_utf8(raw).map_err(|_| Reason::AuthFailed)?;
+        let (user, password) = text.split_once(':').ok_or(Reason::AuthFailed)?;
+        let phc = self.users.get(user).ok_or(Reason::AuthFailed)?;
+        let parsed = PasswordHash::new(phc).map_err(|_| Reason::AuthFailed)?;
+        Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .map_err(|_| Reason::AuthFailed)?;
+        let user: Arc<str> = Arc::from(user);
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= CACHE_MAX {
+                cache.retain(|_, (_, at)| at.elapsed() < CACHE_TTL);
+                if cache.len() >= CACHE_MAX {
+                    cache.clear();
+                }
+            }
+            cache.insert(self.key(header), (Arc::clone(&user), Instant::now()));
+        }
+        Ok(user)
+    }
+}
+
+/// Hash a password into a PHC string for `[auth] users` (`egress-proxy auth hash`).
+///
+/// # Errors
+/// The hasher failed (it does not, for valid input).
+pub fn hash_password(password: &str) -> Result<String, String> {
+    let salt = password_hash::SaltString::generate(&mut password_hash::rand_core::OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(user: &str, password: &str) -> AuthSettings {
+        let mut users = std::collections::BTreeMap::new();
+        users.insert(user.to_string(), hash_password(password).unwrap_or_default());
+        AuthSettings {
+            realm: "egress-proxy".into(),
+            users,
+        }
+    }
+
+    fn basic(user: &str, password: &str) -> Vec<u8> {
+        let b = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        format!("Basic {b}").into_bytes()
+    }
+
+    #[test]
+    fn right_password_passes_and_is_cached() {
+        let auth = Auth::new(&settings("gateway", "pw1")).expect("auth on");
+        let h = basic("gateway", "pw1");
+        assert!(auth.cached(&h).is_none());
+        assert_eq!(auth.verify(&h).as_deref().ok(), Some("gateway"));
+        assert_eq!(auth.cached(&h).as_deref(), Some("gateway"));
+    }
+
+    #[test]
+    fn wrong_password_unknown_user_and_garbage_fail() {
+        let auth = Auth::new(&settings("gateway", "pw1")).expect("auth on");
+        for h in [
+            basic("gateway", "nope"),
+            basic("other", "pw1"),
+            b"Basic !!!".to_vec(),
+            b"Bearer abc".to_vec(),
+            b"Basic".to_vec(),
+        ] {
+            assert_eq!(auth.verify(&h), Err(Reason::AuthFailed));
+            assert!(auth.cached(&h).is_none(), "failures are not cached");
+        }
+    }
+
+    #[test]
+    fn no_users_means_auth_off() {
+        assert!(Auth::new(&AuthSettings::default()).is_none());
+    }
+}
