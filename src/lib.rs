@@ -24,6 +24,7 @@ pub mod proxy;
 pub mod reload;
 pub mod shutdown;
 pub mod target;
+pub mod tls;
 pub mod upstream;
 
 use std::future::Future;
@@ -47,6 +48,10 @@ pub const DNS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 pub enum StartError {
     #[error(transparent)]
     Dns(#[from] dns::SetupError),
+    #[error("inspection CA: {0}")]
+    Ca(#[from] tls::ca::CaError),
+    #[error(transparent)]
+    ClientTls(#[from] tls::client::ClientTlsError),
 }
 
 /// Start the audit writer on `sink`, with the metrics fed from the same records.
@@ -88,7 +93,11 @@ impl Proxy {
         let cap = proxy::connection_cap(settings.server.max_connections);
         tracing::info!(max_connections = cap, "connection cap");
         metrics.set_catalog(settings.policy.hash(), settings.policy.rules().len());
-        let settings_for_guards = settings.clone();
+        let ca = match (&settings.tls.ca_cert, &settings.tls.ca_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(tls::ca::Ca::load(cert, key)?)),
+            _ => None,
+        };
+        let guards = proxy::Guards::new(&settings, ca.as_ref())?;
         let shared = Arc::new(Shared {
             settings: ArcSwap::from_pointee(settings),
             resolver,
@@ -96,7 +105,9 @@ impl Proxy {
             ids: IdGen::new(),
             drain: Drain::new(),
             conns: Arc::new(Semaphore::new(cap)),
-            guards: ArcSwap::from_pointee(proxy::Guards::new(&settings_for_guards)),
+            refusing: Arc::new(Semaphore::new(256)),
+            guards: ArcSwap::from_pointee(guards),
+            ca,
             client_conns: Arc::default(),
             metrics,
         });
@@ -155,14 +166,20 @@ impl Proxy {
 impl Handle {
     /// Swap in new settings (policy, clients, DNS overrides, limits).
     /// Open tunnels and in-flight requests keep the snapshot they started with.
-    pub fn reload(&self, settings: Settings) {
+    ///
+    /// # Errors
+    /// A client certificate or roots file of the new settings cannot be
+    /// used; nothing is swapped then.
+    pub fn reload(&self, settings: Settings) -> Result<(), StartError> {
+        let guards = proxy::Guards::new(&settings, self.shared.ca.as_ref())?;
         self.shared
             .metrics
             .set_catalog(settings.policy.hash(), settings.policy.rules().len());
         self.shared.resolver.set_static(settings.dns.static_hosts.clone());
         self.shared.resolver.clear_cache();
-        self.shared.guards.store(Arc::new(proxy::Guards::new(&settings)));
+        self.shared.guards.store(Arc::new(guards));
         self.shared.settings.store(Arc::new(settings));
+        Ok(())
     }
 
     /// The settings now in force.

@@ -30,10 +30,28 @@ enum Cmd {
         /// "http://host/…" (a plain request) or "host:port" (a CONNECT).
         target: String,
     },
+    /// The inspection CA.
+    Ca {
+        #[command(subcommand)]
+        cmd: CaCmd,
+    },
     /// Proxy-authentication helpers.
     Auth {
         #[command(subcommand)]
         cmd: AuthCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Create a CA certificate (ca.pem) and key (ca.key, mode 0600) in DIR.
+    Generate {
+        /// Where to write ca.pem and ca.key.
+        #[arg(long)]
+        out: PathBuf,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -46,8 +64,12 @@ enum AuthCmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
-    if let Some(Cmd::Auth { cmd: AuthCmd::Hash }) = cli.cmd {
-        return auth_hash();
+    match &cli.cmd {
+        Some(Cmd::Auth { cmd: AuthCmd::Hash }) => return auth_hash(),
+        Some(Cmd::Ca {
+            cmd: CaCmd::Generate { out, force },
+        }) => return ca_generate(out, *force),
+        _ => {}
     }
     let settings = match Settings::load(cli.config.as_deref(), std::env::vars()) {
         Ok(s) => s,
@@ -59,6 +81,10 @@ fn main() -> ExitCode {
     match cli.cmd.unwrap_or(Cmd::Run) {
         Cmd::Check => {
             print!("{}", cli::summary(&settings));
+            if let Err(e) = check_tls(&settings) {
+                eprintln!("egress-proxy: invalid configuration:\n{e}");
+                return ExitCode::from(1);
+            }
             println!("configuration OK");
             ExitCode::SUCCESS
         }
@@ -73,7 +99,44 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Run => serve(settings, cli.config),
-        Cmd::Auth { .. } => ExitCode::from(1),
+        Cmd::Auth { .. } | Cmd::Ca { .. } => ExitCode::from(1),
+    }
+}
+
+/// The CA and client certificates load (what `run` would do at start).
+fn check_tls(settings: &Settings) -> Result<(), String> {
+    let ca = match (&settings.tls.ca_cert, &settings.tls.ca_key) {
+        (Some(c), Some(k)) => Some(std::sync::Arc::new(
+            egress_proxy::tls::ca::Ca::load(c, k).map_err(|e| format!("[tls] {e}"))?,
+        )),
+        _ => None,
+    };
+    egress_proxy::proxy::Guards::new(settings, ca.as_ref())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// `ca generate`: write the CA and say how to trust it.
+fn ca_generate(out: &std::path::Path, force: bool) -> ExitCode {
+    match egress_proxy::tls::ca::generate(out, force) {
+        Ok((cert, key)) => {
+            println!("wrote {} and {} (mode 0600; never commit it)", cert.display(), key.display());
+            println!();
+            println!("To inspect `allow` tunnels, set in the config:");
+            println!("  [tls]");
+            println!("  ca_cert = \"{}\"", cert.display());
+            println!("  ca_key  = \"{}\"", key.display());
+            println!();
+            println!("and make the gateway trust {} as a root CA: import it into the", cert.display());
+            println!("gateway's trusted certificate store (on Debian: copy it to");
+            println!("/usr/local/share/ca-certificates/egress-proxy.crt and run update-ca-certificates).");
+            println!("bypass rules are never inspected, whatever the CA.");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("egress-proxy: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 

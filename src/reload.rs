@@ -39,7 +39,14 @@ pub fn reload(handle: &Handle, config: Option<&Path>, env: EnvFn) -> Result<(), 
     for w in &new.warnings {
         tracing::warn!("{w}");
     }
-    handle.reload(new);
+    if let Err(e) = handle.reload(new) {
+        handle.metrics().reloads.get_or_create(&ResultLabels { result: "failed" }).inc();
+        tracing::error!("reload failed; keeping the running configuration: {e}");
+        return Err(ConfigErrors(vec![crate::config::ConfigError {
+            location: "reload".into(),
+            message: e.to_string(),
+        }]));
+    }
     handle.metrics().reloads.get_or_create(&ResultLabels { result: "ok" }).inc();
     tracing::info!("reload: done");
     Ok(())

@@ -4,6 +4,8 @@
 //!
 //! This is the one place where a tunnel becomes "splice" (with the SNI
 //! check of [`super::peek`]) or, once inspection exists, "inspect".
+use std::sync::Arc;
+
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -13,20 +15,24 @@ use super::body::ProxyBody;
 use super::tunnel::{self, Check};
 use super::txn::Txn;
 use super::{dial_target, refuse, ConnCtx};
-use crate::audit::Reason;
+use crate::audit::{Decided, Reason};
 use crate::config::Settings;
-use crate::policy::{Rule, SniMode};
+use crate::policy::{Action, SniMode};
+use crate::tls::Inspected;
+use super::Guards;
 use crate::target::Target;
 
 /// Open a tunnel for an allowed CONNECT.
 pub async fn tunnel(
-    ctx: &ConnCtx,
-    settings: &Settings,
+    ctx: &Arc<ConnCtx>,
+    settings: &Arc<Settings>,
+    guards: &Guards,
     mut txn: Txn,
     mut req: Request<Incoming>,
     target: Target,
-    rule: Option<&Rule>,
+    index: Option<usize>,
 ) -> Response<ProxyBody> {
+    let rule = index.and_then(|i| settings.policy.rule(i));
     let addrs = match dial_target(ctx, settings, &target, rule).await {
         Ok(a) => a,
         Err(r) => return refuse(txn, r, settings),
@@ -36,6 +42,23 @@ pub async fn tunnel(
         Err(r) => return refuse(txn, r, settings),
     };
     txn.rec().upstream = Some(addr);
+    let inspect = match (&guards.inspector, rule) {
+        (Some(i), Some(r)) if r.action == Action::Allow => Some(Arc::clone(i)),
+        _ => None,
+    };
+    if let Some(inspector) = inspect {
+        txn.set_decision(Decided::Inspect);
+        let t = Inspected {
+            shared: Arc::clone(&ctx.shared),
+            settings: Arc::clone(settings),
+            policy: Arc::clone(&settings.policy),
+            inspector,
+            client: ctx.client,
+            target,
+            rule: index,
+        };
+        return inspect_tunnel(ctx, txn, req, t, upstream);
+    }
     let check = match rule {
         Some(r) if r.sni != SniMode::Off => Some(Check {
             mode: r.sni,
@@ -56,7 +79,11 @@ pub async fn tunnel(
     let hard = ctx.shared.drain.hard.clone();
     let on_upgrade = hyper::upgrade::on(&mut req);
     let open_tunnels = ctx.shared.metrics.open_tunnels.clone();
+    // The tunnel keeps the connection's context, and with it the connection
+    // permits: an open tunnel counts against the caps.
+    let held = Arc::clone(ctx);
     ctx.shared.drain.tracker.spawn(async move {
+        let _held = held;
         let _open = crate::metrics::GaugeGuard::new(&open_tunnels);
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
@@ -86,7 +113,45 @@ pub async fn tunnel(
         }
         txn.finish(Some(200), stats.reason);
     });
+    ok()
+}
+
+fn ok() -> Response<ProxyBody> {
     let mut resp = Response::new(ProxyBody::empty());
     *resp.status_mut() = StatusCode::OK;
     resp
+}
+
+/// Answer 200, then terminate TLS with our CA and relay request by request.
+fn inspect_tunnel(
+    ctx: &Arc<ConnCtx>,
+    mut txn: Txn,
+    mut req: Request<Incoming>,
+    t: Inspected,
+    upstream: TcpStream,
+) -> Response<ProxyBody> {
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let open_tunnels = ctx.shared.metrics.open_tunnels.clone();
+    let held = Arc::clone(ctx);
+    ctx.shared.drain.tracker.spawn(async move {
+        let _held = held;
+        let _open = crate::metrics::GaugeGuard::new(&open_tunnels);
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(_) => {
+                txn.finish(Some(200), Some(Reason::ClientClosed));
+                return;
+            }
+        };
+        let stats = crate::tls::intercept(t, TokioIo::new(upgraded), upstream).await;
+        let rec = txn.rec();
+        rec.bytes_up = stats.up;
+        rec.bytes_down = stats.down;
+        rec.sni = stats.sni;
+        if stats.denied {
+            txn.set_decision(Decided::Deny);
+        }
+        txn.finish(Some(200), stats.reason);
+    });
+    ok()
 }

@@ -34,6 +34,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::audit::{AuditLog, Decided, IdGen, Reason};
 use crate::config::Settings;
 use crate::auth::Auth;
+use crate::tls::ca::Ca;
+use crate::tls::client::{ClientTlsError, Upstreams};
+use crate::tls::Inspector;
 use crate::dns::Resolver;
 use crate::limits::{ClientConns, RateLimits};
 use crate::metrics::{GaugeGuard, Metrics};
@@ -54,6 +57,11 @@ pub struct Shared {
     pub drain: Drain,
     /// Connection permits (`server.max_connections`).
     pub conns: Arc<Semaphore>,
+    /// The inspection CA, loaded at start when `[tls]` sets one.
+    pub ca: Option<Arc<Ca>>,
+    /// Bounds the connections being answered with a refusal at once (each
+    /// lingers briefly); past it, extra connections are closed at once.
+    pub refusing: Arc<Semaphore>,
     /// Rate limiters and auth of the current snapshot; rebuilt on reload.
     pub guards: ArcSwap<Guards>,
     /// Open connections per client address (`limits.per_client_connections`).
@@ -65,14 +73,28 @@ pub struct Shared {
 pub struct Guards {
     pub rates: RateLimits,
     pub auth: Option<Arc<Auth>>,
+    /// Set when a CA is configured: `allow` tunnels are inspected.
+    pub inspector: Option<Arc<Inspector>>,
 }
 
 impl Guards {
-    pub fn new(settings: &Settings) -> Self {
-        Guards {
+    /// Build for `settings`; `ca` is the CA loaded at start (it needs a restart to change).
+    ///
+    /// # Errors
+    /// A client certificate or extra roots file cannot be used.
+    pub fn new(settings: &Settings, ca: Option<&Arc<Ca>>) -> Result<Self, ClientTlsError> {
+        let inspector = match ca {
+            Some(ca) if settings.tls.inspection_enabled() => Some(Arc::new(Inspector {
+                ca: Arc::clone(ca),
+                upstreams: Upstreams::new(settings)?,
+            })),
+            _ => None,
+        };
+        Ok(Guards {
             rates: RateLimits::new(settings),
             auth: Auth::new(&settings.auth).map(Arc::new),
-        }
+            inspector,
+        })
     }
 }
 
@@ -118,15 +140,28 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         };
         let permit = Arc::clone(&shared.conns).try_acquire_owned().ok();
         let shared2 = Arc::clone(&shared);
-        shared.drain.tracker.spawn(async move {
-            match permit {
-                Some(permit) => connection(stream, peer, shared2, permit).await,
-                None => {
-                    shared2.metrics.connection_limit.inc();
-                    refuse_raw(stream, peer, &shared2, Reason::ConnectionLimit).await;
+        match permit {
+            Some(permit) => {
+                shared.drain.tracker.spawn(connection(stream, peer, shared2, permit));
+            }
+            None => {
+                shared.metrics.connection_limit.inc();
+                match Arc::clone(&shared.refusing).try_acquire_owned() {
+                    Ok(r) => {
+                        shared.drain.tracker.spawn(async move {
+                            let _r = r;
+                            refuse_raw(stream, peer, &shared2, Reason::ConnectionLimit).await;
+                        });
+                    }
+                    Err(_) => {
+                        // Flooded: record it and close without answering.
+                        let txn = shared.txn(peer);
+                        txn.refuse(503, Reason::ConnectionLimit);
+                        drop(stream);
+                    }
                 }
             }
-        });
+        }
     }
 }
 
@@ -171,11 +206,19 @@ pub struct ConnCtx {
     /// The upstream connection kept alive for this client connection,
     /// keyed by the vetted address it goes to.
     upstream: Mutex<Option<http::Pooled>>,
+    /// The connection's permits and gauge, held until the connection and
+    /// any tunnel it became are gone (a tunnel task keeps this context).
+    _held: Held,
+}
+
+struct Held {
+    _conn: OwnedSemaphorePermit,
+    _client: crate::limits::ClientPermit,
+    _open: GaugeGuard,
 }
 
 async fn connection(mut stream: TcpStream, mut peer: SocketAddr, shared: Arc<Shared>, permit: OwnedSemaphorePermit) {
-    let _permit = permit;
-    let _open = GaugeGuard::new(&shared.metrics.open_connections);
+    let open = GaugeGuard::new(&shared.metrics.open_connections);
     let settings = shared.settings.load_full();
     if !client_allowed(&settings.clients, peer.ip()) {
         refuse_raw(stream, peer, &shared, Reason::ClientNotAllowed).await;
@@ -197,7 +240,7 @@ async fn connection(mut stream: TcpStream, mut peer: SocketAddr, shared: Arc<Sha
             return;
         }
     }
-    let Some(_client_permit) = shared
+    let Some(client_permit) = shared
         .client_conns
         .acquire(peer.ip(), settings.limits.per_client_connections)
     else {
@@ -210,6 +253,11 @@ async fn connection(mut stream: TcpStream, mut peer: SocketAddr, shared: Arc<Sha
         shared: Arc::clone(&shared),
         client: peer,
         upstream: Mutex::new(None),
+        _held: Held {
+            _conn: permit,
+            _client: client_permit,
+            _open: open,
+        },
     });
     let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let served2 = Arc::clone(&served);
@@ -331,7 +379,8 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<ProxyBody
     }
     let rule = decision.rule.and_then(|i| policy.rule(i));
     if is_connect {
-        connect::tunnel(&ctx, &settings, txn, req, target, rule).await
+        let index = decision.rule;
+        connect::tunnel(&ctx, &settings, &guards, txn, req, target, index).await
     } else {
         http::forward(&ctx, &settings, txn, req, target, rule).await
     }

@@ -1,8 +1,13 @@
 //! Integration tests: the proxy in-process on port 0, real loopback origins,
 //! real clients. One test binary (each tests/*.rs would link separately).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+mod admin;
+mod auth;
 mod catalog_seed;
 mod cli;
 mod connect;
 mod http_forward;
+mod limits;
+mod proxy_protocol;
+mod refusals;
 mod support;
