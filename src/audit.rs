@@ -495,6 +495,8 @@ impl AuditSink for Tee {
 enum Msg {
     Record(Box<Record>),
     Reopen,
+    /// Write what is queued, then stop (shutdown, after the drain).
+    Close,
 }
 
 /// How many queued records make new transactions wait for the writer.
@@ -548,17 +550,20 @@ impl AuditLog {
             .name("audit-writer".into())
             .spawn(move || {
                 let mut batch: Vec<Record> = Vec::with_capacity(256);
-                while let Some(first) = rx.blocking_recv() {
+                let mut closing = false;
+                while !closing {
+                    let Some(first) = rx.blocking_recv() else { break };
                     let mut reopen = false;
-                    let mut push = |m: Msg, batch: &mut Vec<Record>| match m {
-                        Msg::Record(r) => batch.push(*r),
-                        Msg::Reopen => reopen = true,
-                    };
-                    push(first, &mut batch);
-                    while batch.len() < 4096 {
-                        match rx.try_recv() {
-                            Ok(m) => push(m, &mut batch),
-                            Err(_) => break,
+                    let mut next = Some(first);
+                    while let Some(m) = next.take() {
+                        match m {
+                            Msg::Record(r) => batch.push(*r),
+                            Msg::Reopen => reopen = true,
+                            Msg::Close => closing = true,
+                        }
+                        // A reopen ends the batch: what follows goes to the new file.
+                        if batch.len() < 4096 && !closing && !reopen {
+                            next = rx.try_recv().ok();
                         }
                     }
                     write_batch(sink.as_mut(), &batch);
@@ -602,6 +607,12 @@ impl AuditLog {
             self.state.queued.fetch_sub(1, Ordering::AcqRel);
             tracing::error!("audit writer is gone; record lost");
         }
+    }
+
+    /// Ask the writer to write what is queued and stop; [`AuditWriter::join`]
+    /// then returns even while other handles remain.
+    pub fn close(&self) {
+        let _ = self.tx.send(Msg::Close);
     }
 
     /// Ask the writer to reopen its file (SIGHUP).

@@ -22,7 +22,10 @@ pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod reload;
+pub mod replay;
 pub mod shutdown;
+pub mod status;
+pub mod suggest;
 pub mod target;
 pub mod tls;
 pub mod upstream;
@@ -60,7 +63,11 @@ pub enum StartError {
 /// The writer thread could not be started.
 pub fn start_audit(sink: Box<dyn AuditSink>) -> std::io::Result<(AuditLog, AuditWriter, Arc<Metrics>)> {
     let metrics = Arc::new(Metrics::new());
-    let tee = Tee(vec![sink, Box::new(MetricsSink(Arc::clone(&metrics)))]);
+    let tee = Tee(vec![
+        sink,
+        Box::new(MetricsSink(Arc::clone(&metrics))),
+        Box::new(status::StatusSink(Arc::clone(&metrics.status))),
+    ]);
     let (log, writer) = AuditLog::start(Box::new(tee))?;
     Ok((log, writer, metrics))
 }
@@ -93,6 +100,8 @@ impl Proxy {
         let cap = proxy::connection_cap(settings.server.max_connections);
         tracing::info!(max_connections = cap, "connection cap");
         metrics.set_catalog(settings.policy.hash(), settings.policy.rules().len());
+        metrics.status.set_catalog(settings.policy.hash(), settings.policy.rules().len());
+        metrics.status.set_denials_kept(settings.denials_kept);
         let ca = match (&settings.tls.ca_cert, &settings.tls.ca_key) {
             (Some(cert), Some(key)) => Some(Arc::new(tls::ca::Ca::load(cert, key)?)),
             _ => None,
@@ -160,6 +169,10 @@ impl Proxy {
         let grace = self.shared.settings.load().server.shutdown_grace;
         tracing::info!(grace = ?grace, "shutting down: no new connections");
         self.shared.drain.drain(grace).await;
+        // Everything is drained: stop the admin listener and what else waits
+        // for the hard token, then let the audit writer finish.
+        self.shared.drain.hard.cancel();
+        self.shared.audit.close();
     }
 }
 
@@ -175,6 +188,9 @@ impl Handle {
         self.shared
             .metrics
             .set_catalog(settings.policy.hash(), settings.policy.rules().len());
+        let status = &self.shared.metrics.status;
+        status.set_catalog(settings.policy.hash(), settings.policy.rules().len());
+        status.set_denials_kept(settings.denials_kept);
         self.shared.resolver.set_static(settings.dns.static_hosts.clone());
         self.shared.resolver.clear_cache();
         self.shared.guards.store(Arc::new(guards));

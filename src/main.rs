@@ -40,6 +40,25 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AuthCmd,
     },
+    /// Print catalog rules (TOML) for the destinations an audit log shows denied.
+    Suggest {
+        /// The JSON-lines audit log ("-": standard input).
+        #[arg(long)]
+        audit: PathBuf,
+        /// Only records since then: a duration back from now ("1h", "30m") or an RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+    },
+    /// Decide every transaction of an audit log again under a proposed catalog
+    /// and print what would change; exit status 3 if something would be newly denied.
+    Replay {
+        /// The JSON-lines audit log ("-": standard input).
+        #[arg(long)]
+        audit: PathBuf,
+        /// The proposed catalog file.
+        #[arg(long)]
+        catalog: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -69,6 +88,7 @@ fn main() -> ExitCode {
         Some(Cmd::Ca {
             cmd: CaCmd::Generate { out, force },
         }) => return ca_generate(out, *force),
+        Some(Cmd::Suggest { audit, since }) => return suggest(audit, since.as_deref(), cli.config.as_deref()),
         _ => {}
     }
     let settings = match Settings::load(cli.config.as_deref(), std::env::vars()) {
@@ -99,7 +119,49 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Run => serve(settings, cli.config),
-        Cmd::Auth { .. } | Cmd::Ca { .. } => ExitCode::from(1),
+        Cmd::Replay { audit, catalog } => match egress_proxy::replay::command(&settings, &audit, &catalog) {
+            Ok(out) => {
+                for n in &out.notes {
+                    eprintln!("egress-proxy: {n}");
+                }
+                print!("{}", out.report);
+                if out.newly_denied > 0 {
+                    ExitCode::from(3)
+                } else {
+                    ExitCode::SUCCESS
+                }
+            }
+            Err(e) => {
+                eprintln!("egress-proxy: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Cmd::Auth { .. } | Cmd::Ca { .. } | Cmd::Suggest { .. } => ExitCode::from(1),
+    }
+}
+
+/// `suggest`: needs no configuration; with an explicit `--config`, the
+/// destinations its catalog already lets through are left out.
+fn suggest(audit: &std::path::Path, since: Option<&str>, config: Option<&std::path::Path>) -> ExitCode {
+    let settings = match config.map(|c| Settings::load(Some(c), std::env::vars())).transpose() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("egress-proxy: invalid configuration:\n{e}");
+            return ExitCode::from(1);
+        }
+    };
+    match egress_proxy::suggest::command(audit, since, settings.as_ref().map(|s| &*s.policy)) {
+        Ok(out) => {
+            for n in &out.notes {
+                eprintln!("egress-proxy: {n}");
+            }
+            print!("{}", out.toml);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("egress-proxy: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 
@@ -236,9 +298,11 @@ fn serve(settings: Settings, config: Option<PathBuf>) -> ExitCode {
             proxy = proxy.with_admin(l);
         }
         let handle = proxy.handle();
-        tokio::spawn(reload::on_hangup(handle.clone(), config.clone(), reload::process_env));
-        tokio::spawn(reload::watch(handle, config, reload::process_env, std::time::Duration::from_secs(1)));
+        let hup = tokio::spawn(reload::on_hangup(handle.clone(), config.clone(), reload::process_env));
+        let watch = tokio::spawn(reload::watch(handle, config, reload::process_env, std::time::Duration::from_secs(1)));
         proxy.run(signals::terminate()).await;
+        hup.abort();
+        watch.abort();
         tokio::task::spawn_blocking(move || writer.join()).await.ok();
         tracing::info!("stopped");
         ExitCode::SUCCESS

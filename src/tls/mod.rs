@@ -225,13 +225,19 @@ where
         Ok(x) => x,
         Err(_) => return Some(Reason::UpstreamReset),
     };
+    // The connection task learns why the upstream failed; a request that
+    // fails with it asks here (TLS 1.3 reports a refused client
+    // certificate only when the first response is read).
+    let (failed_tx, failed_rx) = tokio::sync::watch::channel::<Option<bool>>(None);
     let conn_task = tokio::spawn(async move {
-        let _ = conn.await;
+        let tls = conn.await.err().is_some_and(|e| is_tls_error(&e));
+        let _ = failed_tx.send(Some(tls));
     });
     let sender = Arc::new(tokio::sync::Mutex::new(sender));
     let svc = service_fn(|req: Request<Incoming>| {
         let sender = Arc::clone(&sender);
-        async move { Ok::<_, std::convert::Infallible>(inner(t, req, sender).await) }
+        let failed = failed_rx.clone();
+        async move { Ok::<_, std::convert::Infallible>(inner(t, req, sender, failed).await) }
     });
     let served = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -251,6 +257,7 @@ async fn inner(
     t: &Inspected,
     req: Request<Incoming>,
     sender: Arc<tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<RequestBody>>>,
+    mut failed: tokio::sync::watch::Receiver<Option<bool>>,
 ) -> Response<ProxyBody> {
     let txn = inner_txn(t, &req);
     if !same_host(&t.target, &req) {
@@ -269,7 +276,9 @@ async fn inner(
     let out = Request::from_parts(parts, RequestBody::new(body, up.clone().unwrap_or_default()));
     let mut s = sender.lock().await;
     if s.ready().await.is_err() {
-        return refuse(txn, Refusal::new(Reason::UpstreamReset), &t.settings);
+        drop(s);
+        let reason = upstream_failure(false, &mut failed).await;
+        return refuse(txn, Refusal::new(reason), &t.settings);
     }
     let sent = tokio::time::timeout(std::time::Duration::from_secs(60), s.send_request(out)).await;
     drop(s);
@@ -280,9 +289,42 @@ async fn inner(
             let status = parts.status.as_u16();
             Response::from_parts(parts, ProxyBody::Streamed(Box::new(ResponseBody::new(body, txn, up, status))))
         }
-        Ok(Err(_)) => refuse(txn, Refusal::new(Reason::UpstreamReset), &t.settings),
+        Ok(Err(e)) => {
+            let reason = upstream_failure(is_tls_error(&e), &mut failed).await;
+            refuse(txn, Refusal::new(reason), &t.settings)
+        }
         Err(_) => refuse(txn, Refusal::new(Reason::Timeout), &t.settings),
     }
+}
+
+/// `upstream_tls` when the request's error or the upstream connection's
+/// own error is a TLS one, else `upstream_reset`.
+async fn upstream_failure(tls: bool, failed: &mut tokio::sync::watch::Receiver<Option<bool>>) -> Reason {
+    let from_conn = tokio::time::timeout(std::time::Duration::from_millis(500), failed.wait_for(Option::is_some))
+        .await
+        .ok()
+        .and_then(|r| r.ok().and_then(|v| *v));
+    if tls || from_conn == Some(true) {
+        Reason::UpstreamTls
+    } else {
+        Reason::UpstreamReset
+    }
+}
+
+fn is_tls_error(e: &hyper::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(err) = cur {
+        if err.is::<rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            if io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// The inner request must name the CONNECT host (and port, when it names one).
