@@ -22,14 +22,18 @@ const BIN: &str = env!("CARGO_BIN_EXE_egress-proxy");
 /// Bound on every wait that is not itself what a test measures.
 const WAIT: Duration = Duration::from_secs(10);
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-const DENIED_NOT_IN_CATALOG: &str = r#"egress_transactions_total{decision="deny",rule="",reason="not_in_catalog"}"#;
+const DENIED_NOT_IN_CATALOG: &str =
+    r#"egress_transactions_total{decision="deny",rule="",reason="not_in_catalog"}"#;
 
 // === the proxy process ===
 
 /// The config file text: port 0 everywhere, loopback clients, `names`
 /// mapped to 127.0.0.1, the audit log in `audit.log` beside the config.
 fn config(names: &[&str], grace: &str, watch: bool) -> String {
-    let statics: Vec<String> = names.iter().map(|n| format!("\"{n}\" = [\"127.0.0.1\"]")).collect();
+    let statics: Vec<String> = names
+        .iter()
+        .map(|n| format!("\"{n}\" = [\"127.0.0.1\"]"))
+        .collect();
     format!(
         "[server]\nlisten = [\"127.0.0.1:0\"]\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"{grace}\"\n\n\
          [clients]\nallow = [\"127.0.0.0/8\"]\n\n\
@@ -62,7 +66,8 @@ impl Drop for Running {
 }
 
 fn address_after(line: &str, key: &str) -> Option<SocketAddr> {
-    line.split_whitespace().find_map(|w| w.strip_prefix(key)?.parse().ok())
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.parse().ok())
 }
 
 impl Running {
@@ -119,7 +124,11 @@ impl Running {
             if let Ok(Some(status)) = p.child.try_wait() {
                 panic!("egress-proxy exited at start ({status}):\n{}", p.stderr());
             }
-            assert!(Instant::now() < deadline, "egress-proxy did not log its addresses:\n{}", p.stderr());
+            assert!(
+                Instant::now() < deadline,
+                "egress-proxy did not log its addresses:\n{}",
+                p.stderr()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -185,14 +194,21 @@ impl Running {
     }
 
     /// Poll `/metrics` until `pred` holds (up to `WAIT`); returns the samples.
-    async fn metrics_until(&self, what: &str, pred: impl Fn(&HashMap<String, f64>) -> bool) -> HashMap<String, f64> {
+    async fn metrics_until(
+        &self,
+        what: &str,
+        pred: impl Fn(&HashMap<String, f64>) -> bool,
+    ) -> HashMap<String, f64> {
         let deadline = Instant::now() + WAIT;
         loop {
             let m = self.metrics().await;
             if pred(&m) {
                 return m;
             }
-            assert!(Instant::now() < deadline, "metrics never showed {what}: {m:#?}");
+            assert!(
+                Instant::now() < deadline,
+                "metrics never showed {what}: {m:#?}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -209,10 +225,14 @@ impl Running {
 
     /// Open a CONNECT tunnel; panics unless the proxy answers 200.
     async fn tunnel(&self, host: &str, port: u16) -> TcpStream {
-        let mut s = TcpStream::connect(self.proxy).await.expect("connect to proxy");
-        s.write_all(format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n").as_bytes())
+        let mut s = TcpStream::connect(self.proxy)
             .await
-            .expect("write CONNECT");
+            .expect("connect to proxy");
+        s.write_all(
+            format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("write CONNECT");
         let head = read_head(&mut s).await.expect("CONNECT answer");
         assert!(head.starts_with("HTTP/1.1 200"), "CONNECT refused: {head}");
         s
@@ -222,19 +242,29 @@ impl Running {
     fn audit(&self, name: &str) -> Vec<serde_json::Value> {
         let text = std::fs::read_to_string(self.path(name)).unwrap_or_default();
         text.lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{name}: not JSON ({e}): {l}")))
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("{name}: not JSON ({e}): {l}"))
+            })
             .collect()
     }
 
     /// Poll audit file `name` until a record satisfies `pred`.
-    async fn audit_until(&self, name: &str, pred: impl Fn(&serde_json::Value) -> bool) -> Vec<serde_json::Value> {
+    async fn audit_until(
+        &self,
+        name: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Vec<serde_json::Value> {
         let deadline = Instant::now() + WAIT;
         loop {
             let recs = self.audit(name);
             if recs.iter().any(&pred) {
                 return recs;
             }
-            assert!(Instant::now() < deadline, "{name} never got the record: {recs:#?}\n{}", self.stderr());
+            assert!(
+                Instant::now() < deadline,
+                "{name} never got the record: {recs:#?}\n{}",
+                self.stderr()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -304,7 +334,10 @@ where
 async fn hello_origin() -> u16 {
     tcp_origin(|mut s| async move {
         while read_head(&mut s).await.is_some() {
-            if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello").await.is_err() {
+            if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+                .await
+                .is_err()
+            {
                 break;
             }
         }
@@ -340,7 +373,10 @@ async fn echoes(tunnel: &mut TcpStream, msg: &[u8]) {
 /// other line `name value` or `name{labels} value`, `# EOF` last) and return
 /// the samples keyed by the series as written (`name{labels}`).
 fn parse_openmetrics(text: &str) -> HashMap<String, f64> {
-    assert!(text.ends_with("# EOF\n") || text.ends_with("# EOF"), "no trailing # EOF:\n{text}");
+    assert!(
+        text.ends_with("# EOF\n") || text.ends_with("# EOF"),
+        "no trailing # EOF:\n{text}"
+    );
     let lines: Vec<&str> = text.lines().collect();
     let mut out = HashMap::new();
     for (i, line) in lines.iter().enumerate() {
@@ -366,7 +402,9 @@ fn parse_openmetrics(text: &str) -> HashMap<String, f64> {
 
 fn is_metric_name(s: &str) -> bool {
     let mut chars = s.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
 }
 
@@ -401,10 +439,17 @@ fn labels_len(s: &str) -> Option<usize> {
     }
     loop {
         let start = i;
-        while b.get(i).is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_') {
+        while b
+            .get(i)
+            .is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_')
+        {
             i += 1;
         }
-        if i == start || b[start].is_ascii_digit() || b.get(i) != Some(&b'=') || b.get(i + 1) != Some(&b'"') {
+        if i == start
+            || b[start].is_ascii_digit()
+            || b.get(i) != Some(&b'=')
+            || b.get(i + 1) != Some(&b'"')
+        {
             return None;
         }
         i += 2;
@@ -436,7 +481,15 @@ fn the_openmetrics_validator_rejects_what_it_should() {
     assert_eq!(value(&m, "a_total"), 1.0);
     assert_eq!(value(&m, "b{x=\"1\",y=\"a\\\"b\"}"), 2.5);
     assert_eq!(value(&m, "c_bucket{le=\"+Inf\"}"), 3.0);
-    for bad in ["a_total", "a_total x", "a{x=1} 1", "a{x=\"1\" 1", "1a 1", "a{x=\"1\"}1", "a 1 2 3"] {
+    for bad in [
+        "a_total",
+        "a_total x",
+        "a{x=1} 1",
+        "a{x=\"1\" 1",
+        "1a 1",
+        "a{x=\"1\"}1",
+        "a 1 2 3",
+    ] {
         assert!(sample(bad).is_none(), "accepted {bad:?}");
     }
     let no_eof = std::panic::catch_unwind(|| parse_openmetrics("a 1\n"));
@@ -469,12 +522,20 @@ async fn sighup_adds_a_host_within_a_second_while_an_open_tunnel_keeps_working()
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(status, 200, "new host not reachable 1 s after SIGHUP:\n{}", p.stderr());
+    assert_eq!(
+        status,
+        200,
+        "new host not reachable 1 s after SIGHUP:\n{}",
+        p.stderr()
+    );
 
     echoes(&mut tunnel, b"after the reload").await;
     assert_eq!(p.get("old.test", web).await, 200);
     let log = p.stderr();
-    assert!(log.contains("rule added: \"New\""), "the reload logs the catalog diff:\n{log}");
+    assert!(
+        log.contains("rule added: \"New\""),
+        "the reload logs the catalog diff:\n{log}"
+    );
     let m = p.metrics().await;
     assert_eq!(value(&m, r#"egress_reloads_total{result="ok"}"#), 1.0);
 }
@@ -501,17 +562,33 @@ async fn a_broken_catalog_on_sighup_keeps_the_old_policy_and_counts_a_failure() 
     p.write_catalog(&broken);
     p.signal("-HUP");
     let m = p
-        .metrics_until("a failed reload", |m| value(m, r#"egress_reloads_total{result="failed"}"#) >= 1.0)
+        .metrics_until("a failed reload", |m| {
+            value(m, r#"egress_reloads_total{result="failed"}"#) >= 1.0
+        })
         .await;
     assert_eq!(value(&m, r#"egress_reloads_total{result="failed"}"#), 1.0);
     assert_eq!(value(&m, r#"egress_reloads_total{result="ok"}"#), 0.0);
     assert_eq!(hash(&m), hash(&m0), "the loaded catalog did not change");
 
-    assert_eq!(p.get("old.test", web).await, 200, "old policy still in force");
-    assert_eq!(p.get("new.test", web).await, 403, "nothing from the broken catalog applies");
+    assert_eq!(
+        p.get("old.test", web).await,
+        200,
+        "old policy still in force"
+    );
+    assert_eq!(
+        p.get("new.test", web).await,
+        403,
+        "nothing from the broken catalog applies"
+    );
     let log = p.stderr();
-    assert!(log.contains("reload failed"), "the failure is logged:\n{log}");
-    assert!(log.contains("Broken"), "the log names the broken rule:\n{log}");
+    assert!(
+        log.contains("reload failed"),
+        "the failure is logged:\n{log}"
+    );
+    assert!(
+        log.contains("Broken"),
+        "the log names the broken rule:\n{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -535,7 +612,12 @@ async fn policy_watch_reloads_an_edited_catalog_without_a_signal() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(status, 200, "the edited catalog was not picked up in 5 s:\n{}", p.stderr());
+    assert_eq!(
+        status,
+        200,
+        "the edited catalog was not picked up in 5 s:\n{}",
+        p.stderr()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -546,24 +628,38 @@ async fn a_renamed_audit_file_and_sighup_send_new_records_to_a_fresh_file() {
     let p = Running::start(&config(&names, "5s", false), &catalog).await;
 
     assert_eq!(p.get("old.test", web).await, 200);
-    p.audit_until("audit.log", |r| r["host"] == "old.test").await;
+    p.audit_until("audit.log", |r| r["host"] == "old.test")
+        .await;
     std::fs::rename(p.path("audit.log"), p.path("audit.log.1")).expect("rotate");
     p.signal("-HUP");
     // The reopen creates the new file (before any record arrives).
     let deadline = Instant::now() + WAIT;
     while !p.path("audit.log").exists() {
-        assert!(Instant::now() < deadline, "audit.log not reopened after SIGHUP:\n{}", p.stderr());
+        assert!(
+            Instant::now() < deadline,
+            "audit.log not reopened after SIGHUP:\n{}",
+            p.stderr()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
     assert_eq!(p.get("new.test", web).await, 200);
-    let fresh = p.audit_until("audit.log", |r| r["host"] == "new.test").await;
-    assert!(fresh.iter().all(|r| r["host"] == "new.test"), "only the new record: {fresh:#?}");
+    let fresh = p
+        .audit_until("audit.log", |r| r["host"] == "new.test")
+        .await;
+    assert!(
+        fresh.iter().all(|r| r["host"] == "new.test"),
+        "only the new record: {fresh:#?}"
+    );
     assert_eq!(fresh.len(), 1, "{fresh:#?}");
     assert_eq!(fresh[0]["status"], 200);
     assert_eq!(fresh[0]["rule"], "New");
     let old = p.audit("audit.log.1");
-    assert_eq!(old.len(), 1, "the rotated file keeps the old record only: {old:#?}");
+    assert_eq!(
+        old.len(),
+        1,
+        "the rotated file keeps the old record only: {old:#?}"
+    );
     assert_eq!(old[0]["host"], "old.test");
 }
 
@@ -578,7 +674,11 @@ async fn metrics_are_openmetrics_and_counters_move_with_traffic() {
     assert_eq!(ctype, OPENMETRICS);
     assert!(body.ends_with("# EOF\n"), "{body}");
     let m0 = parse_openmetrics(&body);
-    for series in ["egress_audit_records_total", "egress_open_connections", "egress_catalog_rules"] {
+    for series in [
+        "egress_audit_records_total",
+        "egress_open_connections",
+        "egress_catalog_rules",
+    ] {
         assert!(m0.contains_key(series), "{series} missing:\n{body}");
     }
     assert_eq!(value(&m0, "egress_catalog_rules"), 1.0);
@@ -596,15 +696,42 @@ async fn metrics_are_openmetrics_and_counters_move_with_traffic() {
     assert_eq!(p.get("old.test", web).await, 200);
     let m = p
         .metrics_until("the allowed transaction", |m| {
-            value(m, r#"egress_transactions_total{decision="allow",rule="Old",reason=""}"#) >= 1.0
+            value(
+                m,
+                r#"egress_transactions_total{decision="allow",rule="Old",reason=""}"#,
+            ) >= 1.0
         })
         .await;
     assert_eq!(value(&m, "egress_audit_records_total"), audited + 2.0);
-    assert_eq!(value(&m, r#"egress_rule_down_bytes_total{rule="Old"}"#), 5.0);
+    assert_eq!(
+        value(&m, r#"egress_rule_down_bytes_total{rule="Old"}"#),
+        5.0
+    );
     assert!(
-        m.keys().all(|k| !k.contains("old.test") && !k.contains("denied.test")),
+        m.keys()
+            .all(|k| !k.contains("old.test") && !k.contains("denied.test")),
         "labels never carry raw hosts"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_on_an_idle_proxy_exits_0_at_once() {
+    let mut p = Running::start(
+        &config(&["old.test"], "5s", false),
+        &rule("Old", "old.test", 8080),
+    )
+    .await;
+    p.signal("-TERM");
+    let status = p.wait_exit(Duration::from_secs(3)).await;
+    let Some(status) = status else {
+        panic!(
+            "an idle egress-proxy still running 3 s after SIGTERM:\n{}",
+            p.stderr()
+        );
+    };
+    assert_eq!(status.code(), Some(0), "{}", p.stderr());
+    let log = p.stderr();
+    assert!(log.contains("stopped"), "{log}");
 }
 
 /// An origin that sends its head at once, then `chunks` pieces of 100 bytes
@@ -614,7 +741,10 @@ async fn slow_origin(chunks: usize, every: Duration) -> u16 {
         if read_head(&mut s).await.is_none() {
             return;
         }
-        let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", chunks * 100);
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+            chunks * 100
+        );
         if s.write_all(head.as_bytes()).await.is_err() {
             return;
         }
@@ -635,7 +765,11 @@ async fn slow_origin(chunks: usize, every: Duration) -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_an_in_flight_slow_response_and_exits_0() {
     let slow = slow_origin(10, Duration::from_millis(150)).await;
-    let mut p = Running::start(&config(&["slow.test"], "10s", false), &rule("Slow", "slow.test", slow)).await;
+    let mut p = Running::start(
+        &config(&["slow.test"], "10s", false),
+        &rule("Slow", "slow.test", slow),
+    )
+    .await;
     assert_eq!(p.admin_get("/readyz").await.0, 200);
 
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -650,7 +784,12 @@ async fn sigterm_drains_an_in_flight_slow_response_and_exits_0() {
         .await
         .expect("send");
     assert_eq!(resp.status(), 200);
-    let mut body = resp.chunk().await.expect("first chunk").expect("some body").to_vec();
+    let mut body = resp
+        .chunk()
+        .await
+        .expect("first chunk")
+        .expect("some body")
+        .to_vec();
     assert!(body.len() < 1000, "the body is still coming");
 
     p.signal("-TERM");
@@ -661,7 +800,10 @@ async fn sigterm_drains_an_in_flight_slow_response_and_exits_0() {
         if status == 503 {
             break;
         }
-        assert!(Instant::now() < deadline, "/readyz still {status} after SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "/readyz still {status} after SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(
@@ -685,7 +827,10 @@ async fn sigterm_drains_an_in_flight_slow_response_and_exits_0() {
         );
     };
     assert_eq!(status.code(), Some(0), "{}", p.stderr());
-    assert!(took < Duration::from_secs(10), "exited within the grace: {took:?}");
+    assert!(
+        took < Duration::from_secs(10),
+        "exited within the grace: {took:?}"
+    );
     let recs = p.audit("audit.log");
     let r = recs
         .iter()
@@ -699,7 +844,11 @@ async fn sigterm_drains_an_in_flight_slow_response_and_exits_0() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_cuts_a_tunnel_open_past_the_grace_with_reason_shutdown() {
     let echo = echo_origin().await;
-    let mut p = Running::start(&config(&["echo.test"], "1s", false), &rule("Echo", "echo.test", echo)).await;
+    let mut p = Running::start(
+        &config(&["echo.test"], "1s", false),
+        &rule("Echo", "echo.test", echo),
+    )
+    .await;
     let mut tunnel = p.tunnel("echo.test", echo).await;
     echoes(&mut tunnel, b"hello through the tunnel").await;
 
@@ -708,10 +857,16 @@ async fn sigterm_cuts_a_tunnel_open_past_the_grace_with_reason_shutdown() {
     let status = p.wait_exit(Duration::from_secs(8)).await;
     let took = term.elapsed();
     let Some(status) = status else {
-        panic!("egress-proxy still running {took:?} after SIGTERM (grace 1s):\n{}", p.stderr());
+        panic!(
+            "egress-proxy still running {took:?} after SIGTERM (grace 1s):\n{}",
+            p.stderr()
+        );
     };
     assert_eq!(status.code(), Some(0), "{}", p.stderr());
-    assert!(took >= Duration::from_millis(900), "the tunnel got its grace: {took:?}");
+    assert!(
+        took >= Duration::from_millis(900),
+        "the tunnel got its grace: {took:?}"
+    );
 
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(WAIT, tunnel.read_to_end(&mut rest)).await;
@@ -752,7 +907,11 @@ async fn run_to_exit(config: &str, catalog: &str) -> (Option<i32>, String, tempf
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let out = child.wait_with_output().expect("output");
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned(), dir)
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        dir,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -761,13 +920,19 @@ async fn run_with_a_broken_config_exits_1_and_prints_the_errors() {
     let unknown_key = config(&[], "5s", false).replace("[clients]", "bogus_key = 1\n\n[clients]");
     let (code, stderr, dir) = run_to_exit(&unknown_key, &good_catalog).await;
     assert_eq!(code, Some(1), "{stderr}");
-    assert!(stderr.contains("bogus_key"), "names the unknown key: {stderr}");
+    assert!(
+        stderr.contains("bogus_key"),
+        "names the unknown key: {stderr}"
+    );
     assert!(!dir.path().join("audit.log").exists(), "nothing was served");
 
     let broken_catalog = good_catalog
         + "[[rule]]\nname = \"Broken\"\nhosts = [\"broken.test\"]\nports = [443]\naction = \"permit\"\n";
     let (code, stderr, dir) = run_to_exit(&config(&[], "5s", false), &broken_catalog).await;
     assert_eq!(code, Some(1), "{stderr}");
-    assert!(stderr.contains("catalog.toml") && stderr.contains("Broken"), "names the broken rule: {stderr}");
+    assert!(
+        stderr.contains("catalog.toml") && stderr.contains("Broken"),
+        "names the broken rule: {stderr}"
+    );
     assert!(!dir.path().join("audit.log").exists(), "nothing was served");
 }
