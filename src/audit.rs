@@ -227,6 +227,61 @@ impl Record {
     }
 }
 
+impl Record {
+    /// Append the record as one JSON object (no newline) to `out`.
+    ///
+    /// The same fields and order as the `Serialize` impl, written without
+    /// intermediate strings: this runs once per transaction on the writer.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        use std::io::Write as _;
+        let _ = write!(out, "{{\"ts\":\"{}\",\"id\":\"{:016x}\",\"client\":\"{}\"", humantime::format_rfc3339_millis(self.ts), self.id, self.client);
+        let text = |out: &mut Vec<u8>, key: &str, v: &str| {
+            let _ = write!(out, ",\"{key}\":");
+            // serde_json escapes; writing to a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *out, v);
+        };
+        if let Some(u) = &self.user {
+            text(out, "user", u);
+        }
+        if let Some(m) = &self.method {
+            text(out, "method", m.as_str());
+        }
+        if let Some(h) = &self.host {
+            text(out, "host", h);
+        }
+        if let Some(p) = self.port {
+            let _ = write!(out, ",\"port\":{p}");
+        }
+        if let Some(u) = &self.url {
+            text(out, "url", u);
+        }
+        let _ = write!(out, ",\"decision\":\"{}\"", self.decision.as_str());
+        if let Some(r) = &self.rule {
+            text(out, "rule", r);
+        }
+        if let Some(r) = self.reason {
+            let _ = write!(out, ",\"reason\":\"{}\"", r.as_str());
+        }
+        if let Some(u) = self.upstream {
+            let _ = write!(out, ",\"upstream\":\"{u}\"");
+        }
+        if let Some(sni) = &self.sni {
+            text(out, "sni", sni);
+        }
+        if self.ech {
+            out.extend_from_slice(b",\"ech\":true");
+        }
+        if let Some(st) = self.status {
+            let _ = write!(out, ",\"status\":{st}");
+        }
+        let _ = write!(
+            out,
+            ",\"bytes_up\":{},\"bytes_down\":{},\"duration_ms\":{}}}",
+            self.bytes_up, self.bytes_down, self.duration_ms
+        );
+    }
+}
+
 /// Format a record id: 16 lower-case hex digits.
 pub fn format_id(id: u64) -> String {
     format!("{id:016x}")
@@ -369,7 +424,7 @@ impl AuditSink for LineSink {
         for r in records {
             self.line.clear();
             match self.format {
-                AuditFormat::Json => serde_json::to_writer(&mut self.line, r).map_err(io::Error::other)?,
+                AuditFormat::Json => r.write_json(&mut self.line),
                 AuditFormat::Squid => squid_line(&mut self.line, r)?,
             }
             self.line.push(b'\n');
@@ -646,5 +701,42 @@ fn write_batch(sink: &mut dyn AuditSink, batch: &[Record]) {
         if let Err(e) = sink.reopen() {
             tracing::error!(error = %e, "cannot reopen the audit file");
         }
+    }
+}
+
+#[cfg(test)]
+mod json_tests {
+    use super::*;
+
+    #[test]
+    fn hand_written_json_equals_the_serialize_impl() {
+        let mut r = Record::new(0xdead_beef, "127.0.0.1:4000".parse().unwrap(), SystemTime::UNIX_EPOCH);
+        let mut a = Vec::new();
+        r.write_json(&mut a);
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&a).unwrap(),
+            serde_json::to_value(&r).unwrap()
+        );
+        r.user = Some(Arc::from("gate\"way"));
+        r.method = Some(http::Method::CONNECT);
+        r.host = Some("ksn1.kaspersky-labs.com".into());
+        r.port = Some(443);
+        r.url = Some("http://x/\"quoted\"\u{7f}".into());
+        r.decision = Decided::Bypass;
+        r.rule = Some(Arc::from("Kaspersky KSN lookup"));
+        r.reason = Some(Reason::SniMismatch);
+        r.upstream = Some("[::1]:443".parse().unwrap());
+        r.sni = Some("www.example.com".into());
+        r.ech = true;
+        r.status = Some(200);
+        r.bytes_up = 1;
+        r.bytes_down = 2;
+        r.duration_ms = 3;
+        let mut b = Vec::new();
+        r.write_json(&mut b);
+        let parsed: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(parsed, serde_json::to_value(&r).unwrap());
+        assert_eq!(parsed["port"], 443);
+        assert_eq!(parsed["user"], "gate\"way");
     }
 }

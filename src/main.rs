@@ -245,7 +245,16 @@ fn serve(settings: Settings, config: Option<PathBuf>) -> ExitCode {
         Ok(n) => tracing::info!(nofile = n, "file-descriptor limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the file-descriptor limit"),
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // On one core (as when pinned), a current-thread runtime skips the
+    // work-stealing machinery; otherwise one worker per core.
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let built = if cores == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build()
+    };
+    tracing::info!(cores, "runtime");
+    let runtime = match built {
         Ok(r) => r,
         Err(e) => {
             eprintln!("egress-proxy: cannot start the runtime: {e}");
