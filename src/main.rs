@@ -81,7 +81,14 @@ enum AuthCmd {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Usage errors exit 1 (DESIGN.md); --help and --version exit 0.
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(1) } else { ExitCode::SUCCESS };
+        }
+    };
     init_tracing();
     match &cli.cmd {
         Some(Cmd::Auth { cmd: AuthCmd::Hash }) => return auth_hash(),

@@ -366,11 +366,9 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<ProxyBody
             let reason = decision.reason.unwrap_or(Reason::NotInCatalog);
             return refuse(txn, Refusal::new(reason), &settings);
         }
-        Verdict::Report => {
-            // Let through; the reason says what it would have been refused for.
-            txn.set_decision(Decided::Report);
-            txn.rec().reason = decision.reason;
-        }
+        // Let through and recorded as `report`; like any clean success it
+        // carries no reason (DESIGN.md), unless it ends abnormally.
+        Verdict::Report => txn.set_decision(Decided::Report),
         Verdict::Allow => txn.set_decision(Decided::Allow),
         Verdict::Bypass => txn.set_decision(Decided::Bypass),
     }

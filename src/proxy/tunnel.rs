@@ -241,13 +241,28 @@ fn verdict(judged: Peek, check: &Check, seen: &Mutex<(Option<String>, bool)>) ->
             match &check.host {
                 // A CONNECT to an address admitted by `addresses`: record the SNI, don't compare.
                 Host::Ip(_) => Ok(()),
-                Host::Name(host) => match target::normalize_host(&sni) {
-                    Ok(Host::Name(n)) if n == *host => Ok(()),
-                    _ => Err(End::Denied(Reason::SniMismatch, Some(peek::ALERT_UNRECOGNIZED_NAME))),
-                },
+                Host::Name(host) if sni_matches(&sni, host) => Ok(()),
+                Host::Name(_) => Err(End::Denied(Reason::SniMismatch, Some(peek::ALERT_UNRECOGNIZED_NAME))),
             }
         }
     }
+}
+
+/// Does a ClientHello's SNI name `host` (a normalised CONNECT host)?
+///
+/// RFC 6066 allows only an ASCII host name there, so the SNI must already be
+/// one: letters, digits, `-`, `_` and dots, at most one trailing dot; it is
+/// then compared without regard to ASCII case. Spellings that only a
+/// WHATWG/IDNA mapping would equate (percent-encoding, full-width
+/// characters, U-labels) do not match: the upstream would see another name.
+pub fn sni_matches(sni: &str, host: &str) -> bool {
+    let name = sni.strip_suffix('.').unwrap_or(sni);
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && name.eq_ignore_ascii_case(host)
+        && target::normalize_host(name).is_ok_and(|h| matches!(h, Host::Name(n) if *n == *host))
 }
 
 /// Read what the client has into `buf` (bounded by the hello limit).

@@ -108,7 +108,7 @@ where
     let host = t.target.host.to_string();
     stats.sni = start.client_hello().server_name().map(str::to_string);
     if let (Some(sni), Host::Name(name)) = (&stats.sni, &t.target.host) {
-        if !matches!(target::normalize_host(sni), Ok(Host::Name(n)) if n == *name) {
+        if !crate::proxy::tunnel::sni_matches(sni, name) {
             return end(stats, &up, &down, Some(Reason::SniMismatch), true);
         }
     }
