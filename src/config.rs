@@ -115,6 +115,7 @@ struct RawLimits {
     max_header_bytes: u64,
     connect_timeout: String,
     tunnel_idle_timeout: String,
+    response_timeout: String,
 }
 
 impl Default for RawLimits {
@@ -125,6 +126,7 @@ impl Default for RawLimits {
             max_header_bytes: 65_536,
             connect_timeout: "10s".into(),
             tunnel_idle_timeout: "1h".into(),
+            response_timeout: "60s".into(),
         }
     }
 }
@@ -292,6 +294,8 @@ pub struct Limits {
     pub max_header_bytes: usize,
     pub connect_timeout: Duration,
     pub tunnel_idle_timeout: Duration,
+    /// How long an upstream may take to send a response head (then 504 `timeout`).
+    pub response_timeout: Duration,
 }
 
 /// A rate such as `"50/s"`: `count` events per `per`.
@@ -481,17 +485,15 @@ impl Settings {
                 return Err(ConfigErrors(v.errors));
             }
         };
-        if !v.errors.is_empty() {
-            return Err(ConfigErrors(v.errors));
-        }
         let mut settings = settings;
         let inspect = settings.tls.inspection_enabled();
         for (i, s) in specs.iter().enumerate() {
             if s.client_cert.is_some() && (!inspect || s.action != Action::Allow) {
-                v.err(
-                    &rule_location(&catalog_name, i, &s.name),
-                    "client_cert is only presented when the proxy inspects the tunnel (an allow rule with [tls] ca_cert and ca_key set); remove it, or set action = \"allow\" and configure the CA".into(),
-                );
+                // Located in the catalog, not under the config file's name.
+                v.errors.push(ConfigError {
+                    location: format!("{}: client_cert", rule_location(&catalog_name, i, &s.name)),
+                    message: "client_cert is only presented when the proxy inspects the tunnel (an allow rule with [tls] ca_cert and ca_key set); remove it, or set action = \"allow\" and configure the CA".into(),
+                });
             }
         }
         if !v.errors.is_empty() {
@@ -701,11 +703,13 @@ impl<'a> Validator<'a> {
             max_header_bytes: usize::try_from(raw.max_header_bytes).unwrap_or(usize::MAX),
             connect_timeout: self.duration("limits.connect_timeout", &raw.connect_timeout),
             tunnel_idle_timeout: self.duration("limits.tunnel_idle_timeout", &raw.tunnel_idle_timeout),
+            response_timeout: self.duration("limits.response_timeout", &raw.response_timeout),
         };
         for (key, d) in [
             ("limits.header_read_timeout", limits.header_read_timeout),
             ("limits.connect_timeout", limits.connect_timeout),
             ("limits.tunnel_idle_timeout", limits.tunnel_idle_timeout),
+            ("limits.response_timeout", limits.response_timeout),
         ] {
             if d.is_zero() && !self.errors.iter().any(|e| e.location.ends_with(key)) {
                 self.err(key, "must be more than zero; write e.g. \"10s\"".into());

@@ -3,7 +3,6 @@
 //! bodies through a kept-alive upstream connection to the vetted address.
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use ::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use ::http::uri::{PathAndQuery, Uri};
@@ -20,9 +19,6 @@ use crate::audit::Reason;
 use crate::config::Settings;
 use crate::policy::Rule;
 use crate::target::{Host, Target};
-
-/// How long to wait for an upstream response head.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A kept-alive upstream connection.
 pub struct Pooled {
@@ -63,7 +59,7 @@ pub async fn forward(
         };
         txn.rec().upstream = Some(pooled.addr);
         let was_reused = pooled.sender.is_ready();
-        let sent = tokio::time::timeout(RESPONSE_TIMEOUT, async {
+        let sent = tokio::time::timeout(settings.limits.response_timeout, async {
             if pooled.sender.ready().await.is_err() {
                 return Err(None);
             }

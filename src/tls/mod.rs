@@ -280,7 +280,7 @@ async fn inner(
         let reason = upstream_failure(false, &mut failed).await;
         return refuse(txn, Refusal::new(reason), &t.settings);
     }
-    let sent = tokio::time::timeout(std::time::Duration::from_secs(60), s.send_request(out)).await;
+    let sent = tokio::time::timeout(t.settings.limits.response_timeout, s.send_request(out)).await;
     drop(s);
     match sent {
         Ok(Ok(resp)) => {
