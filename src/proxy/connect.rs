@@ -102,7 +102,15 @@ pub async fn tunnel(
             }
         };
         let client = parts.io.into_inner();
-        let stats = tunnel::run(client, parts.read_buf, upstream, check, idle, hard).await;
+        // Copy what hyper read past the head (usually nothing): its buffer
+        // must not stay alive for the life of an idle tunnel.
+        let early = if parts.read_buf.is_empty() {
+            bytes::Bytes::new()
+        } else {
+            bytes::Bytes::copy_from_slice(&parts.read_buf)
+        };
+        drop(parts.read_buf);
+        let stats = tunnel::run(client, early, upstream, check, idle, hard).await;
         let rec = txn.rec();
         rec.bytes_up = stats.up;
         rec.bytes_down = stats.down;

@@ -10,12 +10,16 @@
 //! flow from the start.
 use std::cell::RefCell;
 use std::io;
-use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use std::pin::Pin;
+use std::task::Poll;
+
 use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::tcp::ReadHalf;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -97,9 +101,9 @@ impl Side {
 /// `hard` is cancelled (shutdown). `early` holds client bytes hyper had
 /// already read past the CONNECT head.
 pub async fn run(
-    client: TcpStream,
+    mut client: TcpStream,
     early: Bytes,
-    upstream: TcpStream,
+    mut upstream: TcpStream,
     check: Option<Check>,
     idle: Duration,
     hard: CancellationToken,
@@ -110,50 +114,63 @@ pub async fn run(
     let down = AtomicU64::new(0);
     let seen: Mutex<(Option<String>, bool)> = Mutex::new((None, false));
 
-    let up_fut = async {
-        let held = match &check {
-            Some(c) => gate(&client, early, c, &seen).await?,
-            None => early.to_vec(),
+    let ended = {
+        let (mut cr, mut cw) = client.split();
+        let (mut ur, mut uw) = upstream.split();
+        let up_fut = async {
+            let held = match &check {
+                Some(c) => {
+                    if early.is_empty() {
+                        // Nothing is held (or allocated) while the client is
+                        // silent; the idle time-out governs how long it may be.
+                        cr.readable().await.map_err(|_| End::Client)?;
+                    }
+                    // Boxed: the gate's state is freed once the hello is judged.
+                    Box::pin(gate(&cr, early, c, &seen)).await?
+                }
+                None => early.to_vec(),
+            };
+            if !held.is_empty() {
+                uw.write_all(&held).await.map_err(|_| End::Upstream)?;
+                up.fetch_add(held.len() as u64, Ordering::Relaxed);
+                touch(&last, base);
+            }
+            drop(held);
+            relay(&mut cr, Side::Client, &mut uw, Side::Upstream, &up, &last, base).await
         };
-        if !held.is_empty() {
-            write_all(&upstream, &held, Side::Upstream).await?;
-            up.fetch_add(held.len() as u64, Ordering::Relaxed);
-            touch(&last, base);
-        }
-        drop(held);
-        relay(&client, Side::Client, &upstream, Side::Upstream, &up, &last, base).await
-    };
-    let down_fut = relay(&upstream, Side::Upstream, &client, Side::Client, &down, &last, base);
-    tokio::pin!(up_fut, down_fut);
+        let down_fut = relay(&mut ur, Side::Upstream, &mut cw, Side::Client, &down, &last, base);
+        tokio::pin!(up_fut, down_fut);
 
-    let timer = tokio::time::sleep(idle);
-    tokio::pin!(timer);
-    let (mut up_done, mut down_done) = (false, false);
-    let mut ended: Option<End> = None;
-    while !(up_done && down_done) {
-        tokio::select! {
-            r = &mut up_fut, if !up_done => {
-                up_done = true;
-                if let Err(e) = r { ended = Some(e); break; }
-            }
-            r = &mut down_fut, if !down_done => {
-                down_done = true;
-                if let Err(e) = r { ended = Some(e); break; }
-            }
-            () = &mut timer => {
-                let quiet = base.elapsed().saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
-                if quiet >= idle {
-                    ended = Some(End::Timeout);
+        let timer = tokio::time::sleep(idle);
+        tokio::pin!(timer);
+        let (mut up_done, mut down_done) = (false, false);
+        let mut ended: Option<End> = None;
+        while !(up_done && down_done) {
+            tokio::select! {
+                r = &mut up_fut, if !up_done => {
+                    up_done = true;
+                    if let Err(e) = r { ended = Some(e); break; }
+                }
+                r = &mut down_fut, if !down_done => {
+                    down_done = true;
+                    if let Err(e) = r { ended = Some(e); break; }
+                }
+                () = &mut timer => {
+                    let quiet = base.elapsed().saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+                    if quiet >= idle {
+                        ended = Some(End::Timeout);
+                        break;
+                    }
+                    timer.as_mut().reset(tokio::time::Instant::now() + (idle - quiet));
+                }
+                () = hard.cancelled() => {
+                    ended = Some(End::Denied(Reason::Shutdown, None));
                     break;
                 }
-                timer.as_mut().reset(tokio::time::Instant::now() + (idle - quiet));
-            }
-            () = hard.cancelled() => {
-                ended = Some(End::Denied(Reason::Shutdown, None));
-                break;
             }
         }
-    }
+        ended
+    };
     let (sni, ech) = seen.lock().map(|s| s.clone()).unwrap_or_default();
     let mut stats = TunnelStats {
         up: up.load(Ordering::Relaxed),
@@ -182,7 +199,7 @@ fn touch(last: &AtomicU64, base: Instant) {
 /// Hold the client's first bytes until the ClientHello is judged. Returns
 /// the bytes to replay upstream.
 async fn gate(
-    client: &TcpStream,
+    client: &ReadHalf<'_>,
     early: Bytes,
     check: &Check,
     seen: &Mutex<(Option<String>, bool)>,
@@ -266,7 +283,7 @@ pub fn sni_matches(sni: &str, host: &str) -> bool {
 }
 
 /// Read what the client has into `buf` (bounded by the hello limit).
-async fn read_more(client: &TcpStream, buf: &mut Vec<u8>) -> Result<(), End> {
+async fn read_more(client: &ReadHalf<'_>, buf: &mut Vec<u8>) -> Result<(), End> {
     loop {
         client.readable().await.map_err(|_| End::Client)?;
         let room = (peek::MAX_HELLO_BYTES + 1).saturating_sub(buf.len()).min(16 * 1024);
@@ -282,66 +299,83 @@ async fn read_more(client: &TcpStream, buf: &mut Vec<u8>) -> Result<(), End> {
     }
 }
 
-async fn write_all(to: &TcpStream, mut data: &[u8], side: Side) -> Result<(), End> {
-    while !data.is_empty() {
-        to.writable().await.map_err(|_| side.end())?;
-        match to.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(_) => return Err(side.end()),
-        }
-    }
-    Ok(())
-}
-
 /// Copy `from` -> `to` until EOF (then half-close `to`) or an error.
-async fn relay(
-    from: &TcpStream,
+///
+/// Poll-based so that each read goes into the worker thread's scratch
+/// buffer and is written on within the same poll; only what the other side
+/// cannot take yet is copied into a per-tunnel backlog, freed once drained.
+/// A short read tells tokio the socket is drained, so a ping-pong message
+/// costs one read and one write.
+async fn relay<R, W>(
+    from: &mut R,
     from_side: Side,
-    to: &TcpStream,
+    to: &mut W,
     to_side: Side,
     count: &AtomicU64,
     last: &AtomicU64,
     base: Instant,
-) -> Result<(), End> {
+) -> Result<(), End>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut backlog: Vec<u8> = Vec::new();
-    loop {
-        from.readable().await.map_err(|_| from_side.end())?;
-        let step = SCRATCH_BUF.with_borrow_mut(|buf| {
-            let n = match from.try_read(buf) {
-                Ok(0) => return Ok(None),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(0)),
-                Err(_) => return Err(from_side.end()),
+    let mut off = 0usize;
+    let mut eof = false;
+    std::future::poll_fn(|cx| loop {
+        // Drain the backlog first.
+        while off < backlog.len() {
+            match Pin::new(&mut *to).poll_write(cx, &backlog[off..]) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Err(to_side.end())),
+                Poll::Ready(Ok(n)) => off += n,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if !backlog.is_empty() {
+            // Free it: an idle tunnel keeps no buffer.
+            backlog = Vec::new();
+            off = 0;
+        }
+        if eof {
+            return match Pin::new(&mut *to).poll_shutdown(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(_) => Poll::Ready(Ok(())),
             };
+        }
+        let step = SCRATCH_BUF.with_borrow_mut(|buf| {
+            let mut rb = ReadBuf::new(buf);
+            match Pin::new(&mut *from).poll_read(cx, &mut rb) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(_)) => return Poll::Ready(Err(from_side.end())),
+                Poll::Ready(Ok(())) => {}
+            }
+            let n = rb.filled().len();
+            if n == 0 {
+                return Poll::Ready(Ok(0));
+            }
+            let data = &buf[..n];
             let mut written = 0;
             while written < n {
-                match to.try_write(&buf[written..n]) {
-                    Ok(m) => written += m,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(_) => return Err(to_side.end()),
+                match Pin::new(&mut *to).poll_write(cx, &data[written..]) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Err(to_side.end())),
+                    Poll::Ready(Ok(m)) => written += m,
+                    Poll::Pending => break,
                 }
             }
             if written < n {
-                backlog.extend_from_slice(&buf[written..n]);
+                backlog.extend_from_slice(&data[written..]);
             }
-            Ok(Some(n))
-        })?;
+            Poll::Ready(Ok(n))
+        });
         match step {
-            None => {
-                let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
-                return Ok(());
-            }
-            Some(0) => continue,
-            Some(n) => {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Ready(Ok(0)) => eof = true,
+            Poll::Ready(Ok(n)) => {
                 count.fetch_add(n as u64, Ordering::Relaxed);
                 touch(last, base);
             }
         }
-        if !backlog.is_empty() {
-            write_all(to, &backlog, to_side).await?;
-            // Free it: an idle tunnel keeps no buffer.
-            backlog = Vec::new();
-        }
-    }
+    })
+    .await
 }
