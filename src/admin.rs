@@ -1,9 +1,13 @@
 //! The admin listener, apart from the proxy port: `/healthz`, `/readyz`,
-//! `/metrics`, and the JSON API under `/api/`.
+//! `/metrics`, the status page at `/`, and the JSON API under `/api/`
+//! (`summary`, `denials`, `explain?target=`, and `suggest`, catalog TOML).
 //!
 //! Read-only: nothing here changes the proxy's behaviour. When
 //! `server.admin_token` is set, every path but `/healthz` needs
-//! `Authorization: Bearer <token>`.
+//! `Authorization: Bearer <token>`. Without a token, the status page and
+//! the API answer only requests whose `Host` is an IP address or
+//! `localhost` (a DNS-rebinding guard: another site's page cannot read them
+//! through a name that resolves to the admin address).
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,7 +67,8 @@ fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     }
     if !authorized(shared, &req) {
         let mut r = text(StatusCode::UNAUTHORIZED, "admin token required\n");
-        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return r;
     }
     match path {
@@ -77,11 +82,134 @@ fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
         "/metrics" => {
             let body = shared.metrics.encode(&shared.audit);
             let mut r = Response::new(Full::new(Bytes::from(body)));
-            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS));
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS));
             r
+        }
+        "/" | "/api/summary" | "/api/denials" | "/api/explain" | "/api/suggest" => {
+            status_route(shared, &req)
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// The status page and its JSON API.
+fn status_route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let settings = shared.settings.load();
+    if settings.server.admin_token.is_none() && !local_host_header(req) {
+        return text(
+            StatusCode::FORBIDDEN,
+            "use an IP address or localhost in the URL (or set server.admin_token)\n",
+        );
+    }
+    let status = &shared.metrics.status;
+    match req.uri().path() {
+        "/" => {
+            let mut r = Response::new(Full::new(Bytes::from_static(
+                crate::status::PAGE.as_bytes(),
+            )));
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            h.insert(
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(
+                    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                     connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+                ),
+            );
+            h.insert(
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            );
+            h.insert(
+                header::REFERRER_POLICY,
+                HeaderValue::from_static("no-referrer"),
+            );
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
+        }
+        "/api/summary" => json(StatusCode::OK, &status.summary_json(&settings)),
+        "/api/denials" => json(StatusCode::OK, &status.denials_json()),
+        "/api/suggest" => {
+            let mut ev = status.evidence();
+            ev.drop_permitted(&settings.policy);
+            let body = ev.to_toml("the denials the status page remembers");
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
+        }
+        _ => {
+            let target = req.uri().query().and_then(|q| {
+                url::form_urlencoded::parse(q.as_bytes())
+                    .find(|(k, _)| k == "target")
+                    .map(|(_, v)| v.into_owned())
+            });
+            let Some(target) = target.filter(|t| !t.trim().is_empty()) else {
+                return json(
+                    StatusCode::BAD_REQUEST,
+                    &serde_json::json!({"error": "give a target: /api/explain?target=http://host/path or host:port"}),
+                );
+            };
+            match crate::cli::explain(&settings.policy, &target) {
+                Ok(ex) => json(
+                    StatusCode::OK,
+                    &serde_json::json!({
+                        "target": ex.input,
+                        "method": ex.method.as_str(),
+                        "normalised": ex.target.to_string(),
+                        "decision": ex.verdict.as_str(),
+                        "rule": ex.rule,
+                        "reason": ex.reason,
+                        "why": ex.why,
+                        "losers": ex.losers.iter().map(|(rule, why)| serde_json::json!({"rule": rule, "why": why})).collect::<Vec<_>>(),
+                    }),
+                ),
+                Err(e) => json(StatusCode::BAD_REQUEST, &serde_json::json!({"error": e})),
+            }
+        }
+    }
+}
+
+/// True when the `Host` header names an IP address or `localhost` (or is absent).
+fn local_host_header(req: &Request<Incoming>) -> bool {
+    let Some(host) = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return true;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(rest) => {
+            return rest
+                .split(']')
+                .next()
+                .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok())
+        }
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok()
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
 }
 
 fn authorized(shared: &Shared, req: &Request<Incoming>) -> bool {

@@ -26,6 +26,7 @@ pub mod replay;
 pub mod shutdown;
 pub mod status;
 pub mod suggest;
+pub mod syslog;
 pub mod target;
 pub mod tls;
 pub mod upstream;
@@ -62,13 +63,33 @@ pub enum StartError {
 /// # Errors
 /// The writer thread could not be started.
 pub fn start_audit(sink: Box<dyn AuditSink>) -> std::io::Result<(AuditLog, AuditWriter, Arc<Metrics>)> {
+    start_audit_with(sink, None)
+}
+
+/// [`start_audit`], plus the RFC 5424 copy of every record to `syslog`
+/// (`audit.syslog`: `udp://host:port` or `tcp://host:port`) when set. The
+/// syslog sink never makes the writer wait (see [`syslog`]).
+///
+/// # Errors
+/// `syslog` is not a syslog address, or a thread could not be started.
+pub fn start_audit_with(
+    sink: Box<dyn AuditSink>,
+    syslog: Option<&str>,
+) -> std::io::Result<(AuditLog, AuditWriter, Arc<Metrics>)> {
     let metrics = Arc::new(Metrics::new());
-    let tee = Tee(vec![
+    let mut sinks: Vec<Box<dyn AuditSink>> = vec![
         sink,
         Box::new(MetricsSink(Arc::clone(&metrics))),
         Box::new(status::StatusSink(Arc::clone(&metrics.status))),
-    ]);
-    let (log, writer) = AuditLog::start(Box::new(tee))?;
+    ];
+    if let Some(url) = syslog {
+        let counters = crate::syslog::Counters {
+            sent: metrics.syslog_sent.clone(),
+            dropped: metrics.syslog_dropped.clone(),
+        };
+        sinks.push(Box::new(crate::syslog::SyslogSink::start(url, counters)?));
+    }
+    let (log, writer) = AuditLog::start(Box::new(Tee(sinks)))?;
     Ok((log, writer, metrics))
 }
 
@@ -100,7 +121,9 @@ impl Proxy {
         let cap = proxy::connection_cap(settings.server.max_connections);
         tracing::info!(max_connections = cap, "connection cap");
         metrics.set_catalog(settings.policy.hash(), settings.policy.rules().len());
-        metrics.status.set_catalog(settings.policy.hash(), settings.policy.rules().len());
+        metrics
+            .status
+            .set_catalog(settings.policy.hash(), settings.policy.rules().len());
         metrics.status.set_denials_kept(settings.denials_kept);
         let ca = match (&settings.tls.ca_cert, &settings.tls.ca_key) {
             (Some(cert), Some(key)) => Some(Arc::new(tls::ca::Ca::load(cert, key)?)),

@@ -95,7 +95,9 @@ fn main() -> ExitCode {
         Some(Cmd::Ca {
             cmd: CaCmd::Generate { out, force },
         }) => return ca_generate(out, *force),
-        Some(Cmd::Suggest { audit, since }) => return suggest(audit, since.as_deref(), cli.config.as_deref()),
+        Some(Cmd::Suggest { audit, since }) => {
+            return suggest(audit, since.as_deref(), cli.config.as_deref())
+        }
         _ => {}
     }
     let settings = match Settings::load(cli.config.as_deref(), std::env::vars()) {
@@ -126,31 +128,40 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Run => serve(settings, cli.config),
-        Cmd::Replay { audit, catalog } => match egress_proxy::replay::command(&settings, &audit, &catalog) {
-            Ok(out) => {
-                for n in &out.notes {
-                    eprintln!("egress-proxy: {n}");
+        Cmd::Replay { audit, catalog } => {
+            match egress_proxy::replay::command(&settings, &audit, &catalog) {
+                Ok(out) => {
+                    for n in &out.notes {
+                        eprintln!("egress-proxy: {n}");
+                    }
+                    print!("{}", out.report);
+                    if out.newly_denied > 0 {
+                        ExitCode::from(3)
+                    } else {
+                        ExitCode::SUCCESS
+                    }
                 }
-                print!("{}", out.report);
-                if out.newly_denied > 0 {
-                    ExitCode::from(3)
-                } else {
-                    ExitCode::SUCCESS
+                Err(e) => {
+                    eprintln!("egress-proxy: {e}");
+                    ExitCode::from(1)
                 }
             }
-            Err(e) => {
-                eprintln!("egress-proxy: {e}");
-                ExitCode::from(1)
-            }
-        },
+        }
         Cmd::Auth { .. } | Cmd::Ca { .. } | Cmd::Suggest { .. } => ExitCode::from(1),
     }
 }
 
 /// `suggest`: needs no configuration; with an explicit `--config`, the
 /// destinations its catalog already lets through are left out.
-fn suggest(audit: &std::path::Path, since: Option<&str>, config: Option<&std::path::Path>) -> ExitCode {
-    let settings = match config.map(|c| Settings::load(Some(c), std::env::vars())).transpose() {
+fn suggest(
+    audit: &std::path::Path,
+    since: Option<&str>,
+    config: Option<&std::path::Path>,
+) -> ExitCode {
+    let settings = match config
+        .map(|c| Settings::load(Some(c), std::env::vars()))
+        .transpose()
+    {
         Ok(s) => s,
         Err(e) => {
             eprintln!("egress-proxy: invalid configuration:\n{e}");
@@ -248,6 +259,9 @@ fn serve(settings: Settings, config: Option<PathBuf>) -> ExitCode {
     for w in &settings.warnings {
         tracing::warn!("{w}");
     }
+    if let Some(w) = cli::admin_warning(&settings) {
+        tracing::warn!("{w}");
+    }
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) => tracing::info!(nofile = n, "file-descriptor limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the file-descriptor limit"),
@@ -286,7 +300,10 @@ fn serve(settings: Settings, config: Option<PathBuf>) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
-        let (audit, writer, metrics) = match egress_proxy::start_audit(Box::new(sink)) {
+        let (audit, writer, metrics) = match egress_proxy::start_audit_with(
+            Box::new(sink),
+            settings.audit.syslog.as_deref(),
+        ) {
             Ok(a) => a,
             Err(e) => {
                 eprintln!("egress-proxy: cannot start the audit writer: {e}");

@@ -62,6 +62,12 @@ pub struct Metrics {
     pub audit_queued: Gauge,
     pub audit_waits: Counter,
     audit_waits_seen: AtomicU64,
+    /// Syslog messages handed to the socket (`audit.syslog`).
+    pub syslog_sent: Counter,
+    /// Syslog messages dropped: queue full or server unreachable.
+    pub syslog_dropped: Counter,
+    /// The status page's state, fed from the same records (see [`crate::status`]).
+    pub status: Arc<crate::status::Status>,
 }
 
 impl Metrics {
@@ -83,6 +89,9 @@ impl Metrics {
             audit_queued: Gauge::default(),
             audit_waits: Counter::default(),
             audit_waits_seen: AtomicU64::new(0),
+            syslog_sent: Counter::default(),
+            syslog_dropped: Counter::default(),
+            status: Arc::default(),
             registry: Registry::default(),
         };
         registry.register("transactions", "Transactions by decision, rule and reason", m.transactions.clone());
@@ -99,6 +108,16 @@ impl Metrics {
         registry.register("audit_records", "Audit records written", m.audit_written.clone());
         registry.register("audit_queue", "Audit records queued, not yet written", m.audit_queued.clone());
         registry.register("audit_backpressure_waits", "Transactions that waited for the audit writer", m.audit_waits.clone());
+        registry.register(
+            "syslog_sent",
+            "Audit messages sent to audit.syslog",
+            m.syslog_sent.clone(),
+        );
+        registry.register(
+            "syslog_dropped",
+            "Audit messages for audit.syslog dropped (queue full or server unreachable)",
+            m.syslog_dropped.clone(),
+        );
         Metrics { registry, ..m }
     }
 

@@ -28,6 +28,7 @@ pub fn reload(handle: &Handle, config: Option<&Path>, env: EnvFn) -> Result<(), 
         Ok(s) => s,
         Err(e) => {
             handle.metrics().reloads.get_or_create(&ResultLabels { result: "failed" }).inc();
+            handle.metrics().status.note_reload(false);
             tracing::error!("reload failed; keeping the running configuration:\n{e}");
             return Err(e);
         }
@@ -41,6 +42,7 @@ pub fn reload(handle: &Handle, config: Option<&Path>, env: EnvFn) -> Result<(), 
     }
     if let Err(e) = handle.reload(new) {
         handle.metrics().reloads.get_or_create(&ResultLabels { result: "failed" }).inc();
+        handle.metrics().status.note_reload(false);
         tracing::error!("reload failed; keeping the running configuration: {e}");
         return Err(ConfigErrors(vec![crate::config::ConfigError {
             location: "reload".into(),
@@ -48,6 +50,7 @@ pub fn reload(handle: &Handle, config: Option<&Path>, env: EnvFn) -> Result<(), 
         }]));
     }
     handle.metrics().reloads.get_or_create(&ResultLabels { result: "ok" }).inc();
+    handle.metrics().status.note_reload(true);
     tracing::info!("reload: done");
     Ok(())
 }

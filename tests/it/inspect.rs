@@ -299,9 +299,11 @@ async fn client_cert_on_a_bypass_rule_is_a_load_error() {
     let path = dir.path().join("egress-proxy.toml");
     std::fs::write(&path, &cfg).expect("config");
     std::fs::write(dir.path().join("catalog.toml"), catalog).expect("catalog");
-    let err = egress_proxy::config::Settings::from_toml(egress_proxy::config::ConfigSource::File(path), &cfg, Vec::new())
-        .err()
-        .expect("must fail");
+    let Err(err) =
+        egress_proxy::config::Settings::from_toml(egress_proxy::config::ConfigSource::File(path), &cfg, Vec::new())
+    else {
+        panic!("a client_cert on a bypass rule must not load");
+    };
     assert!(err.to_string().contains("client_cert"), "{err}");
 }
 

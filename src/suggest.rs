@@ -1,0 +1,877 @@
+//! `egress-proxy suggest`: catalog rules (TOML, ready to paste) for the
+//! destinations an audit log shows denied; the status page offers the same
+//! for the denials it remembers. Also the reader of JSON-lines audit logs
+//! that `replay` uses.
+//!
+//! Evidence: records with `decision: "deny"` and `reason` `not_in_catalog`
+//! or `port_not_allowed`, plus `ip_literal` for IP-literal targets, and every
+//! `decision: "report"` record (a policy miss let through by
+//! `policy.default = "report"`). Other refusals (a deny rule, a private
+//! address, DNS, the upstream) are not fixed by adding an allow rule.
+//!
+//! Grouping: one rule per registrable domain and port, listing the exact
+//! hosts seen. Never a wildcard: when three or more hosts under one domain
+//! were seen, a comment says that `*.domain` would cover them, and that it is
+//! broader than the evidence. IP-literal targets get a commented-out rule
+//! with `addresses`.
+//!
+//! The registrable domain is a heuristic, not the Public Suffix List: the
+//! last two labels of the name, or the last three when the last label is a
+//! two-letter country code and the one before it is a common second-level
+//! label ([`SECOND_LEVEL`]: `co.uk`, `com.au`, `ac.jp`, `gov.in`, …). It only
+//! decides how hosts are grouped into rules; every host is still listed
+//! exactly, so a wrong guess costs an extra or a merged rule, never access.
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::io::{self, BufRead};
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::SystemTime;
+
+use serde::Deserialize;
+
+use crate::audit::{Decided, Reason};
+use crate::policy::{Policy, Verdict};
+use crate::target::{self, Host, Target};
+
+/// Second-level labels under a two-letter country code that are public
+/// suffixes often enough to group by the label after them.
+pub const SECOND_LEVEL: [&str; 11] = [
+    "co", "com", "net", "org", "ac", "gov", "edu", "or", "ne", "go", "mil",
+];
+
+/// Distinct hosts under one domain from which a comment mentions `*.domain`.
+pub const WILDCARD_HINT_HOSTS: usize = 3;
+
+/// The registrable domain of a normalised host name, by the heuristic above.
+pub fn registrable_domain(host: &str) -> &str {
+    let labels: Vec<&str> = host.rsplit('.').take(3).collect();
+    let keep = match labels.as_slice() {
+        [tld, sld, _]
+            if tld.len() == 2
+                && tld.bytes().all(|b| b.is_ascii_lowercase())
+                && SECOND_LEVEL.contains(sld) =>
+        {
+            3
+        }
+        _ => 2,
+    };
+    let mut cut = host.len();
+    for _ in 0..keep {
+        match host[..cut].rfind('.') {
+            Some(i) => cut = i,
+            None => return host,
+        }
+    }
+    &host[cut + 1..]
+}
+
+// === reading audit logs ===
+
+/// One line of a JSON-lines audit log, as written by the proxy. Fields this
+/// version does not know are ignored.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Logged {
+    pub ts: String,
+    #[serde(default)]
+    pub client: Option<String>,
+    #[serde(default)]
+    pub method: Option<String>,
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub url: Option<String>,
+    pub decision: String,
+    #[serde(default)]
+    pub rule: Option<String>,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(skip)]
+    pub time: Option<SystemTime>,
+    /// The line number in the file (from 1).
+    #[serde(skip)]
+    pub line: u64,
+}
+
+impl Logged {
+    /// The `decision` field, if it is one this version knows.
+    pub fn decided(&self) -> Option<Decided> {
+        Some(match self.decision.as_str() {
+            "allow" => Decided::Allow,
+            "bypass" => Decided::Bypass,
+            "inspect" => Decided::Inspect,
+            "deny" => Decided::Deny,
+            "report" => Decided::Report,
+            _ => return None,
+        })
+    }
+
+    /// The `reason` field, if present and known.
+    pub fn reason_code(&self) -> Option<Reason> {
+        let r = self.reason.as_deref()?;
+        Reason::ALL.into_iter().find(|x| x.as_str() == r)
+    }
+
+    /// The client address without its port.
+    pub fn client_ip(&self) -> Option<IpAddr> {
+        let c = self.client.as_deref()?;
+        c.parse::<std::net::SocketAddr>()
+            .map(|s| s.ip())
+            .or_else(|_| c.parse::<IpAddr>())
+            .ok()
+    }
+
+    /// The target: `host` and `port`, else the `url` of a plain HTTP request.
+    pub fn target(&self) -> Option<Target> {
+        if let (Some(h), Some(port)) = (self.host.as_deref(), self.port) {
+            let host = match h.parse::<IpAddr>() {
+                Ok(ip) => Host::Ip(ip),
+                Err(_) => target::normalize_host(h).ok()?,
+            };
+            return (port != 0).then_some(Target { host, port });
+        }
+        let uri: http::Uri = self.url.as_deref()?.parse().ok()?;
+        target::parse_absolute(&uri).ok()
+    }
+
+    /// The method, `CONNECT` for a tunnel; a record without one is a
+    /// `GET` when it has a URL, else a tunnel.
+    pub fn method(&self) -> http::Method {
+        match self
+            .method
+            .as_deref()
+            .map(|m| http::Method::from_bytes(m.as_bytes()))
+        {
+            Some(Ok(m)) => m,
+            _ if self.url.is_some() => http::Method::GET,
+            _ => http::Method::CONNECT,
+        }
+    }
+}
+
+/// What reading a log found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LogStats {
+    /// Records read (and passed to the caller, unless before `since`).
+    pub records: u64,
+    /// Lines that are not audit records in JSON (blank lines aside).
+    pub skipped: u64,
+    /// The first such line's number.
+    pub first_skipped: Option<u64>,
+    /// Records older than `since`, left out.
+    pub before_since: u64,
+}
+
+impl LogStats {
+    /// A line for standard error when lines were skipped.
+    pub fn skipped_note(&self, source: &str) -> Option<String> {
+        (self.skipped > 0).then(|| {
+            format!(
+                "skipped {} unparsable line{} in {source} (first: line {}); only JSON audit records (audit.format = \"json\") are read",
+                self.skipped,
+                if self.skipped == 1 { "" } else { "s" },
+                self.first_skipped.unwrap_or(0)
+            )
+        })
+    }
+}
+
+/// Open `path` for reading (`-`: standard input).
+///
+/// # Errors
+/// The file cannot be opened.
+pub fn open_log(path: &Path) -> io::Result<Box<dyn BufRead>> {
+    if path == Path::new("-") {
+        return Ok(Box::new(io::BufReader::new(io::stdin())));
+    }
+    let f = std::fs::File::open(path)?;
+    Ok(Box::new(io::BufReader::with_capacity(256 * 1024, f)))
+}
+
+/// Read a JSON-lines audit log, calling `f` with each record at or after
+/// `since`. Lines that are not records are counted, not fatal.
+///
+/// # Errors
+/// An I/O error reading.
+pub fn read_log(
+    mut r: impl BufRead,
+    since: Option<SystemTime>,
+    mut f: impl FnMut(Logged),
+) -> io::Result<LogStats> {
+    let mut stats = LogStats::default();
+    let mut buf = Vec::with_capacity(1024);
+    let mut n = 0u64;
+    loop {
+        buf.clear();
+        if r.read_until(b'\n', &mut buf)? == 0 {
+            break;
+        }
+        n += 1;
+        let line = buf.trim_ascii();
+        if line.is_empty() {
+            continue;
+        }
+        let parsed = serde_json::from_slice::<Logged>(line)
+            .ok()
+            .and_then(|mut l| {
+                l.time = Some(humantime::parse_rfc3339_weak(&l.ts).ok()?);
+                l.decided()?;
+                l.line = n;
+                Some(l)
+            });
+        let Some(l) = parsed else {
+            stats.skipped += 1;
+            stats.first_skipped.get_or_insert(n);
+            continue;
+        };
+        if since.is_some_and(|s| l.time.is_some_and(|t| t < s)) {
+            stats.before_since += 1;
+            continue;
+        }
+        stats.records += 1;
+        f(l);
+    }
+    Ok(stats)
+}
+
+/// `--since`: a duration back from `now` (`"1h"`, `"30m"`) or an RFC 3339 time.
+///
+/// # Errors
+/// Neither.
+pub fn parse_since(value: &str, now: SystemTime) -> Result<SystemTime, String> {
+    let v = value.trim();
+    if let Ok(t) = humantime::parse_rfc3339_weak(v) {
+        return Ok(t);
+    }
+    let d = humantime::parse_duration(v)
+        .map_err(|_| format!("--since {value:?}: write a duration such as \"1h\" or \"30m\", or a time such as \"2025-01-31T08:00:00Z\""))?;
+    Ok(now.checked_sub(d).unwrap_or(SystemTime::UNIX_EPOCH))
+}
+
+// === evidence ===
+
+#[derive(Clone, Debug)]
+struct Dest {
+    count: u64,
+    /// Of `count`, how many were let through by `policy.default = "report"`.
+    reported: u64,
+    reasons: BTreeMap<&'static str, u64>,
+    first: SystemTime,
+    last: SystemTime,
+    clients: BTreeMap<IpAddr, u64>,
+}
+
+/// Denied destinations, aggregated per (host, port).
+#[derive(Clone, Debug, Default)]
+pub struct Evidence {
+    dests: BTreeMap<(String, u16), Dest>,
+}
+
+/// The label a record is counted under when a new allow rule would admit
+/// it: the deny reason, or `report` for a policy miss let through.
+fn wanted(decision: Decided, reason: Option<Reason>, is_ip: bool) -> Option<&'static str> {
+    match (decision, reason) {
+        (Decided::Report, _) => Some("report"),
+        (Decided::Deny, Some(r @ (Reason::NotInCatalog | Reason::PortNotAllowed))) => {
+            Some(r.as_str())
+        }
+        (Decided::Deny, Some(Reason::IpLiteral)) if is_ip => Some(Reason::IpLiteral.as_str()),
+        _ => None,
+    }
+}
+
+impl Evidence {
+    /// Add `count` sightings of (host, port); false (and nothing added) when
+    /// the record is not evidence for a rule (see the module docs).
+    #[allow(clippy::too_many_arguments)]
+    pub fn add(
+        &mut self,
+        host: &str,
+        port: u16,
+        reason: Option<Reason>,
+        decision: Decided,
+        clients: &[(IpAddr, u64)],
+        first: SystemTime,
+        last: SystemTime,
+        count: u64,
+    ) -> bool {
+        if port == 0 || count == 0 {
+            return false;
+        }
+        // Only hosts that can be written back into a catalog unchanged.
+        let is_ip = host.parse::<IpAddr>().is_ok();
+        if !is_ip && !target::is_normalized_name(host) {
+            return false;
+        }
+        let Some(label) = wanted(decision, reason, is_ip) else {
+            return false;
+        };
+        let d = self.dests.entry((host.to_string(), port)).or_insert(Dest {
+            count: 0,
+            reported: 0,
+            reasons: BTreeMap::new(),
+            first,
+            last,
+            clients: BTreeMap::new(),
+        });
+        d.count += count;
+        if decision == Decided::Report {
+            d.reported += count;
+        }
+        *d.reasons.entry(label).or_default() += count;
+        d.first = d.first.min(first);
+        d.last = d.last.max(last);
+        for (c, n) in clients {
+            *d.clients.entry(*c).or_default() += n;
+        }
+        true
+    }
+
+    /// Add one audit log record; false when it is not evidence.
+    pub fn add_logged(&mut self, l: &Logged) -> bool {
+        let (Some(decision), Some(t)) = (l.decided(), l.time) else {
+            return false;
+        };
+        let Some(target) = l.target() else {
+            return false;
+        };
+        let clients: Vec<(IpAddr, u64)> = l.client_ip().map(|c| (c, 1)).into_iter().collect();
+        self.add(
+            &target.host.to_string(),
+            target.port,
+            l.reason_code(),
+            decision,
+            &clients,
+            t,
+            t,
+            1,
+        )
+    }
+
+    /// Distinct (host, port) destinations.
+    pub fn len(&self) -> usize {
+        self.dests.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.dests.is_empty()
+    }
+
+    /// Denied transactions in all.
+    pub fn transactions(&self) -> u64 {
+        self.dests.values().map(|d| d.count).sum()
+    }
+
+    /// Drop the destinations that `policy` now lets through by a rule (for
+    /// `GET` or `CONNECT`); returns how many were dropped.
+    pub fn drop_permitted(&mut self, policy: &Policy) -> usize {
+        let before = self.dests.len();
+        self.dests.retain(|(host, port), _| {
+            let host = match host.parse::<IpAddr>() {
+                Ok(ip) => Host::Ip(ip),
+                Err(_) => match target::normalize_host(host) {
+                    Ok(h) => h,
+                    Err(_) => return true,
+                },
+            };
+            let t = Target { host, port: *port };
+            ![http::Method::CONNECT, http::Method::GET].iter().any(|m| {
+                let d = policy.decide(&t, m);
+                matches!(d.verdict, Verdict::Allow | Verdict::Bypass)
+            })
+        });
+        before - self.dests.len()
+    }
+
+    /// The suggestion as catalog TOML. `source` names where the evidence
+    /// came from (a file, "the status page").
+    pub fn to_toml(&self, source: &str) -> String {
+        let mut out = String::new();
+        if self.dests.is_empty() {
+            let _ = writeln!(
+                out,
+                "# No denied destinations that a catalog rule would admit (not_in_catalog,\n# port_not_allowed, ip_literal, or a report record) in {source}."
+            );
+            return out;
+        }
+        let groups = self.groups();
+        let first = self
+            .dests
+            .values()
+            .map(|d| d.first)
+            .min()
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let last = self
+            .dests
+            .values()
+            .map(|d| d.last)
+            .max()
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let _ = writeln!(
+            out,
+            "# Catalog rules suggested by `egress-proxy suggest` from {source}:"
+        );
+        let _ = writeln!(
+            out,
+            "# {} {} transaction{} to {} destination{}, {} .. {}.",
+            self.transactions(),
+            seen_as(
+                self.transactions(),
+                self.dests.values().map(|d| d.reported).sum()
+            ),
+            plural(self.transactions()),
+            self.dests.len(),
+            plural(self.dests.len() as u64),
+            ts(first),
+            ts(last)
+        );
+        let _ = writeln!(
+            out,
+            "# One rule per domain and port with the exact hosts seen; no wildcard is"
+        );
+        let _ = writeln!(
+            out,
+            "# suggested. Review each rule before adding it: a denial shows that something"
+        );
+        let _ = writeln!(
+            out,
+            "# tried to connect, not that it should. Traffic that breaks under TLS"
+        );
+        let _ = writeln!(out, "# inspection needs action = \"bypass\" instead.");
+        for g in &groups {
+            out.push('\n');
+            g.write(&mut out);
+        }
+        out
+    }
+
+    fn groups(&self) -> Vec<Group<'_>> {
+        // (is an address, domain, port) -> hosts.
+        type GroupKey = (bool, String, u16);
+        let mut by: BTreeMap<GroupKey, Vec<(&str, &Dest)>> = BTreeMap::new();
+        for ((host, port), d) in &self.dests {
+            let is_ip = host.parse::<IpAddr>().is_ok();
+            let domain = if is_ip {
+                String::new()
+            } else {
+                registrable_domain(host).to_string()
+            };
+            by.entry((is_ip, domain, *port))
+                .or_default()
+                .push((host.as_str(), d));
+        }
+        let mut groups: Vec<Group<'_>> = by
+            .into_iter()
+            .map(|((is_ip, domain, port), mut hosts)| {
+                hosts.sort_by(|a, b| b.1.count.cmp(&a.1.count).then_with(|| a.0.cmp(b.0)));
+                Group {
+                    is_ip,
+                    domain,
+                    port,
+                    hosts,
+                }
+            })
+            .collect();
+        groups.sort_by(|a, b| {
+            a.is_ip
+                .cmp(&b.is_ip)
+                .then_with(|| b.count().cmp(&a.count()))
+                .then_with(|| a.domain.cmp(&b.domain))
+                .then_with(|| a.port.cmp(&b.port))
+        });
+        groups
+    }
+}
+
+struct Group<'a> {
+    is_ip: bool,
+    domain: String,
+    port: u16,
+    hosts: Vec<(&'a str, &'a Dest)>,
+}
+
+fn plural(n: u64) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+/// "denied", "reported" (let through by `policy.default = "report"`), or both.
+fn seen_as(count: u64, reported: u64) -> &'static str {
+    if reported == 0 {
+        "denied"
+    } else if reported >= count {
+        "reported"
+    } else {
+        "denied or reported"
+    }
+}
+
+fn ts(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+impl Group<'_> {
+    fn count(&self) -> u64 {
+        self.hosts.iter().map(|(_, d)| d.count).sum()
+    }
+
+    fn write(&self, out: &mut String) {
+        let mut reasons: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut clients: BTreeMap<IpAddr, u64> = BTreeMap::new();
+        let mut reported = 0;
+        for (_, d) in &self.hosts {
+            for (r, n) in &d.reasons {
+                *reasons.entry(r).or_default() += n;
+            }
+            for (c, n) in &d.clients {
+                *clients.entry(*c).or_default() += n;
+            }
+            reported += d.reported;
+        }
+        let first = self
+            .hosts
+            .iter()
+            .map(|(_, d)| d.first)
+            .min()
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let last = self
+            .hosts
+            .iter()
+            .map(|(_, d)| d.last)
+            .max()
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let count = self.count();
+        let reasons: Vec<String> = reasons.iter().map(|(r, n)| format!("{r} {n}")).collect();
+        let what = if self.is_ip {
+            "IP-literal targets".to_string()
+        } else {
+            self.domain.clone()
+        };
+        let _ = writeln!(
+            out,
+            "# {what}, port {}: {count} {} ({}), {} {}",
+            self.port,
+            seen_as(count, reported),
+            reasons.join(", "),
+            self.hosts.len(),
+            if self.is_ip {
+                if self.hosts.len() == 1 {
+                    "address"
+                } else {
+                    "addresses"
+                }
+            } else if self.hosts.len() == 1 {
+                "host"
+            } else {
+                "hosts"
+            }
+        );
+        if reported > 0 {
+            let _ = writeln!(
+                out,
+                "# ({reported} of them let through by policy.default = \"report\")"
+            );
+        }
+        let mut by_count: Vec<(IpAddr, u64)> = clients.into_iter().collect();
+        by_count.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let shown: Vec<String> = by_count
+            .iter()
+            .take(5)
+            .map(|(c, n)| format!("{c} ({n})"))
+            .collect();
+        let more = by_count.len().saturating_sub(5);
+        if !shown.is_empty() {
+            let _ = writeln!(
+                out,
+                "# clients: {}{}",
+                shown.join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            );
+        }
+        let _ = writeln!(out, "# first seen {}, last seen {}", ts(first), ts(last));
+        if self
+            .hosts
+            .iter()
+            .any(|(_, d)| d.reasons.contains_key(Reason::PortNotAllowed.as_str()))
+        {
+            let _ = writeln!(
+                out,
+                "# port_not_allowed: the catalog lists {} on other ports; adding {} to that rule's ports is the alternative.",
+                if self.hosts.len() == 1 { "this host" } else { "some of these hosts" },
+                self.port
+            );
+        }
+        if self.is_ip {
+            self.write_addresses(out);
+        } else {
+            self.write_hosts(out);
+        }
+    }
+
+    fn write_hosts(&self, out: &mut String) {
+        let subdomains: BTreeSet<&str> = self
+            .hosts
+            .iter()
+            .map(|(h, _)| *h)
+            .filter(|h| *h != self.domain)
+            .collect();
+        if subdomains.len() >= WILDCARD_HINT_HOSTS {
+            let _ = writeln!(
+                out,
+                "# {} hosts under {d} were seen. If the vendor documents the whole domain,\n# hosts = [\"*.{d}\"] covers them and names not seen yet: broader than this evidence.",
+                subdomains.len(),
+                d = self.domain
+            );
+        }
+        let _ = writeln!(out, "[[rule]]");
+        let _ = writeln!(
+            out,
+            "name = \"suggested: {} port {}\"",
+            self.domain, self.port
+        );
+        let _ = writeln!(out, "hosts = [");
+        for (h, d) in &self.hosts {
+            let _ = writeln!(
+                out,
+                "    \"{h}\", # {} {}, last {}",
+                d.count,
+                seen_as(d.count, d.reported),
+                ts(d.last)
+            );
+        }
+        let _ = writeln!(out, "]");
+        let _ = writeln!(out, "ports = [{}]", self.port);
+        let _ = writeln!(out, "action = \"allow\"");
+    }
+
+    fn write_addresses(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# An address rule admits whatever answers at that address: prefer the host"
+        );
+        let _ = writeln!(
+            out,
+            "# name if the client can use one; uncomment only for published addresses."
+        );
+        let _ = writeln!(out, "# [[rule]]");
+        let _ = writeln!(out, "# name = \"suggested: addresses port {}\"", self.port);
+        let _ = writeln!(out, "# addresses = [");
+        for (h, d) in &self.hosts {
+            let bits = if h.contains(':') { 128 } else { 32 };
+            let _ = writeln!(
+                out,
+                "#     \"{h}/{bits}\", # {} {}, last {}",
+                d.count,
+                seen_as(d.count, d.reported),
+                ts(d.last)
+            );
+        }
+        let _ = writeln!(out, "# ]");
+        let _ = writeln!(out, "# ports = [{}]", self.port);
+        let _ = writeln!(out, "# action = \"allow\"");
+    }
+}
+
+/// What `suggest` prints: the TOML on standard output, notes on standard error.
+pub struct Suggestion {
+    pub toml: String,
+    pub notes: Vec<String>,
+}
+
+/// `egress-proxy suggest --audit FILE [--since D]`; with `policy` (an explicit
+/// `--config`), destinations it already lets through are left out.
+///
+/// # Errors
+/// The log cannot be read, `--since` does not parse, or no line of a
+/// non-empty log is an audit record.
+pub fn command(
+    audit: &Path,
+    since: Option<&str>,
+    policy: Option<&Policy>,
+) -> Result<Suggestion, String> {
+    let since = since
+        .map(|s| parse_since(s, SystemTime::now()))
+        .transpose()?;
+    let source = audit.display().to_string();
+    let reader = open_log(audit).map_err(|e| format!("cannot read {source}: {e}"))?;
+    let mut ev = Evidence::default();
+    let stats = read_log(reader, since, |l| {
+        ev.add_logged(&l);
+    })
+    .map_err(|e| format!("cannot read {source}: {e}"))?;
+    let mut notes: Vec<String> = stats.skipped_note(&source).into_iter().collect();
+    if stats.records == 0 && stats.before_since == 0 && stats.skipped > 0 {
+        return Err(format!(
+            "no audit records in {source}: {}",
+            notes.join("; ")
+        ));
+    }
+    if let Some(p) = policy {
+        let n = ev.drop_permitted(p);
+        if n > 0 {
+            notes.push(format!(
+                "left out {n} destination{} the current catalog already lets through",
+                plural(n as u64)
+            ));
+        }
+    }
+    let label = match since {
+        Some(s) => format!("{source} since {}", ts(s)),
+        None => source,
+    };
+    Ok(Suggestion {
+        toml: ev.to_toml(&label),
+        notes,
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn registrable_domains() {
+        assert_eq!(registrable_domain("a.b.example.com"), "example.com");
+        assert_eq!(registrable_domain("example.com"), "example.com");
+        assert_eq!(registrable_domain("localhost"), "localhost");
+        assert_eq!(registrable_domain("www.bbc.co.uk"), "bbc.co.uk");
+        assert_eq!(registrable_domain("bbc.co.uk"), "bbc.co.uk");
+        assert_eq!(registrable_domain("co.uk"), "co.uk");
+        assert_eq!(registrable_domain("x.y.example.com.au"), "example.com.au");
+        assert_eq!(
+            registrable_domain("ksn1.kaspersky-labs.com"),
+            "kaspersky-labs.com"
+        );
+        // Only under a two-letter country code.
+        assert_eq!(registrable_domain("a.co.example"), "co.example");
+        assert_eq!(registrable_domain("a.net.com"), "net.com");
+    }
+
+    fn t(s: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + s)
+    }
+
+    #[test]
+    fn groups_by_domain_and_port_with_exact_hosts() {
+        let mut ev = Evidence::default();
+        let ip: IpAddr = "10.0.0.5".parse().unwrap();
+        let c: &[(IpAddr, u64)] = &[(ip, 1)];
+        for h in ["a.example.com", "b.example.com", "c.example.com"] {
+            assert!(ev.add(
+                h,
+                443,
+                Some(Reason::NotInCatalog),
+                Decided::Deny,
+                c,
+                t(0),
+                t(5),
+                2
+            ));
+        }
+        assert!(ev.add(
+            "a.example.com",
+            8443,
+            Some(Reason::PortNotAllowed),
+            Decided::Deny,
+            c,
+            t(1),
+            t(1),
+            1
+        ));
+        assert!(ev.add(
+            "203.0.113.7",
+            443,
+            Some(Reason::IpLiteral),
+            Decided::Deny,
+            c,
+            t(1),
+            t(1),
+            1
+        ));
+        assert!(!ev.add(
+            "x.example.com",
+            443,
+            Some(Reason::DenyRule),
+            Decided::Deny,
+            c,
+            t(1),
+            t(1),
+            1
+        ));
+        assert!(!ev.add(
+            "x.example.com",
+            443,
+            Some(Reason::PrivateAddress),
+            Decided::Deny,
+            c,
+            t(1),
+            t(1),
+            1
+        ));
+        assert!(!ev.add(
+            "Bad Host",
+            443,
+            Some(Reason::NotInCatalog),
+            Decided::Deny,
+            c,
+            t(1),
+            t(1),
+            1
+        ));
+        let toml = ev.to_toml("test");
+        assert!(
+            toml.contains("hosts = [\"*.example.com\"] covers them"),
+            "{toml}"
+        );
+        assert!(
+            !toml
+                .lines()
+                .any(|l| l.starts_with("hosts") && l.contains('*')),
+            "{toml}"
+        );
+        assert!(toml.contains("#     \"203.0.113.7/32\""), "{toml}");
+        let specs = crate::config::parse_catalog("suggestion", &toml, Path::new(".")).unwrap();
+        assert_eq!(specs.len(), 2);
+        assert_eq!(
+            specs[0].hosts,
+            ["a.example.com", "b.example.com", "c.example.com"]
+        );
+        assert_eq!(specs[0].ports[0].lo, 443);
+        assert_eq!(specs[1].hosts, ["a.example.com"]);
+        assert_eq!(specs[1].ports[0].lo, 8443);
+        assert!(specs
+            .iter()
+            .all(|s| s.action == crate::policy::Action::Allow));
+    }
+
+    #[test]
+    fn reads_logs_and_counts_bad_lines() {
+        let log = concat!(
+            r#"{"ts":"2025-03-01T10:00:00.000Z","id":"1","client":"10.0.0.5:5000","method":"CONNECT","host":"new.example.org","port":443,"decision":"deny","reason":"not_in_catalog","status":403,"bytes_up":0,"bytes_down":0,"duration_ms":0}"#,
+            "\n\nnot json\n",
+            r#"{"ts":"2025-03-01T11:00:00.000Z","id":"2","client":"10.0.0.5:5001","method":"GET","host":"new.example.org","port":80,"url":"http://new.example.org/x","decision":"deny","reason":"not_in_catalog","status":403,"bytes_up":0,"bytes_down":0,"duration_ms":0}"#,
+            "\n"
+        );
+        let mut got = Vec::new();
+        let since = humantime::parse_rfc3339("2025-03-01T10:30:00Z").unwrap();
+        let stats = read_log(log.as_bytes(), Some(since), |l| got.push(l)).unwrap();
+        assert_eq!(stats.records, 1);
+        assert_eq!(stats.skipped, 1);
+        assert_eq!(stats.first_skipped, Some(3));
+        assert_eq!(stats.before_since, 1);
+        assert_eq!(got[0].line, 4);
+        assert_eq!(got[0].method(), http::Method::GET);
+        assert_eq!(got[0].target().unwrap().to_string(), "new.example.org:80");
+    }
+}
