@@ -57,7 +57,25 @@ pub fn summary(settings: &Settings) -> String {
     for w in &settings.warnings {
         let _ = writeln!(out, "{w}");
     }
+    if let Some(w) = admin_warning(settings) {
+        let _ = writeln!(out, "{w}");
+    }
     out
+}
+
+/// A warning when the admin endpoints listen beyond loopback without
+/// `server.admin_token`: anyone who reaches the address reads `/metrics`,
+/// the status page and `/api/*` (which names denied destinations).
+pub fn admin_warning(settings: &Settings) -> Option<String> {
+    let addr = settings.server.admin_listen?;
+    if addr.ip().to_canonical().is_loopback() || settings.server.admin_token.is_some() {
+        return None;
+    }
+    Some(format!(
+        "warning: server.admin_listen = \"{addr}\" is not a loopback address and server.admin_token is not set: \
+         anyone who can reach it can read /metrics, the status page and /api/*; set server.admin_token \
+         (or EGRESS_PROXY__SERVER__ADMIN_TOKEN) or listen on 127.0.0.1"
+    ))
 }
 
 fn clip(s: &str, n: usize) -> String {
