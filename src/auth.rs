@@ -17,6 +17,8 @@ use crate::config::AuthSettings;
 
 /// How long a verified credential is trusted without verifying again.
 pub const CACHE_TTL: Duration = Duration::from_secs(300);
+/// Hash verifications allowed to run at once.
+pub const VERIFY_AT_ONCE: usize = 4;
 /// How many verified credentials are kept.
 pub const CACHE_MAX: usize = 4096;
 
@@ -25,6 +27,9 @@ pub struct Auth {
     users: HashMap<String, String>,
     keys: std::collections::hash_map::RandomState,
     cache: Mutex<HashMap<u64, (Arc<str>, Instant)>>,
+    /// Bounds the hash verifications running at once (each costs CPU and
+    /// ~19 MiB with argon2's defaults): many clients guessing at once queue.
+    pub verifying: tokio::sync::Semaphore,
 }
 
 impl Auth {
@@ -37,6 +42,7 @@ impl Auth {
             users: settings.users.iter().map(|(u, h)| (u.clone(), h.clone())).collect(),
             keys: std::collections::hash_map::RandomState::new(),
             cache: Mutex::new(HashMap::new()),
+            verifying: tokio::sync::Semaphore::new(VERIFY_AT_ONCE),
         })
     }
 

@@ -508,24 +508,36 @@ impl Policy {
 
     fn pattern_covered(&self, i: usize, pattern: &str, ports: &[PortRange], by: &mut Vec<usize>) -> bool {
         ports.iter().all(|range| {
-            let winner = self.rules.iter().enumerate().find(|(j, s)| {
-                *j != i
-                    && self.beats(*j, i)
-                    && s.hosts.iter().any(|h| h == pattern)
-                    && s.ports.iter().any(|p| p.lo <= range.lo && range.hi <= p.hi)
-            });
+            // The rule that decides is the one that beats every other candidate.
+            let winner = self
+                .rules
+                .iter()
+                .enumerate()
+                .filter(|(j, s)| {
+                    *j != i
+                        && self.beats(*j, i)
+                        && s.hosts.iter().any(|h| h == pattern)
+                        && s.ports.iter().any(|p| p.lo <= range.lo && range.hi <= p.hi)
+                })
+                .reduce(|best, c| if self.beats(c.0, best.0) { c } else { best });
             winner.map(|(j, _)| by.push(j)).is_some()
         })
     }
 
     fn address_covered(&self, i: usize, net: &IpNet, ports: &[PortRange], by: &mut Vec<usize>) -> bool {
         ports.iter().all(|range| {
-            let winner = self.rules.iter().enumerate().find(|(j, s)| {
-                *j != i
-                    && self.beats(*j, i)
-                    && s.addresses.iter().any(|a| a.contains(net))
-                    && s.ports.iter().any(|p| p.lo <= range.lo && range.hi <= p.hi)
-            });
+            // The rule that decides is the one that beats every other candidate.
+            let winner = self
+                .rules
+                .iter()
+                .enumerate()
+                .filter(|(j, s)| {
+                    *j != i
+                        && self.beats(*j, i)
+                        && s.addresses.iter().any(|a| a.contains(net))
+                        && s.ports.iter().any(|p| p.lo <= range.lo && range.hi <= p.hi)
+                })
+                .reduce(|best, c| if self.beats(c.0, best.0) { c } else { best });
             winner.map(|(j, _)| by.push(j)).is_some()
         })
     }

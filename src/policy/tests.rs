@@ -38,7 +38,11 @@ fn specs_from(file: &str, text: &str) -> Vec<RuleSpec> {
 }
 
 fn policy(fixture: &str, default: DefaultAction, inspect: bool) -> Policy {
-    Policy::compile(specs_from(fixture, &fixture_text(fixture)), default, inspect)
+    Policy::compile(
+        specs_from(fixture, &fixture_text(fixture)),
+        default,
+        inspect,
+    )
 }
 
 /// `http://…` is a plain request (GET), `host:port` a CONNECT, as in `explain`.
@@ -54,7 +58,8 @@ fn target(input: &str) -> (Target, Method) {
 }
 
 fn rule_name(policy: &Policy, d: &Decision) -> Option<String> {
-    d.rule.map(|i| policy.rule(i).expect("rule index in range").name.clone())
+    d.rule
+        .map(|i| policy.rule(i).expect("rule index in range").name.clone())
 }
 
 // === the decision table ===
@@ -172,7 +177,10 @@ impl Case {
         }
         let explained = p.explain(&t, &method).decision;
         if explained != d {
-            return Err(format!("{}: explain() decided {explained:?}, decide() {d:?}", self.name));
+            return Err(format!(
+                "{}: explain() decided {explained:?}, decide() {d:?}",
+                self.name
+            ));
         }
         Ok(())
     }
@@ -183,25 +191,85 @@ fn matching_cases() -> Vec<Case> {
     let m = MATCHING;
     vec![
         // --- exact vs wildcard
-        case("wildcard matches a subdomain", m, "www.example.com:443", allow("example wildcard")),
-        case("wildcard matches a deeper subdomain", m, "a.b.example.com:443", allow("example wildcard")),
-        case("wildcard does not match the apex", m, "example.com:443", refused(NotInCatalog)),
-        case("wildcard needs a label boundary", m, "badexample.com:443", refused(NotInCatalog)),
-        case("catalogued name as a prefix is not a match", m, "www.example.com.evil.test:443", refused(NotInCatalog)),
-        case("exact beats wildcard", m, "api.example.com:443", bypass("example api exact")),
+        case(
+            "wildcard matches a subdomain",
+            m,
+            "www.example.com:443",
+            allow("example wildcard"),
+        ),
+        case(
+            "wildcard matches a deeper subdomain",
+            m,
+            "a.b.example.com:443",
+            allow("example wildcard"),
+        ),
+        case(
+            "wildcard does not match the apex",
+            m,
+            "example.com:443",
+            refused(NotInCatalog),
+        ),
+        case(
+            "wildcard needs a label boundary",
+            m,
+            "badexample.com:443",
+            refused(NotInCatalog),
+        ),
+        case(
+            "catalogued name as a prefix is not a match",
+            m,
+            "www.example.com.evil.test:443",
+            refused(NotInCatalog),
+        ),
+        case(
+            "exact beats wildcard",
+            m,
+            "api.example.com:443",
+            bypass("example api exact"),
+        ),
         case(
             "wildcard decides the port the exact rule lacks",
             m,
             "http://api.example.com/",
             allow("example wildcard"),
         ),
-        case("exact name does not cover its subdomains", m, "x.api.example.com:443", allow("example wildcard")),
-        case("target is normalised before matching", m, "WWW.Example.COM.:443", allow("example wildcard")),
-        case("port miss on a wildcard", m, "www.example.com:8443", refused(PortNotAllowed)),
+        case(
+            "exact name does not cover its subdomains",
+            m,
+            "x.api.example.com:443",
+            allow("example wildcard"),
+        ),
+        case(
+            "target is normalised before matching",
+            m,
+            "WWW.Example.COM.:443",
+            allow("example wildcard"),
+        ),
+        case(
+            "port miss on a wildcard",
+            m,
+            "www.example.com:8443",
+            refused(PortNotAllowed),
+        ),
         // --- more labels beat fewer
-        case("wildcard with more labels beats fewer", m, "x.eu.corp.test:443", allow("corp eu allow")),
-        case("fewer labels decide outside the longer suffix", m, "x.us.corp.test:443", deny_rule("corp deny")),
-        case("longer wildcard does not match its own apex", m, "eu.corp.test:443", deny_rule("corp deny")),
+        case(
+            "wildcard with more labels beats fewer",
+            m,
+            "x.eu.corp.test:443",
+            allow("corp eu allow"),
+        ),
+        case(
+            "fewer labels decide outside the longer suffix",
+            m,
+            "x.us.corp.test:443",
+            deny_rule("corp deny"),
+        ),
+        case(
+            "longer wildcard does not match its own apex",
+            m,
+            "eu.corp.test:443",
+            deny_rule("corp deny"),
+        ),
         case(
             "longer wildcard off its ports falls to the shorter",
             m,
@@ -209,29 +277,109 @@ fn matching_cases() -> Vec<Case> {
             deny_rule("corp deny"),
         ),
         // --- carve-outs
-        case("exact deny inside a wildcard allow", m, "evil.cdn.test:443", deny_rule("cdn carve-out")),
-        case("siblings of a carve-out stay allowed", m, "good.cdn.test:443", allow("cdn wildcard")),
-        case("a carve-out is exact, not its subdomains", m, "sub.evil.cdn.test:443", allow("cdn wildcard")),
-        case("exact allow inside a wildcard deny", m, "updates.blocked.test:443", allow("blocked carve-in")),
+        case(
+            "exact deny inside a wildcard allow",
+            m,
+            "evil.cdn.test:443",
+            deny_rule("cdn carve-out"),
+        ),
+        case(
+            "siblings of a carve-out stay allowed",
+            m,
+            "good.cdn.test:443",
+            allow("cdn wildcard"),
+        ),
+        case(
+            "a carve-out is exact, not its subdomains",
+            m,
+            "sub.evil.cdn.test:443",
+            allow("cdn wildcard"),
+        ),
+        case(
+            "exact allow inside a wildcard deny",
+            m,
+            "updates.blocked.test:443",
+            allow("blocked carve-in"),
+        ),
         case(
             "an allow carve-out only on its ports",
             m,
             "http://updates.blocked.test/",
             deny_rule("blocked wildcard"),
         ),
-        case("the rest of a wildcard deny", m, "other.blocked.test:443", deny_rule("blocked wildcard")),
+        case(
+            "the rest of a wildcard deny",
+            m,
+            "other.blocked.test:443",
+            deny_rule("blocked wildcard"),
+        ),
         // --- ties at one specificity
-        case("tie: deny beats bypass and allow", m, "tie.test:443", deny_rule("tie deny")),
-        case("tie: bypass beats allow", m, "tie2.test:443", bypass("tie2 bypass")),
-        case("tie between equal wildcards: deny wins", m, "x.wtie.test:443", deny_rule("wild tie deny")),
-        case("tie with one action: first in file wins", m, "first.test:443", allow("first A")),
-        case("the later rule still decides its other hosts", m, "second.test:443", allow("first B")),
+        case(
+            "tie: deny beats bypass and allow",
+            m,
+            "tie.test:443",
+            deny_rule("tie deny"),
+        ),
+        case(
+            "tie: bypass beats allow",
+            m,
+            "tie2.test:443",
+            bypass("tie2 bypass"),
+        ),
+        case(
+            "tie between equal wildcards: deny wins",
+            m,
+            "x.wtie.test:443",
+            deny_rule("wild tie deny"),
+        ),
+        case(
+            "tie with one action: first in file wins",
+            m,
+            "first.test:443",
+            allow("first A"),
+        ),
+        case(
+            "the later rule still decides its other hosts",
+            m,
+            "second.test:443",
+            allow("first B"),
+        ),
         // --- report mode
-        case("report: a miss is let through", m, "example.com:443", reported(NotInCatalog)).report(),
-        case("report: a port miss is let through", m, "www.example.com:8443", reported(PortNotAllowed)).report(),
-        case("report: a deny rule still denies", m, "evil.cdn.test:443", deny_rule("cdn carve-out")).report(),
-        case("report: a wildcard deny still denies", m, "x.us.corp.test:443", deny_rule("corp deny")).report(),
-        case("report: a match is not a report", m, "www.example.com:443", allow("example wildcard")).report(),
+        case(
+            "report: a miss is let through",
+            m,
+            "example.com:443",
+            reported(NotInCatalog),
+        )
+        .report(),
+        case(
+            "report: a port miss is let through",
+            m,
+            "www.example.com:8443",
+            reported(PortNotAllowed),
+        )
+        .report(),
+        case(
+            "report: a deny rule still denies",
+            m,
+            "evil.cdn.test:443",
+            deny_rule("cdn carve-out"),
+        )
+        .report(),
+        case(
+            "report: a wildcard deny still denies",
+            m,
+            "x.us.corp.test:443",
+            deny_rule("corp deny"),
+        )
+        .report(),
+        case(
+            "report: a match is not a report",
+            m,
+            "www.example.com:443",
+            allow("example wildcard"),
+        )
+        .report(),
     ]
 }
 
@@ -242,21 +390,87 @@ fn ports_methods_cases() -> Vec<Case> {
         // --- ports
         case("range: low end", p, "range.test:8000", allow("port range")),
         case("range: high end", p, "range.test:8010", allow("port range")),
-        case("range: below", p, "range.test:7999", refused(PortNotAllowed)),
-        case("range: above", p, "range.test:8011", refused(PortNotAllowed)),
+        case(
+            "range: below",
+            p,
+            "range.test:7999",
+            refused(PortNotAllowed),
+        ),
+        case(
+            "range: above",
+            p,
+            "range.test:8011",
+            refused(PortNotAllowed),
+        ),
         case("every port: 1", p, "anyport.test:1", allow("every port")),
-        case("every port: 65535", p, "anyport.test:65535", allow("every port")),
-        case("mixed ports: number", p, "http://multi.test/", allow("mixed ports")),
-        case("mixed ports: range", p, "multi.test:8081", allow("mixed ports")),
-        case("mixed ports: outside", p, "multi.test:8082", refused(PortNotAllowed)),
-        case("unknown host on a catalogued port", p, "unknown.test:8000", refused(NotInCatalog)),
-        case("split: the exact rule on its port", p, "www.split.test:443", allow("split exact")),
-        case("split: the wildcard on the other port", p, "http://www.split.test/", bypass("split wildcard")),
-        case("split: neither port", p, "www.split.test:8080", refused(PortNotAllowed)),
-        case("split: the apex is not matched", p, "http://split.test/", refused(NotInCatalog)),
+        case(
+            "every port: 65535",
+            p,
+            "anyport.test:65535",
+            allow("every port"),
+        ),
+        case(
+            "mixed ports: number",
+            p,
+            "http://multi.test/",
+            allow("mixed ports"),
+        ),
+        case(
+            "mixed ports: range",
+            p,
+            "multi.test:8081",
+            allow("mixed ports"),
+        ),
+        case(
+            "mixed ports: outside",
+            p,
+            "multi.test:8082",
+            refused(PortNotAllowed),
+        ),
+        case(
+            "unknown host on a catalogued port",
+            p,
+            "unknown.test:8000",
+            refused(NotInCatalog),
+        ),
+        case(
+            "split: the exact rule on its port",
+            p,
+            "www.split.test:443",
+            allow("split exact"),
+        ),
+        case(
+            "split: the wildcard on the other port",
+            p,
+            "http://www.split.test/",
+            bypass("split wildcard"),
+        ),
+        case(
+            "split: neither port",
+            p,
+            "www.split.test:8080",
+            refused(PortNotAllowed),
+        ),
+        case(
+            "split: the apex is not matched",
+            p,
+            "http://split.test/",
+            refused(NotInCatalog),
+        ),
         // --- methods
-        case("methods: GET allowed", p, "http://methods.test/", allow("get only")),
-        case("methods: HEAD allowed", p, "http://methods.test/", allow("get only")).method(Method::HEAD),
+        case(
+            "methods: GET allowed",
+            p,
+            "http://methods.test/",
+            allow("get only"),
+        ),
+        case(
+            "methods: HEAD allowed",
+            p,
+            "http://methods.test/",
+            allow("get only"),
+        )
+        .method(Method::HEAD),
         case(
             "methods: POST refused",
             p,
@@ -278,8 +492,19 @@ fn ports_methods_cases() -> Vec<Case> {
             "methods.test:443",
             refused_by("get only", MethodNotAllowed),
         ),
-        case("methods: CONNECT inspected on an allow rule", p, "methods.test:443", allow("get only")).inspect(),
-        case("methods: CONNECT listed", p, "connect-listed.test:443", allow("connect listed")),
+        case(
+            "methods: CONNECT inspected on an allow rule",
+            p,
+            "methods.test:443",
+            allow("get only"),
+        )
+        .inspect(),
+        case(
+            "methods: CONNECT listed",
+            p,
+            "connect-listed.test:443",
+            allow("connect listed"),
+        ),
         case(
             "methods: CONNECT to a bypass rule, even with inspection",
             p,
@@ -293,7 +518,12 @@ fn ports_methods_cases() -> Vec<Case> {
             "http://bypass-methods.test:443/",
             bypass("bypass with methods"),
         ),
-        case("methods: a deny rule denies a listed method", p, "http://deny-methods.test/", deny_rule("deny with methods")),
+        case(
+            "methods: a deny rule denies a listed method",
+            p,
+            "http://deny-methods.test/",
+            deny_rule("deny with methods"),
+        ),
         case(
             "methods: a deny rule denies an unlisted method",
             p,
@@ -301,8 +531,13 @@ fn ports_methods_cases() -> Vec<Case> {
             deny_rule("deny with methods"),
         )
         .method(Method::POST),
-        case("methods: a rule without methods takes any", p, "http://anymethod.test/", allow("any method"))
-            .method(Method::DELETE),
+        case(
+            "methods: a rule without methods takes any",
+            p,
+            "http://anymethod.test/",
+            allow("any method"),
+        )
+        .method(Method::DELETE),
     ]
 }
 
@@ -310,15 +545,56 @@ fn address_cases() -> Vec<Case> {
     use Reason::*;
     let a = ADDRESSES;
     vec![
-        case("address inside a CIDR", a, "203.0.113.9:443", allow("documentation net")),
-        case("address as one decimal number", a, "3405803785:443", allow("documentation net")),
-        case("address in hex", a, "0xcb.0x00.0x71.0x09:443", allow("documentation net")),
-        case("address in an http URL", a, "http://203.0.113.9:443/", allow("documentation net")),
-        case("IPv6 inside a CIDR", a, "[2001:db8::1]:443", bypass("documentation net v6")),
-        case("a bare address is a /32", a, "http://198.51.100.7/", allow("one address")),
-        case("next to a bare address", a, "http://198.51.100.8/", refused(IpLiteral)),
+        case(
+            "address inside a CIDR",
+            a,
+            "203.0.113.9:443",
+            allow("documentation net"),
+        ),
+        case(
+            "address as one decimal number",
+            a,
+            "3405803785:443",
+            allow("documentation net"),
+        ),
+        case(
+            "address in hex",
+            a,
+            "0xcb.0x00.0x71.0x09:443",
+            allow("documentation net"),
+        ),
+        case(
+            "address in an http URL",
+            a,
+            "http://203.0.113.9:443/",
+            allow("documentation net"),
+        ),
+        case(
+            "IPv6 inside a CIDR",
+            a,
+            "[2001:db8::1]:443",
+            bypass("documentation net v6"),
+        ),
+        case(
+            "a bare address is a /32",
+            a,
+            "http://198.51.100.7/",
+            allow("one address"),
+        ),
+        case(
+            "next to a bare address",
+            a,
+            "http://198.51.100.8/",
+            refused(IpLiteral),
+        ),
         case("outside every CIDR", a, "192.0.2.1:443", refused(IpLiteral)),
-        case("outside every CIDR, report mode", a, "192.0.2.1:443", refused(IpLiteral)).report(),
+        case(
+            "outside every CIDR, report mode",
+            a,
+            "192.0.2.1:443",
+            refused(IpLiteral),
+        )
+        .report(),
         case("loopback literal", a, "127.0.0.1:443", refused(IpLiteral)),
         case("IPv6 loopback literal", a, "[::1]:443", refused(IpLiteral)),
         case(
@@ -327,13 +603,51 @@ fn address_cases() -> Vec<Case> {
             "[::ffff:203.0.113.9]:443",
             refused(IpLiteral),
         ),
-        case("address on another port", a, "203.0.113.9:80", refused(PortNotAllowed)),
-        case("address on another port, report mode", a, "203.0.113.9:80", refused(PortNotAllowed)).report(),
-        case("denied address", a, "192.0.2.66:443", deny_rule("denied address")),
-        case("denied address, report mode", a, "192.0.2.66:443", deny_rule("denied address")).report(),
-        case("name and address: by name", a, "mixed.test:443", allow("name and address")),
-        case("name and address: by address", a, "192.0.2.10:443", allow("name and address")),
-        case("a name miss is still reported", a, "unknown.test:443", reported(NotInCatalog)).report(),
+        case(
+            "address on another port",
+            a,
+            "203.0.113.9:80",
+            refused(PortNotAllowed),
+        ),
+        case(
+            "address on another port, report mode",
+            a,
+            "203.0.113.9:80",
+            refused(PortNotAllowed),
+        )
+        .report(),
+        case(
+            "denied address",
+            a,
+            "192.0.2.66:443",
+            deny_rule("denied address"),
+        ),
+        case(
+            "denied address, report mode",
+            a,
+            "192.0.2.66:443",
+            deny_rule("denied address"),
+        )
+        .report(),
+        case(
+            "name and address: by name",
+            a,
+            "mixed.test:443",
+            allow("name and address"),
+        ),
+        case(
+            "name and address: by address",
+            a,
+            "192.0.2.10:443",
+            allow("name and address"),
+        ),
+        case(
+            "a name miss is still reported",
+            a,
+            "unknown.test:443",
+            reported(NotInCatalog),
+        )
+        .report(),
     ]
 }
 
@@ -343,7 +657,13 @@ fn run_cases(cases: &[Case]) {
         assert!(names.insert(c.name), "duplicate case name {:?}", c.name);
     }
     let failures: Vec<String> = cases.iter().filter_map(|c| c.check().err()).collect();
-    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -379,10 +699,19 @@ fn named(list: &[(&str, Loss)]) -> Vec<(String, Loss)> {
     list.iter().map(|&(n, l)| (n.to_string(), l)).collect()
 }
 
+/// Name, fixture, target, deciding rule, losers with why they lost.
+type ExplainCase = (
+    &'static str,
+    &'static str,
+    &'static str,
+    Option<&'static str>,
+    Vec<(String, Loss)>,
+);
+
 #[test]
 fn explain_names_each_loser_and_why() {
     use Loss::*;
-    let cases: Vec<(&str, &str, &str, Option<&str>, Vec<(String, Loss)>)> = vec![
+    let cases: Vec<ExplainCase> = vec![
         (
             "exact beats wildcard",
             MATCHING,
@@ -439,7 +768,13 @@ fn explain_names_each_loser_and_why() {
             None,
             named(&[("example wildcard", Port)]),
         ),
-        ("not in catalog: no losers", MATCHING, "example.com:443", None, Vec::new()),
+        (
+            "not in catalog: no losers",
+            MATCHING,
+            "example.com:443",
+            None,
+            Vec::new(),
+        ),
         (
             "address on another port",
             ADDRESSES,
@@ -469,7 +804,12 @@ fn explain_names_each_loser_and_why() {
 
 #[test]
 fn every_loss_has_a_description() {
-    for loss in [Loss::Port, Loss::LessSpecific, Loss::Precedence, Loss::LaterInFile] {
+    for loss in [
+        Loss::Port,
+        Loss::LessSpecific,
+        Loss::Precedence,
+        Loss::LaterInFile,
+    ] {
         assert!(!loss.describe().is_empty());
     }
 }
@@ -487,18 +827,32 @@ fn shadowed_warns_for_fully_covered_rules_only() {
     let want = [
         (r#"rule #2 "mirror again""#, vec![r#"#1 "mirror""#]),
         (r#"rule #3 "allow under deny""#, vec![r#"#4 "later deny""#]),
-        (r#"rule #8 "covered twice""#, vec![r#"#1 "mirror""#, r#"#4 "later deny""#]),
+        (
+            r#"rule #8 "covered twice""#,
+            vec![r#"#1 "mirror""#, r#"#4 "later deny""#],
+        ),
     ];
     assert_eq!(warnings.len(), want.len(), "warnings: {warnings:#?}");
     for ((rule, by), w) in want.iter().zip(&warnings) {
-        assert!(w.starts_with(&format!("warning: {rule} never decides anything")), "{w}");
+        assert!(
+            w.starts_with(&format!("warning: {rule} never decides anything")),
+            "{w}"
+        );
         for b in by {
             assert!(w.contains(b), "{w} should name {b}");
         }
     }
-    for quiet in ["wide", "partly covered", "carve-out", "walled", "walled door"] {
+    for quiet in [
+        "wide",
+        "partly covered",
+        "carve-out",
+        "walled",
+        "walled door",
+    ] {
         assert!(
-            !warnings.iter().any(|w| w.contains(&format!("\"{quiet}\" never"))),
+            !warnings
+                .iter()
+                .any(|w| w.contains(&format!("\"{quiet}\" never"))),
             "{quiet} is not shadowed: {warnings:#?}"
         );
     }
@@ -514,12 +868,20 @@ fn shadowed_in_the_matching_fixture() {
     shadowed.sort_unstable();
     // The tie losers never decide; carve-outs and "first B" (which still
     // decides second.test) are not warned about.
-    assert_eq!(shadowed, ["tie allow", "tie bypass", "tie2 allow", "wild tie allow"], "{warnings:#?}");
+    assert_eq!(
+        shadowed,
+        ["tie allow", "tie bypass", "tie2 allow", "wild tie allow"],
+        "{warnings:#?}"
+    );
 }
 
 #[test]
 fn shipped_catalog_has_no_shadowed_rules() {
-    let p = Policy::compile(specs_from("catalog.toml", BUILTIN_CATALOG), DefaultAction::Deny, false);
+    let p = Policy::compile(
+        specs_from("catalog.toml", BUILTIN_CATALOG),
+        DefaultAction::Deny,
+        false,
+    );
     assert_eq!(p.shadowed(), Vec::<String>::new());
 }
 
@@ -532,28 +894,49 @@ fn shipped_catalog_decides_each_host_as_its_rule() {
     let p = Policy::compile(specs, DefaultAction::Deny, false);
     let mut checked = 0;
     for (i, r) in p.rules().iter().enumerate() {
-        assert!(!r.hosts.is_empty(), "{}: every shipped rule names hosts", r.name);
+        assert!(
+            !r.hosts.is_empty(),
+            "{}: every shipped rule names hosts",
+            r.name
+        );
         for host in &r.hosts {
             for range in &r.ports {
                 for port in [range.lo, range.hi] {
                     // Plain HTTP on 80 (the update mirrors limit methods), tunnels elsewhere.
-                    let method = if port == 80 { Method::GET } else { Method::CONNECT };
-                    let t = target::parse_authority(&format!("{host}:{port}")).expect("catalog host");
+                    let method = if port == 80 {
+                        Method::GET
+                    } else {
+                        Method::CONNECT
+                    };
+                    let t =
+                        target::parse_authority(&format!("{host}:{port}")).expect("catalog host");
                     let d = p.decide(&t, &method);
                     let want = match r.action {
                         Action::Allow => Verdict::Allow,
                         Action::Bypass => Verdict::Bypass,
                         Action::Deny => Verdict::Deny,
                     };
-                    assert_eq!((d.verdict, d.rule, d.reason), (want, Some(i), None), "{host}:{port} ({})", r.name);
+                    assert_eq!(
+                        (d.verdict, d.rule, d.reason),
+                        (want, Some(i), None),
+                        "{host}:{port} ({})",
+                        r.name
+                    );
                     checked += 1;
                 }
             }
             let off = target::parse_authority(&format!("{host}:8080")).expect("catalog host");
             let d = p.decide(&off, &Method::CONNECT);
-            assert_eq!((d.verdict, d.reason), (Verdict::Deny, Some(Reason::PortNotAllowed)), "{host}:8080");
+            assert_eq!(
+                (d.verdict, d.reason),
+                (Verdict::Deny, Some(Reason::PortNotAllowed)),
+                "{host}:8080"
+            );
             if r.methods.is_some() {
-                let d = p.decide(&target::parse_authority(&format!("{host}:80")).expect("host"), &Method::POST);
+                let d = p.decide(
+                    &target::parse_authority(&format!("{host}:80")).expect("host"),
+                    &Method::POST,
+                );
                 assert_eq!(d.reason, Some(Reason::MethodNotAllowed), "POST to {host}");
             }
         }
@@ -563,17 +946,28 @@ fn shipped_catalog_decides_each_host_as_its_rule() {
 
 #[test]
 fn shipped_catalog_refuses_what_it_does_not_list() {
-    let p = Policy::compile(specs_from("catalog.toml", BUILTIN_CATALOG), DefaultAction::Deny, false);
+    let p = Policy::compile(
+        specs_from("catalog.toml", BUILTIN_CATALOG),
+        DefaultAction::Deny,
+        false,
+    );
     for (input, reason) in [
         ("clearswift.net:443", Reason::NotInCatalog),
         ("evil.clearswift.net:80", Reason::NotInCatalog),
-        ("ksn1.kaspersky-labs.com.evil.test:443", Reason::NotInCatalog),
+        (
+            "ksn1.kaspersky-labs.com.evil.test:443",
+            Reason::NotInCatalog,
+        ),
         ("ksn1.kaspersky-labs.com:80", Reason::PortNotAllowed),
         ("185.155.104.24:80", Reason::IpLiteral),
     ] {
         let (t, m) = target(input);
         let d = p.decide(&t, &m);
-        assert_eq!((d.verdict, d.reason), (Verdict::Deny, Some(reason)), "{input}");
+        assert_eq!(
+            (d.verdict, d.reason),
+            (Verdict::Deny, Some(reason)),
+            "{input}"
+        );
     }
 }
 
@@ -610,17 +1004,50 @@ fn large_generated_catalog_decides_correctly() {
     for i in (0..N).step_by(4) {
         let (w, b) = (i + 1, i + 2);
         let e = i + 3;
-        assert_eq!(decide(format!("h{i}.svc{i}.gen.test:443")), (Verdict::Allow, Some(i), None));
-        assert_eq!(decide(format!("h{i}.svc{i}.gen.test:80")), (Verdict::Deny, None, Some(Reason::PortNotAllowed)));
-        assert_eq!(decide(format!("x.zone{w}.gen.test:443")), (Verdict::Bypass, Some(w), None));
-        assert_eq!(decide(format!("x.y.zone{w}.gen.test:8005")), (Verdict::Bypass, Some(w), None));
-        assert_eq!(decide(format!("zone{w}.gen.test:443")), (Verdict::Deny, None, Some(Reason::NotInCatalog)));
-        assert_eq!(decide(format!("bad.zone{w}.gen.test:443")), (Verdict::Deny, Some(b), Some(Reason::DenyRule)));
-        assert_eq!(decide(format!("bad.zone{w}.gen.test:8001")), (Verdict::Bypass, Some(w), None));
-        assert_eq!(decide(format!("a.eu.zone{w}.gen.test:443")), (Verdict::Allow, Some(e), None));
-        assert_eq!(decide(format!("eu.zone{w}.gen.test:443")), (Verdict::Bypass, Some(w), None));
-        assert_eq!(decide(format!("a.eu.zone{w}.gen.test:8001")), (Verdict::Bypass, Some(w), None));
-        assert_eq!(decide(format!("h{i}.nowhere.test:443")), (Verdict::Deny, None, Some(Reason::NotInCatalog)));
+        assert_eq!(
+            decide(format!("h{i}.svc{i}.gen.test:443")),
+            (Verdict::Allow, Some(i), None)
+        );
+        assert_eq!(
+            decide(format!("h{i}.svc{i}.gen.test:80")),
+            (Verdict::Deny, None, Some(Reason::PortNotAllowed))
+        );
+        assert_eq!(
+            decide(format!("x.zone{w}.gen.test:443")),
+            (Verdict::Bypass, Some(w), None)
+        );
+        assert_eq!(
+            decide(format!("x.y.zone{w}.gen.test:8005")),
+            (Verdict::Bypass, Some(w), None)
+        );
+        assert_eq!(
+            decide(format!("zone{w}.gen.test:443")),
+            (Verdict::Deny, None, Some(Reason::NotInCatalog))
+        );
+        assert_eq!(
+            decide(format!("bad.zone{w}.gen.test:443")),
+            (Verdict::Deny, Some(b), Some(Reason::DenyRule))
+        );
+        assert_eq!(
+            decide(format!("bad.zone{w}.gen.test:8001")),
+            (Verdict::Bypass, Some(w), None)
+        );
+        assert_eq!(
+            decide(format!("a.eu.zone{w}.gen.test:443")),
+            (Verdict::Allow, Some(e), None)
+        );
+        assert_eq!(
+            decide(format!("eu.zone{w}.gen.test:443")),
+            (Verdict::Bypass, Some(w), None)
+        );
+        assert_eq!(
+            decide(format!("a.eu.zone{w}.gen.test:8001")),
+            (Verdict::Bypass, Some(w), None)
+        );
+        assert_eq!(
+            decide(format!("h{i}.nowhere.test:443")),
+            (Verdict::Deny, None, Some(Reason::NotInCatalog))
+        );
     }
 }
 
@@ -631,11 +1058,19 @@ static ALL_FIXTURES: LazyLock<Policy> = LazyLock::new(|| {
     let text = [MATCHING, PORTS_METHODS, ADDRESSES]
         .map(fixture_text)
         .join("\n");
-    Policy::compile(specs_from("all fixtures", &text), DefaultAction::Deny, false)
+    Policy::compile(
+        specs_from("all fixtures", &text),
+        DefaultAction::Deny,
+        false,
+    )
 });
 
 static SHIPPED: LazyLock<Policy> = LazyLock::new(|| {
-    Policy::compile(specs_from("catalog.toml", BUILTIN_CATALOG), DefaultAction::Deny, false)
+    Policy::compile(
+        specs_from("catalog.toml", BUILTIN_CATALOG),
+        DefaultAction::Deny,
+        false,
+    )
 });
 
 /// Names the matching fixture refuses (a deny rule, a carve-out, an apex,
@@ -666,7 +1101,11 @@ const PERMITTED: [&str; 6] = [
 fn spelling(name: &'static str) -> impl Strategy<Value = String> {
     let n = name.chars().count();
     (proptest::collection::vec(0u8..4, n), any::<bool>()).prop_map(move |(styles, dot)| {
-        let mut out: String = name.chars().zip(styles).map(|(c, s)| respell(c, s)).collect();
+        let mut out: String = name
+            .chars()
+            .zip(styles)
+            .map(|(c, s)| respell(c, s))
+            .collect();
         if dot {
             out.push('.');
         }
@@ -675,7 +1114,9 @@ fn spelling(name: &'static str) -> impl Strategy<Value = String> {
 }
 
 fn respell(c: char, style: u8) -> char {
-    let shift = |base: u32, from: char| char::from_u32(base + (u32::from(c) - u32::from(from))).unwrap_or(c);
+    let shift = |base: u32, from: char| {
+        char::from_u32(base + (u32::from(c) - u32::from(from))).unwrap_or(c)
+    };
     match (c, style) {
         ('a'..='z', 1) => c.to_ascii_uppercase(),
         ('a'..='z', 2) => shift(0xFF41, 'a'),
@@ -695,9 +1136,18 @@ fn proptest_config() -> ProptestConfig {
     }
 }
 
-fn decide_spelling(p: &Policy, spelt: &str, port: u16, method: &Method) -> Result<(Host, Decision), String> {
-    let host = target::normalize_host(spelt).map_err(|e| format!("{spelt:?} does not normalise: {e}"))?;
-    let t = Target { host: host.clone(), port };
+fn decide_spelling(
+    p: &Policy,
+    spelt: &str,
+    port: u16,
+    method: &Method,
+) -> Result<(Host, Decision), String> {
+    let host =
+        target::normalize_host(spelt).map_err(|e| format!("{spelt:?} does not normalise: {e}"))?;
+    let t = Target {
+        host: host.clone(),
+        port,
+    };
     Ok((host, p.decide(&t, method)))
 }
 
@@ -786,11 +1236,20 @@ static REPORTING: LazyLock<Policy> = LazyLock::new(|| {
     let text = [MATCHING, PORTS_METHODS, ADDRESSES]
         .map(fixture_text)
         .join("\n");
-    Policy::compile(specs_from("all fixtures", &text), DefaultAction::Report, false)
+    Policy::compile(
+        specs_from("all fixtures", &text),
+        DefaultAction::Report,
+        false,
+    )
 });
 
 fn shipped_hosts() -> Vec<&'static str> {
-    static HOSTS: LazyLock<Vec<String>> =
-        LazyLock::new(|| SHIPPED.rules().iter().flat_map(|r| r.hosts.clone()).collect());
+    static HOSTS: LazyLock<Vec<String>> = LazyLock::new(|| {
+        SHIPPED
+            .rules()
+            .iter()
+            .flat_map(|r| r.hosts.clone())
+            .collect()
+    });
     HOSTS.iter().map(String::as_str).collect()
 }

@@ -71,11 +71,23 @@ pub struct UpCount {
 pub struct RequestBody {
     inner: Incoming,
     count: Arc<UpCount>,
+    /// Marked idle when the body is complete (see `ConnIo`).
+    conn: Option<Arc<super::ConnIo>>,
 }
 
 impl RequestBody {
     pub fn new(inner: Incoming, count: Arc<UpCount>) -> Self {
-        RequestBody { inner, count }
+        RequestBody {
+            inner,
+            count,
+            conn: None,
+        }
+    }
+
+    /// Mark the client connection idle when this body is complete.
+    pub fn marking(mut self, conn: Arc<super::ConnIo>) -> Self {
+        self.conn = Some(conn);
+        self
     }
 }
 
@@ -97,6 +109,11 @@ impl Body for RequestBody {
             }
             Poll::Ready(Some(Err(_))) => this.count.client_error.store(true, Ordering::Relaxed),
             _ => {}
+        }
+        if this.inner.is_end_stream() {
+            if let Some(c) = &this.conn {
+                c.mark_idle();
+            }
         }
         polled
     }

@@ -93,7 +93,7 @@ pub async fn tunnel(
                 return;
             }
         };
-        let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        let parts = match upgraded.downcast::<TokioIo<super::ClientIo>>() {
             Ok(p) => p,
             Err(_) => {
                 tracing::error!("upgraded connection is not a TCP stream");
@@ -101,7 +101,10 @@ pub async fn tunnel(
                 return;
             }
         };
-        let client = parts.io.into_inner();
+        let Some(client) = parts.io.into_inner().into_stream() else {
+            txn.finish(Some(200), Some(Reason::ClientClosed));
+            return;
+        };
         // Copy what hyper read past the head (usually nothing): its buffer
         // must not stay alive for the life of an idle tunnel.
         let early = if parts.read_buf.is_empty() {

@@ -206,6 +206,8 @@ pub struct ConnCtx {
     /// The upstream connection kept alive for this client connection,
     /// keyed by the vetted address it goes to.
     upstream: Mutex<Option<http::Pooled>>,
+    /// What hyper has read, to tell a slow head from an idle connection.
+    pub io: Arc<ConnIo>,
     /// The connection's permits and gauge, held until the connection and
     /// any tunnel it became are gone (a tunnel task keeps this context).
     _held: Held,
@@ -253,17 +255,18 @@ async fn connection(mut stream: TcpStream, mut peer: SocketAddr, shared: Arc<Sha
         shared: Arc::clone(&shared),
         client: peer,
         upstream: Mutex::new(None),
+        io: Arc::default(),
         _held: Held {
             _conn: permit,
             _client: client_permit,
             _open: open,
         },
     });
-    let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let served2 = Arc::clone(&served);
+    let io = Arc::clone(&ctx.io);
     let svc = service_fn(move |req| {
         let ctx = Arc::clone(&ctx);
-        served2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // A head is complete: what was read so far is not a partial head.
+        ctx.io.mark_idle();
         async move { Ok::<_, Infallible>(handle(ctx, req).await) }
     });
     let mut builder = http1::Builder::new();
@@ -271,8 +274,13 @@ async fn connection(mut stream: TcpStream, mut peer: SocketAddr, shared: Arc<Sha
         .timer(TokioTimer::new())
         .header_read_timeout(settings.limits.header_read_timeout)
         .max_buf_size(settings.limits.max_header_bytes.max(8192))
+        .max_header_size(settings.limits.max_header_bytes)
         .keep_alive(true);
-    let conn = builder.serve_connection(TokioIo::new(stream), svc).with_upgrades();
+    let client_io = ClientIo {
+        inner: Some(stream),
+        io: Arc::clone(&io),
+    };
+    let conn = builder.serve_connection(TokioIo::new(client_io), svc).with_upgrades();
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
@@ -285,19 +293,158 @@ async fn connection(mut stream: TcpStream, mut peer: SocketAddr, shared: Arc<Sha
         }
     };
     if let Err(e) = result {
-        let first = served.load(std::sync::atomic::Ordering::Relaxed) == 0;
-        record_connection_error(&shared, peer, &e, first);
+        record_connection_error(&shared, peer, &e, io.partial());
+    }
+}
+
+/// Bytes hyper has read from a client connection, and how many of them were
+/// read when the connection was last idle (a head complete, or a request
+/// body finished). More than that at a head time-out means a head was
+/// started and never finished (slowloris), not an idle keep-alive close.
+#[derive(Default)]
+pub struct ConnIo {
+    read: std::sync::atomic::AtomicU64,
+    mark: std::sync::atomic::AtomicU64,
+}
+
+impl ConnIo {
+    pub fn mark_idle(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.mark.store(self.read.load(Relaxed), Relaxed);
+    }
+
+    pub fn partial(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.read.load(Relaxed) > self.mark.load(Relaxed)
+    }
+}
+
+/// The client socket as hyper sees it: counts what is read, and closes
+/// without a reset when hyper drops it with input still unread (a head it
+/// refused with 400/431 while the client was still sending): the answer
+/// would otherwise be destroyed by the RST before the client reads it.
+pub struct ClientIo {
+    inner: Option<TcpStream>,
+    io: Arc<ConnIo>,
+}
+
+impl ClientIo {
+    /// The socket, for a tunnel after the upgrade.
+    pub fn into_stream(mut self) -> Option<TcpStream> {
+        self.inner.take()
+    }
+
+    fn stream(&mut self) -> std::io::Result<&mut TcpStream> {
+        self.inner
+            .as_mut()
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotConnected))
+    }
+}
+
+impl Drop for ClientIo {
+    fn drop(&mut self) {
+        let Some(stream) = self.inner.take() else { return };
+        let mut probe = [0u8; 1];
+        let unread = matches!(stream.try_read(&mut probe), Ok(n) if n > 0);
+        if unread {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(linger(stream));
+            }
+        }
+    }
+}
+
+/// Stop writing, then read and discard what the client still sends, for a
+/// bounded time and amount, before closing.
+async fn linger(mut stream: TcpStream) {
+    let drain = async {
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        let mut total = 0usize;
+        while total < 1 << 20 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => total += n,
+            }
+        }
+        Ok::<(), std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+}
+
+impl tokio::io::AsyncRead for ClientIo {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = match self.stream() {
+            Ok(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Err(e) => return std::task::Poll::Ready(Err(e)),
+        };
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            self.io.read.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for ClientIo {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.stream() {
+            Ok(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.stream() {
+            Ok(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.as_ref().is_some_and(TcpStream::is_write_vectored)
+    }
+
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        match self.stream() {
+            Ok(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.stream() {
+            Ok(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
     }
 }
 
 /// Refusals hyper answered itself while parsing get their record here.
-fn record_connection_error(shared: &Shared, peer: SocketAddr, e: &hyper::Error, first: bool) {
+fn record_connection_error(shared: &Shared, peer: SocketAddr, e: &hyper::Error, partial: bool) {
     let (reason, status) = if e.is_parse_too_large() {
         (Reason::HeaderTooLarge, Some(431))
     } else if e.is_parse() {
         (Reason::BadRequest, Some(400))
-    } else if e.is_timeout() && first {
-        // A head that never completed on a fresh connection (slowloris).
+    } else if e.is_timeout() && partial {
+        // A head started and never completed (slowloris); an idle
+        // keep-alive connection closing at the same time-out is not a refusal.
         (Reason::Timeout, None)
     } else {
         tracing::debug!(error = %e, client = %peer, "client connection ended");
@@ -326,12 +473,13 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<ProxyBody
     if !is_connect {
         txn.rec().url = Some(truncate(req.uri().to_string(), 4096));
     }
-    if let Some(auth) = &guards.auth {
-        match authenticate(auth, &req).await {
-            Ok(user) => txn.rec().user = Some(user),
-            Err(reason) => return refuse(txn, Refusal::new(reason), &settings),
-        }
+    // hyper bounds a head that arrives in pieces; one that arrives whole in
+    // a single read can pass its buffer check, so measure it here too.
+    if head_len(&req) > settings.limits.max_header_bytes {
+        return refuse(txn, Refusal::new(Reason::HeaderTooLarge), &settings);
     }
+    // Rates first: a client over its rate gets 429 before any password is
+    // verified, so guessing credentials is limited like everything else.
     let ip = ctx.client.ip();
     let rate = guards
         .rates
@@ -339,6 +487,12 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<ProxyBody
         .and_then(|()| if is_connect { guards.rates.tunnel(ip) } else { Ok(()) });
     if let Err(l) = rate {
         return refuse(txn, Refusal::rate_limited(l.retry_after), &settings);
+    }
+    if let Some(auth) = &guards.auth {
+        match authenticate(auth, &req).await {
+            Ok(user) => txn.rec().user = Some(user),
+            Err(reason) => return refuse(txn, Refusal::new(reason), &settings),
+        }
     }
     let parsed = if is_connect {
         match req.uri().authority() {
@@ -384,6 +538,18 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<ProxyBody
     }
 }
 
+/// The size of a request head as sent (request line and header lines).
+fn head_len(req: &Request<Incoming>) -> usize {
+    let uri = req.uri();
+    let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |p| p.as_str().len());
+    let line = req.method().as_str().len() + target + 12;
+    req.headers()
+        .iter()
+        .fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
+}
+
 /// Check `Proxy-Authorization` before any policy decision. Verified
 /// credentials come from the cache; a miss is verified off the runtime.
 async fn authenticate(auth: &Arc<Auth>, req: &Request<Incoming>) -> Result<Arc<str>, Reason> {
@@ -393,9 +559,12 @@ async fn authenticate(auth: &Arc<Auth>, req: &Request<Incoming>) -> Result<Arc<s
     if let Some(user) = auth.cached(value.as_bytes()) {
         return Ok(user);
     }
-    let auth = Arc::clone(auth);
+    let Ok(_permit) = auth.verifying.acquire().await else {
+        return Err(Reason::AuthFailed);
+    };
+    let auth2 = Arc::clone(auth);
     let value = value.as_bytes().to_vec();
-    tokio::task::spawn_blocking(move || auth.verify(&value))
+    tokio::task::spawn_blocking(move || auth2.verify(&value))
         .await
         .unwrap_or(Err(Reason::AuthFailed))
 }
