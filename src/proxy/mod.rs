@@ -275,6 +275,10 @@ async fn connection(mut stream: TcpStream, mut peer: SocketAddr, shared: Arc<Sha
         .header_read_timeout(settings.limits.header_read_timeout)
         .max_buf_size(settings.limits.max_header_bytes.max(8192))
         .max_header_size(settings.limits.max_header_bytes)
+        // Like Squid's `half_closed_clients off`: a client that shuts its
+        // write side is treated as gone, so a stalled upstream cannot keep
+        // a vanished client's transaction open.
+        .half_close(false)
         .keep_alive(true);
     let client_io = ClientIo {
         inner: Some(stream),

@@ -1,6 +1,7 @@
 //! Integration tests: the proxy in-process on port 0, real loopback origins,
 //! real clients. One test binary (each tests/*.rs would link separately).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+mod abuse;
 mod admin;
 mod auth;
 mod catalog_seed;
@@ -14,3 +15,4 @@ mod proxy_protocol;
 mod refusals;
 mod status;
 mod support;
+mod upstreams;

@@ -132,7 +132,11 @@ impl TestProxy {
     /// Wait for `n` records and return them.
     pub async fn records(&self, n: usize) -> Vec<Record> {
         let got = self.audit.wait_for(WAIT, |r| r.len() >= n).await;
-        assert!(got.len() >= n, "expected {n} audit records, got {}: {got:#?}", got.len());
+        assert!(
+            got.len() >= n,
+            "expected {n} audit records, got {}: {got:#?}",
+            got.len()
+        );
         got
     }
 
@@ -229,14 +233,23 @@ async fn origin_reply(
     seen: Arc<Mutex<Vec<Seen>>>,
 ) -> Result<Response<OriginBody>, Infallible> {
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     seen.lock().expect("seen").push(Seen {
         method: parts.method.to_string(),
         uri: parts.uri.to_string(),
         headers: parts
             .headers
             .iter()
-            .map(|(n, v)| (n.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .map(|(n, v)| {
+                (
+                    n.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
             .collect(),
         body_len: body.len(),
     });
@@ -361,11 +374,15 @@ impl TlsOrigin {
                 let acceptor = acceptor.clone();
                 let snis = Arc::clone(&snis2);
                 tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(s).await else { return };
+                    let Ok(tls) = acceptor.accept(s).await else {
+                        return;
+                    };
                     let sni = tls.get_ref().1.server_name().map(str::to_string);
                     snis.lock().expect("snis").push(sni);
                     let svc = service_fn(|_req: Request<Incoming>| async {
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"tls hello"))))
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
+                            b"tls hello",
+                        ))))
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(tls), svc)
@@ -545,9 +562,15 @@ pub fn parse_response(raw: &[u8]) -> RawResponse {
         body: Vec::new(),
     };
     let rest = &raw[end + 4..];
-    resp.body = if let Some(n) = resp.header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+    resp.body = if let Some(n) = resp
+        .header("content-length")
+        .and_then(|v| v.parse::<usize>().ok())
+    {
         rest[..n.min(rest.len())].to_vec()
-    } else if resp.header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+    } else if resp
+        .header("transfer-encoding")
+        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+    {
         dechunk(rest)
     } else {
         rest.to_vec()
@@ -562,7 +585,9 @@ pub fn dechunk(mut raw: &[u8]) -> Vec<u8> {
     while let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") {
         let size_text = String::from_utf8_lossy(&raw[..eol]);
         let size_text = size_text.split(';').next().unwrap_or("").trim().to_string();
-        let Ok(size) = usize::from_str_radix(&size_text, 16) else { break };
+        let Ok(size) = usize::from_str_radix(&size_text, 16) else {
+            break;
+        };
         raw = &raw[eol + 2..];
         if size == 0 {
             break;
@@ -627,4 +652,166 @@ impl TestProxy {
             .build()
             .expect("client")
     }
+}
+
+// === added for abuse.rs, upstreams.rs and tests/storm.rs ===
+
+/// A stream that keeps a copy of every byte read from it.
+pub struct Tap {
+    inner: TcpStream,
+    log: Arc<Mutex<Vec<u8>>>,
+}
+
+impl tokio::io::AsyncRead for Tap {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = polled {
+            this.log
+                .lock()
+                .expect("tap log")
+                .extend_from_slice(&buf.filled()[before..]);
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for Tap {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// An HTTP/1.1 origin with [`HttpOrigin`]'s answers that also keeps every
+/// byte it receives and counts the connections it accepts: a test can say
+/// "nothing else arrived", not only "no other request was parsed".
+pub struct TapOrigin {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    pub bytes: Arc<Mutex<Vec<u8>>>,
+    pub accepts: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl TapOrigin {
+    pub async fn start() -> TapOrigin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+        let addr = listener.local_addr().expect("addr");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let bytes = Arc::new(Mutex::new(Vec::new()));
+        let accepts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (seen2, bytes2, accepts2) = (Arc::clone(&seen), Arc::clone(&bytes), Arc::clone(&accepts));
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                accepts2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let seen = Arc::clone(&seen2);
+                let tap = Tap {
+                    inner: stream,
+                    log: Arc::clone(&bytes2),
+                };
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| origin_reply(req, Arc::clone(&seen)));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tap), svc)
+                        .await;
+                });
+            }
+        });
+        TapOrigin {
+            addr,
+            seen,
+            bytes,
+            accepts,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("seen").clone()
+    }
+
+    /// Every byte received so far, on every connection.
+    pub fn bytes(&self) -> Vec<u8> {
+        self.bytes.lock().expect("bytes").clone()
+    }
+
+    pub fn accepts(&self) -> usize {
+        self.accepts.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// No connection, no byte, no request.
+    pub fn assert_untouched(&self, what: &str) {
+        assert_eq!(self.accepts(), 0, "{what}: the origin was connected to");
+        assert!(
+            self.bytes().is_empty(),
+            "{what}: the origin received {:?}",
+            String::from_utf8_lossy(&self.bytes())
+        );
+        assert!(self.seen().is_empty(), "{what}: the origin saw {:?}", self.seen());
+    }
+}
+
+/// Read a request (or response) head off a raw stream, up to and including
+/// the blank line; `None` on EOF or an error first.
+pub async fn read_head_raw(s: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut b).await {
+            Ok(1) => head.push(b[0]),
+            _ => return None,
+        }
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// Close `stream` with a TCP reset (SO_LINGER 0) instead of a FIN.
+pub fn reset(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}
+
+/// Read until EOF or an error (a reset), bounded by `WAIT`. Returns the
+/// bytes and whether the end was a clean EOF (`Some(true)`), an error
+/// (`Some(false)`) or the time limit (`None`).
+pub async fn read_until_close(s: &mut TcpStream) -> (Vec<u8>, Option<bool>) {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) => return true,
+                Err(_) => return false,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .ok();
+    (out, ended)
 }
