@@ -3,6 +3,7 @@
 //! adding their sizes to the transaction's record.
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -63,8 +64,10 @@ impl Body for ProxyBody {
 #[derive(Default)]
 pub struct UpCount {
     pub bytes: AtomicU64,
-    /// The client's body failed (it vanished mid-upload).
+    /// The client's body failed: it vanished mid-upload.
     pub client_error: AtomicBool,
+    /// The client's body was malformed (bad chunked framing): a 400.
+    pub malformed: AtomicBool,
 }
 
 /// The client's request body on its way upstream, counted.
@@ -107,7 +110,14 @@ impl Body for RequestBody {
                     this.count.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
                 }
             }
-            Poll::Ready(Some(Err(_))) => this.count.client_error.store(true, Ordering::Relaxed),
+            Poll::Ready(Some(Err(e))) => {
+                let flag = if e.is_incomplete_message() || e.is_closed() || e.is_canceled() {
+                    &this.count.client_error
+                } else {
+                    &this.count.malformed
+                };
+                flag.store(true, Ordering::Relaxed);
+            }
             _ => {}
         }
         if this.inner.is_end_stream() {

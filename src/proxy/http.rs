@@ -79,16 +79,21 @@ pub async fn forward(
                 }
                 _ => {
                     tracing::debug!(error = %e.error(), "upstream request failed");
-                    let reason = if up.as_ref().is_some_and(|u| u.client_error.load(std::sync::atomic::Ordering::Relaxed)) {
+                    let flag = |f: fn(&UpCount) -> &std::sync::atomic::AtomicBool| {
+                        up.as_ref().is_some_and(|u| f(u).load(std::sync::atomic::Ordering::Relaxed))
+                    };
+                    let reason = if flag(|u| &u.malformed) {
+                        Reason::BadRequest
+                    } else if flag(|u| &u.client_error) {
                         Reason::ClientClosed
                     } else {
                         Reason::UpstreamReset
                     };
-                    return refuse(txn, Refusal::new(reason), settings);
+                    return refuse_counted(txn, Refusal::new(reason), settings, up.as_deref());
                 }
             },
-            Ok(Err(None)) => return refuse(txn, Refusal::new(Reason::UpstreamReset), settings),
-            Err(_) => return refuse(txn, Refusal::new(Reason::Timeout), settings),
+            Ok(Err(None)) => return refuse_counted(txn, Refusal::new(Reason::UpstreamReset), settings, up.as_deref()),
+            Err(_) => return refuse_counted(txn, Refusal::new(Reason::Timeout), settings, up.as_deref()),
         }
     };
     let (mut parts, body) = resp.into_parts();
@@ -99,6 +104,15 @@ pub async fn forward(
     let status = parts.status.as_u16();
     let body = ResponseBody::new(body, txn, up, status);
     Response::from_parts(parts, ProxyBody::Streamed(Box::new(body)))
+}
+
+/// A refusal after part of the request body may have gone upstream: the
+/// record keeps the bytes that did.
+fn refuse_counted(mut txn: Txn, r: Refusal, settings: &Settings, up: Option<&UpCount>) -> Response<ProxyBody> {
+    if let Some(u) = up {
+        txn.add_up(u.bytes.load(std::sync::atomic::Ordering::Relaxed));
+    }
+    refuse(txn, r, settings)
 }
 
 fn take_pooled(ctx: &ConnCtx, addrs: &[SocketAddr]) -> Option<Pooled> {

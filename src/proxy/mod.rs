@@ -498,7 +498,10 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<ProxyBody
             Err(reason) => return refuse(txn, Refusal::new(reason), &settings),
         }
     }
-    let parsed = if is_connect {
+    let parsed = if is_connect && req.uri().scheme().is_some() {
+        // `CONNECT http://host:port/` is not authority-form.
+        Err(target::TargetError::NotAuthority)
+    } else if is_connect {
         match req.uri().authority() {
             Some(a) if req.uri().path_and_query().is_none_or(|p| p.as_str().is_empty() || p.as_str() == "/") => {
                 target::parse_authority(a.as_str())
