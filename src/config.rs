@@ -860,8 +860,12 @@ pub fn parse_catalog(
             specs.push(spec);
         }
     }
+    let mut seen: HashMap<u64, Vec<usize>> = HashMap::with_capacity(specs.len());
     for (i, a) in specs.iter().enumerate() {
-        if let Some(j) = specs[..i].iter().position(|b| b.same_effect(a)) {
+        let same = seen.entry(a.effect_hash()).or_default();
+        let dup = same.iter().copied().find(|&j| specs[j].same_effect(a));
+        same.push(i);
+        if let Some(j) = dup {
             errors.push(ConfigError {
                 location: rule_location(file, i, &a.name),
                 message: format!(

@@ -22,6 +22,11 @@ use crate::audit::Reason;
 use crate::config::{DefaultAction, Rate};
 use crate::target::{Host, Target};
 
+/// The index maps: read-only after compile, keyed by host names the
+/// catalog chose (not attacker-chosen insertions), so a fast seeded hasher
+/// is safe here.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// A rule's action.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Action {
@@ -117,6 +122,25 @@ impl RuleSpec {
         a == *other
     }
 
+    /// A hash of everything but the name (for finding exact duplicates
+    /// without comparing every pair).
+    pub fn effect_hash(&self) -> u64 {
+        use std::hash::{BuildHasher, Hash, Hasher};
+        let mut h = foldhash::fast::FixedState::default().build_hasher();
+        self.hosts.hash(&mut h);
+        self.addresses.hash(&mut h);
+        self.ports.hash(&mut h);
+        self.action.hash(&mut h);
+        self.methods.hash(&mut h);
+        self.sni.hash(&mut h);
+        self.ech.hash(&mut h);
+        self.ips.hash(&mut h);
+        self.pin.hash(&mut h);
+        self.rate.hash(&mut h);
+        self.client_cert.hash(&mut h);
+        h.finish()
+    }
+
     fn allows_port(&self, port: u16) -> bool {
         self.ports.iter().any(|r| r.contains(port))
     }
@@ -189,9 +213,13 @@ pub struct Policy {
     /// Rule names, shared into audit records without copying.
     names: Vec<Arc<str>>,
     /// Exact host -> entries, best first.
-    exact: HashMap<Box<str>, Vec<Entry>>,
+    exact: FastMap<Box<str>, Vec<Entry>>,
     /// Suffix of `*.suffix` -> entries, best first.
-    wildcard: HashMap<Box<str>, Vec<Entry>>,
+    wildcard: FastMap<Box<str>, Vec<Entry>>,
+    /// Bit n set when some wildcard suffix has n labels: lookups skip
+    /// suffix lengths no rule uses (a miss then costs no hashing at all
+    /// in a catalog without wildcards).
+    wildcard_labels: u64,
     /// Rules admitting IP-literal targets.
     addresses: Vec<(IpNet, Entry)>,
     default: DefaultAction,
@@ -241,8 +269,8 @@ impl Policy {
 
     /// Index validated rules. `inspect` says whether a CA is configured.
     pub fn compile(rules: Vec<RuleSpec>, default: DefaultAction, inspect: bool) -> Self {
-        let mut exact: HashMap<Box<str>, Vec<Entry>> = HashMap::new();
-        let mut wildcard: HashMap<Box<str>, Vec<Entry>> = HashMap::new();
+        let mut exact: FastMap<Box<str>, Vec<Entry>> = FastMap::default();
+        let mut wildcard: FastMap<Box<str>, Vec<Entry>> = FastMap::default();
         let mut addresses = Vec::new();
         for (i, r) in rules.iter().enumerate() {
             let entry = Entry {
@@ -266,12 +294,18 @@ impl Policy {
         let order = |a: &Entry, b: &Entry| b.action.cmp(&a.action).then(a.rule.cmp(&b.rule));
         exact.values_mut().for_each(|v| v.sort_by(order));
         wildcard.values_mut().for_each(|v| v.sort_by(order));
-        addresses.sort_by(|a, b| order(&a.1, &b.1));
+        // Most specific first: longer prefixes, then the tie-break.
+        addresses.sort_by(|a, b| b.0.prefix_len().cmp(&a.0.prefix_len()).then_with(|| order(&a.1, &b.1)));
+        let wildcard_labels = wildcard
+            .keys()
+            .map(|k| k.split('.').count())
+            .fold(0u64, |m, n| m | (1u64 << n.min(63)));
         let hash = hash_rules(&rules, default);
         let names = rules.iter().map(|r| Arc::from(r.name.as_str())).collect();
         Policy {
             rules,
             names,
+            wildcard_labels,
             exact,
             wildcard,
             addresses,
@@ -384,8 +418,13 @@ impl Policy {
         // Wildcards from the longest suffix (most labels) to the shortest;
         // `*.example.com` matches any subdomain, not the apex.
         let mut rest = name;
+        let mut labels = name.bytes().filter(|&b| b == b'.').count() + 1;
         while let Some(dot) = rest.find('.') {
             rest = &rest[dot + 1..];
+            labels -= 1;
+            if self.wildcard_labels & (1u64 << labels.min(63)) == 0 {
+                continue;
+            }
             if let Some(entries) = self.wildcard.get(rest) {
                 matched = true;
                 if let Some(r) = self.first_with_port(entries, port) {
@@ -479,9 +518,17 @@ impl Policy {
     /// Warnings for rules that other rules fully shadow (never decide anything).
     pub fn shadowed(&self) -> Vec<String> {
         let mut out = Vec::new();
+        // Rules by host pattern, so each pattern is checked against the
+        // rules that name it, not the whole catalog.
+        let mut by_pattern: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (j, r) in self.rules.iter().enumerate() {
+            for h in &r.hosts {
+                by_pattern.entry(h.as_str()).or_default().push(j);
+            }
+        }
         for (i, r) in self.rules.iter().enumerate() {
             let mut by = Vec::new();
-            let covered = r.hosts.iter().all(|h| self.pattern_covered(i, h, &r.ports, &mut by))
+            let covered = r.hosts.iter().all(|h| self.pattern_covered(i, h, &r.ports, &by_pattern, &mut by))
                 && r.addresses.iter().all(|a| self.address_covered(i, a, &r.ports, &mut by));
             if covered && !(r.hosts.is_empty() && r.addresses.is_empty()) {
                 by.sort_unstable();
@@ -506,18 +553,22 @@ impl Policy {
         a.action > b.action || (a.action == b.action && j < i)
     }
 
-    fn pattern_covered(&self, i: usize, pattern: &str, ports: &[PortRange], by: &mut Vec<usize>) -> bool {
+    fn pattern_covered(
+        &self,
+        i: usize,
+        pattern: &str,
+        ports: &[PortRange],
+        by_pattern: &HashMap<&str, Vec<usize>>,
+        by: &mut Vec<usize>,
+    ) -> bool {
+        let same: &[usize] = by_pattern.get(pattern).map_or(&[], Vec::as_slice);
         ports.iter().all(|range| {
             // The rule that decides is the one that beats every other candidate.
-            let winner = self
-                .rules
+            let winner = same
                 .iter()
-                .enumerate()
+                .map(|&j| (j, &self.rules[j]))
                 .filter(|(j, s)| {
-                    *j != i
-                        && self.beats(*j, i)
-                        && s.hosts.iter().any(|h| h == pattern)
-                        && s.ports.iter().any(|p| p.lo <= range.lo && range.hi <= p.hi)
+                    *j != i && self.beats(*j, i) && s.ports.iter().any(|p| p.lo <= range.lo && range.hi <= p.hi)
                 })
                 .reduce(|best, c| if self.beats(c.0, best.0) { c } else { best });
             winner.map(|(j, _)| by.push(j)).is_some()

@@ -1253,3 +1253,19 @@ fn shipped_hosts() -> Vec<&'static str> {
     });
     HOSTS.iter().map(String::as_str).collect()
 }
+
+#[test]
+fn the_most_specific_address_rule_decides() {
+    // Like host patterns: a /32 allow inside a /24 deny is a carve-out.
+    let text = "[[rule]]\nname = \"net deny\"\naddresses = [\"198.51.100.0/24\"]\nports = [\"1-65535\"]\naction = \"deny\"\n\n\
+                [[rule]]\nname = \"one host\"\naddresses = [\"198.51.100.7/32\"]\nports = [443]\naction = \"allow\"\n";
+    let p = Policy::compile(specs_from("inline.toml", text), DefaultAction::Deny, false);
+    let (t, m) = target("198.51.100.7:443");
+    let d = p.decide(&t, &m);
+    assert_eq!(d.verdict, Verdict::Allow, "{d:?}");
+    assert_eq!(rule_name(&p, &d).as_deref(), Some("one host"));
+    let (t, m) = target("198.51.100.8:443");
+    assert_eq!(p.decide(&t, &m).reason, Some(Reason::DenyRule));
+    let (t, m) = target("198.51.100.7:80");
+    assert_eq!(p.decide(&t, &m).reason, Some(Reason::DenyRule), "the /24 deny covers other ports");
+}
