@@ -681,8 +681,30 @@ impl AuditLog {
             .spawn(move || {
                 let mut batch: Vec<Record> = Vec::with_capacity(256);
                 let mut closing = false;
+                let mut idle_polls = 0u32;
                 while !closing {
-                    let Some(first) = rx.blocking_recv() else { break };
+                    // Under load, poll every millisecond: senders then only
+                    // push (no wake-up, no context switch per record). After
+                    // ~50 ms without records, block so an idle proxy sleeps.
+                    let first = match rx.try_recv() {
+                        Ok(m) => {
+                            idle_polls = 0;
+                            m
+                        }
+                        Err(mpsc::error::TryRecvError::Empty) if idle_polls < 50 => {
+                            idle_polls += 1;
+                            std::thread::sleep(std::time::Duration::from_millis(1));
+                            continue;
+                        }
+                        Err(mpsc::error::TryRecvError::Empty) => {
+                            idle_polls = 0;
+                            match rx.blocking_recv() {
+                                Some(m) => m,
+                                None => break,
+                            }
+                        }
+                        Err(mpsc::error::TryRecvError::Disconnected) => break,
+                    };
                     let mut reopen = false;
                     let mut next = Some(first);
                     while let Some(m) = next.take() {

@@ -89,11 +89,26 @@ impl Resolver {
     /// # Errors
     /// No such name, no addresses, a resolver failure, or the time-out.
     pub async fn lookup(&self, name: &str) -> Result<Vec<IpAddr>, ResolveError> {
+        self.lookup_timed(name, |_| {}).await
+    }
+
+    /// [`Resolver::lookup`], calling `timed` with the time a real DNS query
+    /// took (static overrides are not timed).
+    ///
+    /// # Errors
+    /// As [`Resolver::lookup`].
+    pub async fn lookup_timed(
+        &self,
+        name: &str,
+        timed: impl FnOnce(Duration),
+    ) -> Result<Vec<IpAddr>, ResolveError> {
         if let Some(ips) = self.statics.load().get(name) {
             return Ok(ips.clone());
         }
         let fqdn = format!("{name}.");
+        let start = std::time::Instant::now();
         let answer = tokio::time::timeout(self.timeout, self.hickory.lookup_ip(fqdn)).await;
+        timed(start.elapsed());
         match answer {
             Err(_) => Err(ResolveError::Timeout),
             Ok(Ok(found)) => {

@@ -61,10 +61,11 @@ pub async fn vetted_addrs(
     target: &Target,
     rule: Option<&Rule>,
     allow_private: &[IpNet],
+    timed: impl FnOnce(std::time::Duration),
 ) -> Result<Vec<SocketAddr>, UpstreamError> {
     let ips = match &target.host {
         Host::Ip(ip) => vec![*ip],
-        Host::Name(name) => resolver.lookup(name).await?,
+        Host::Name(name) => resolver.lookup_timed(name, timed).await?,
     };
     vet(&ips, target.port, rule, allow_private)
 }

@@ -601,11 +601,15 @@ pub(crate) async fn dial_target(
     target: &Target,
     rule: Option<&crate::policy::Rule>,
 ) -> Result<Vec<SocketAddr>, Refusal> {
-    let start = std::time::Instant::now();
-    let vetted = crate::upstream::vetted_addrs(&ctx.shared.resolver, target, rule, &settings.dns.allow_private).await;
-    if matches!(target.host, crate::target::Host::Name(_)) {
-        ctx.shared.metrics.dns_seconds.observe(start.elapsed().as_secs_f64());
-    }
+    let hist = &ctx.shared.metrics.dns_seconds;
+    let vetted = crate::upstream::vetted_addrs(
+        &ctx.shared.resolver,
+        target,
+        rule,
+        &settings.dns.allow_private,
+        |took| hist.observe(took.as_secs_f64()),
+    )
+    .await;
     vetted.map_err(|e| upstream_refusal(&e))
 }
 

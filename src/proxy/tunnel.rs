@@ -142,11 +142,15 @@ pub async fn run(
         tokio::pin!(up_fut, down_fut);
 
         let timer = tokio::time::sleep(idle);
-        tokio::pin!(timer);
+        // Made once: a fresh `cancelled()` per wake-up would register with
+        // the shared token (a lock) on every message.
+        let cancelled = hard.cancelled();
+        tokio::pin!(timer, cancelled);
         let (mut up_done, mut down_done) = (false, false);
         let mut ended: Option<End> = None;
         while !(up_done && down_done) {
             tokio::select! {
+                biased;
                 r = &mut up_fut, if !up_done => {
                     up_done = true;
                     if let Err(e) = r { ended = Some(e); break; }
@@ -163,7 +167,7 @@ pub async fn run(
                     }
                     timer.as_mut().reset(tokio::time::Instant::now() + (idle - quiet));
                 }
-                () = hard.cancelled() => {
+                () = &mut cancelled => {
                     ended = Some(End::Denied(Reason::Shutdown, None));
                     break;
                 }
