@@ -234,7 +234,13 @@ impl Record {
     /// intermediate strings: this runs once per transaction on the writer.
     pub fn write_json(&self, out: &mut Vec<u8>) {
         use std::io::Write as _;
-        let _ = write!(out, "{{\"ts\":\"{}\",\"id\":\"{:016x}\",\"client\":\"{}\"", humantime::format_rfc3339_millis(self.ts), self.id, self.client);
+        let _ = write!(
+            out,
+            "{{\"ts\":\"{}\",\"id\":\"{:016x}\",\"client\":\"{}\"",
+            humantime::format_rfc3339_millis(self.ts),
+            self.id,
+            self.client
+        );
         let text = |out: &mut Vec<u8>, key: &str, v: &str| {
             let _ = write!(out, ",\"{key}\":");
             // serde_json escapes; writing to a Vec cannot fail.
@@ -416,7 +422,10 @@ fn open_out(path: &AuditPath) -> io::Result<Box<dyn Write + Send>> {
 }
 
 fn open_append(p: &PathBuf) -> io::Result<std::fs::File> {
-    std::fs::OpenOptions::new().create(true).append(true).open(p)
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(p)
 }
 
 impl AuditSink for LineSink {
@@ -807,7 +816,11 @@ mod json_tests {
 
     #[test]
     fn hand_written_json_equals_the_serialize_impl() {
-        let mut r = Record::new(0xdead_beef, "127.0.0.1:4000".parse().unwrap(), SystemTime::UNIX_EPOCH);
+        let mut r = Record::new(
+            0xdead_beef,
+            "127.0.0.1:4000".parse().unwrap(),
+            SystemTime::UNIX_EPOCH,
+        );
         let mut a = Vec::new();
         r.write_json(&mut a);
         assert_eq!(

@@ -39,7 +39,11 @@ impl Auth {
             return None;
         }
         Some(Auth {
-            users: settings.users.iter().map(|(u, h)| (u.clone(), h.clone())).collect(),
+            users: settings
+                .users
+                .iter()
+                .map(|(u, h)| (u.clone(), h.clone()))
+                .collect(),
             keys: std::collections::hash_map::RandomState::new(),
             cache: Mutex::new(HashMap::new()),
             verifying: tokio::sync::Semaphore::new(VERIFY_AT_ONCE),
@@ -114,7 +118,10 @@ mod tests {
 
     fn settings(user: &str, password: &str) -> AuthSettings {
         let mut users = std::collections::BTreeMap::new();
-        users.insert(user.to_string(), hash_password(password).unwrap_or_default());
+        users.insert(
+            user.to_string(),
+            hash_password(password).unwrap_or_default(),
+        );
         AuthSettings {
             realm: "egress-proxy".into(),
             users,

@@ -18,7 +18,12 @@ pub fn summary(settings: &Settings) -> String {
         .as_ref()
         .map_or_else(|| "built-in".to_string(), |c| c.display().to_string());
     let _ = writeln!(out, "catalog:       {catalog} (hash {:016x})", p.hash());
-    let listen: Vec<String> = settings.server.listen.iter().map(ToString::to_string).collect();
+    let listen: Vec<String> = settings
+        .server
+        .listen
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     let _ = writeln!(out, "listen:        {}", listen.join(", "));
     let _ = writeln!(
         out,
@@ -31,7 +36,11 @@ pub fn summary(settings: &Settings) -> String {
     let _ = writeln!(
         out,
         "inspection:    {}",
-        if p.inspection_enabled() { "on (allow tunnels are terminated with our CA)" } else { "off (every tunnel is spliced)" }
+        if p.inspection_enabled() {
+            "on (allow tunnels are terminated with our CA)"
+        } else {
+            "off (every tunnel is spliced)"
+        }
     );
     let mut actions: BTreeMap<&str, usize> = BTreeMap::new();
     let mut hosts = 0;
@@ -40,9 +49,18 @@ pub fn summary(settings: &Settings) -> String {
         hosts += r.hosts.len() + r.addresses.len();
     }
     let acts: Vec<String> = actions.iter().map(|(a, n)| format!("{n} {a}")).collect();
-    let _ = writeln!(out, "rules:         {} ({}), {hosts} host patterns", p.rules().len(), acts.join(", "));
+    let _ = writeln!(
+        out,
+        "rules:         {} ({}), {hosts} host patterns",
+        p.rules().len(),
+        acts.join(", ")
+    );
     let _ = writeln!(out);
-    let _ = writeln!(out, "  {:<6} {:<12} {:<34} hosts", "action", "ports", "rule");
+    let _ = writeln!(
+        out,
+        "  {:<6} {:<12} {:<34} hosts",
+        "action", "ports", "rule"
+    );
     for r in p.rules() {
         let ports: Vec<String> = r.ports.iter().map(ToString::to_string).collect();
         let mut names: Vec<String> = r.hosts.clone();
@@ -52,7 +70,13 @@ pub fn summary(settings: &Settings) -> String {
         } else {
             names.join(" ")
         };
-        let _ = writeln!(out, "  {:<6} {:<12} {:<34} {shown}", r.action.as_str(), ports.join(","), clip(&r.name, 34));
+        let _ = writeln!(
+            out,
+            "  {:<6} {:<12} {:<34} {shown}",
+            r.action.as_str(),
+            ports.join(","),
+            clip(&r.name, 34)
+        );
     }
     for w in &settings.warnings {
         let _ = writeln!(out, "{w}");
@@ -118,8 +142,13 @@ pub fn explain(policy: &Policy, input: &str) -> Result<Explained, String> {
     let d = ex.decision;
     let rule = d.rule.and_then(|i| policy.rule(i));
     let why = match (d.verdict, rule, d.reason) {
-        (Verdict::Allow, Some(r), _) if method == http::Method::CONNECT && policy.inspection_enabled() => {
-            format!("rule \"{}\" allows it; the tunnel is inspected with our CA", r.name)
+        (Verdict::Allow, Some(r), _)
+            if method == http::Method::CONNECT && policy.inspection_enabled() =>
+        {
+            format!(
+                "rule \"{}\" allows it; the tunnel is inspected with our CA",
+                r.name
+            )
         }
         (Verdict::Allow, Some(r), _) => format!("rule \"{}\" allows it", r.name),
         (Verdict::Bypass, Some(r), _) => format!(
@@ -153,7 +182,11 @@ pub fn explain(policy: &Policy, input: &str) -> Result<Explained, String> {
 
 impl fmt::Display for Explained {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "target:   {} ({} {})", self.input, self.method, self.target)?;
+        writeln!(
+            f,
+            "target:   {} ({} {})",
+            self.input, self.method, self.target
+        )?;
         writeln!(f, "decision: {}", self.verdict.as_str())?;
         writeln!(f, "rule:     {}", self.rule.as_deref().unwrap_or("(none)"))?;
         if let Some(r) = self.reason {

@@ -586,7 +586,10 @@ impl<'a> Validator<'a> {
         match parse_duration(value) {
             Ok(d) => d,
             Err(e) => {
-                self.err(key, format!("{e}; write a duration such as \"10s\", \"5m\" or \"1h\""));
+                self.err(
+                    key,
+                    format!("{e}; write a duration such as \"10s\", \"5m\" or \"1h\""),
+                );
                 Duration::ZERO
             }
         }
@@ -603,9 +606,7 @@ impl<'a> Validator<'a> {
     }
 
     fn cidr(&mut self, key: &str, value: &str) -> Option<IpNet> {
-        parse_cidr(value)
-            .map_err(|m| self.err(key, m))
-            .ok()
+        parse_cidr(value).map_err(|m| self.err(key, m)).ok()
     }
 
     fn path(&mut self, base: &Path, value: &str) -> PathBuf {
@@ -647,7 +648,10 @@ impl<'a> Validator<'a> {
                 "deny" => DefaultAction::Deny,
                 "report" => DefaultAction::Report,
                 other => {
-                    self.err("policy.default", format!("unknown value {other:?}; write \"deny\" or \"report\""));
+                    self.err(
+                        "policy.default",
+                        format!("unknown value {other:?}; write \"deny\" or \"report\""),
+                    );
                     DefaultAction::Deny
                 }
             },
@@ -674,7 +678,10 @@ impl<'a> Validator<'a> {
 
     fn server(&mut self, raw: RawServer) -> ServerSettings {
         if raw.listen.is_empty() {
-            self.err("server.listen", "no listen address; write listen = [\"127.0.0.1:3128\"]".into());
+            self.err(
+                "server.listen",
+                "no listen address; write listen = [\"127.0.0.1:3128\"]".into(),
+            );
         }
         let listen = raw
             .listen
@@ -698,11 +705,14 @@ impl<'a> Validator<'a> {
 
     fn limits(&mut self, raw: RawLimits) -> Limits {
         let limits = Limits {
-            per_client_connections: usize::try_from(raw.per_client_connections).unwrap_or(usize::MAX),
-            header_read_timeout: self.duration("limits.header_read_timeout", &raw.header_read_timeout),
+            per_client_connections: usize::try_from(raw.per_client_connections)
+                .unwrap_or(usize::MAX),
+            header_read_timeout: self
+                .duration("limits.header_read_timeout", &raw.header_read_timeout),
             max_header_bytes: usize::try_from(raw.max_header_bytes).unwrap_or(usize::MAX),
             connect_timeout: self.duration("limits.connect_timeout", &raw.connect_timeout),
-            tunnel_idle_timeout: self.duration("limits.tunnel_idle_timeout", &raw.tunnel_idle_timeout),
+            tunnel_idle_timeout: self
+                .duration("limits.tunnel_idle_timeout", &raw.tunnel_idle_timeout),
             response_timeout: self.duration("limits.response_timeout", &raw.response_timeout),
         };
         for (key, d) in [
@@ -716,11 +726,20 @@ impl<'a> Validator<'a> {
             }
         }
         if limits.per_client_connections == 0 {
-            self.err("limits.per_client_connections", "must be at least 1; the default is 10000".into());
+            self.err(
+                "limits.per_client_connections",
+                "must be at least 1; the default is 10000".into(),
+            );
         }
         // hyper cannot read a head below 8 KiB; keep heads bounded above.
         if !(8192..=1_048_576).contains(&limits.max_header_bytes) {
-            self.err("limits.max_header_bytes", format!("{} is out of range; write a value from 8192 to 1048576 (default 65536)", limits.max_header_bytes));
+            self.err(
+                "limits.max_header_bytes",
+                format!(
+                    "{} is out of range; write a value from 8192 to 1048576 (default 65536)",
+                    limits.max_header_bytes
+                ),
+            );
         }
         limits
     }
@@ -732,10 +751,16 @@ impl<'a> Validator<'a> {
     fn auth(&mut self, raw: RawAuth) -> AuthSettings {
         for (user, hash) in &raw.users {
             if !hash.starts_with('$') {
-                self.err(&format!("auth.users.{user}"), "not a PHC hash string; generate one with `egress-proxy auth hash`".into());
+                self.err(
+                    &format!("auth.users.{user}"),
+                    "not a PHC hash string; generate one with `egress-proxy auth hash`".into(),
+                );
             }
             if user.is_empty() || user.contains(':') {
-                self.err("auth.users", format!("user name {user:?} must be non-empty and contain no ':'"));
+                self.err(
+                    "auth.users",
+                    format!("user name {user:?} must be non-empty and contain no ':'"),
+                );
             }
         }
         AuthSettings {
@@ -759,7 +784,10 @@ impl<'a> Validator<'a> {
             let host = match target::normalize_host(name) {
                 Ok(Host::Name(n)) => n,
                 _ => {
-                    self.err(&key, "not a host name; write a DNS name such as \"repo.clearswift.net\"".into());
+                    self.err(
+                        &key,
+                        "not a host name; write a DNS name such as \"repo.clearswift.net\"".into(),
+                    );
                     continue;
                 }
             };
@@ -767,7 +795,10 @@ impl<'a> Validator<'a> {
             for a in addrs {
                 match a.parse::<IpAddr>() {
                     Ok(ip) => ips.push(ip),
-                    Err(_) => self.err(&key, format!("{a:?} is not an IP address; write e.g. \"127.0.0.1\"")),
+                    Err(_) => self.err(
+                        &key,
+                        format!("{a:?} is not an IP address; write e.g. \"127.0.0.1\""),
+                    ),
                 }
             }
             if ips.is_empty() {
@@ -789,7 +820,10 @@ impl<'a> Validator<'a> {
 
     fn tls(&mut self, raw: RawTls, base: &Path) -> TlsSettings {
         if raw.ca_cert.is_some() != raw.ca_key.is_some() {
-            self.err("tls", "set both ca_cert and ca_key to enable inspection, or neither".into());
+            self.err(
+                "tls",
+                "set both ca_cert and ca_key to enable inspection, or neither".into(),
+            );
         }
         TlsSettings {
             ca_cert: raw.ca_cert.map(|p| self.path(base, &p)),
@@ -802,7 +836,10 @@ impl<'a> Validator<'a> {
         let path = match raw.path.as_str() {
             "-" => AuditPath::Stdout,
             "" => {
-                self.err("audit.path", "empty; write \"-\" for stdout or a file path".into());
+                self.err(
+                    "audit.path",
+                    "empty; write \"-\" for stdout or a file path".into(),
+                );
                 AuditPath::Stdout
             }
             p => AuditPath::File(self.path(base, p)),
@@ -811,7 +848,10 @@ impl<'a> Validator<'a> {
             "json" => AuditFormat::Json,
             "squid" => AuditFormat::Squid,
             other => {
-                self.err("audit.format", format!("unknown format {other:?}; write \"json\" or \"squid\""));
+                self.err(
+                    "audit.format",
+                    format!("unknown format {other:?}; write \"json\" or \"squid\""),
+                );
                 AuditFormat::Json
             }
         };
@@ -883,11 +923,7 @@ pub fn parse_catalog(
     }
 }
 
-fn validate_rule(
-    r: RawRule,
-    base: &Path,
-    err: &mut impl FnMut(&str, String),
-) -> Option<RuleSpec> {
+fn validate_rule(r: RawRule, base: &Path, err: &mut impl FnMut(&str, String)) -> Option<RuleSpec> {
     let mut bad = false;
     let mut fail = |key: &str, message: String| {
         bad = true;
@@ -896,12 +932,20 @@ fn validate_rule(
     let name = match r.name {
         Some(n) if !n.trim().is_empty() => n,
         _ => {
-            fail("name", "missing; every rule needs a name = \"...\" (it is shown in every audit record)".into());
+            fail(
+                "name",
+                "missing; every rule needs a name = \"...\" (it is shown in every audit record)"
+                    .into(),
+            );
             String::new()
         }
     };
     if r.hosts.is_empty() && r.addresses.is_empty() {
-        fail("hosts", "a rule needs hosts = [\"name\", \"*.domain\"] or addresses = [\"203.0.113.7/32\"]".into());
+        fail(
+            "hosts",
+            "a rule needs hosts = [\"name\", \"*.domain\"] or addresses = [\"203.0.113.7/32\"]"
+                .into(),
+        );
     }
     let mut hosts = Vec::with_capacity(r.hosts.len());
     for h in &r.hosts {
@@ -932,11 +976,17 @@ fn validate_rule(
         Some("bypass") => Action::Bypass,
         Some("deny") => Action::Deny,
         Some(other) => {
-            fail("action", format!("unknown action {other:?}; write \"allow\", \"bypass\" or \"deny\""));
+            fail(
+                "action",
+                format!("unknown action {other:?}; write \"allow\", \"bypass\" or \"deny\""),
+            );
             Action::Deny
         }
         None => {
-            fail("action", "missing; write action = \"allow\", \"bypass\" or \"deny\"".into());
+            fail(
+                "action",
+                "missing; write action = \"allow\", \"bypass\" or \"deny\"".into(),
+            );
             Action::Deny
         }
     };
@@ -951,14 +1001,20 @@ fn validate_rule(
         out
     });
     if methods.as_ref().is_some_and(Vec::is_empty) {
-        fail("methods", "empty list; remove the key to allow every method".into());
+        fail(
+            "methods",
+            "empty list; remove the key to allow every method".into(),
+        );
     }
     let sni = match r.sni.as_deref() {
         None | Some("match-if-tls") => SniMode::MatchIfTls,
         Some("off") => SniMode::Off,
         Some("require") => SniMode::Require,
         Some(other) => {
-            fail("sni", format!("unknown mode {other:?}; write \"off\", \"match-if-tls\" or \"require\""));
+            fail(
+                "sni",
+                format!("unknown mode {other:?}; write \"off\", \"match-if-tls\" or \"require\""),
+            );
             SniMode::MatchIfTls
         }
     };
@@ -966,7 +1022,10 @@ fn validate_rule(
         None | Some("allow") => EchMode::Allow,
         Some("deny") => EchMode::Deny,
         Some(other) => {
-            fail("ech", format!("unknown mode {other:?}; write \"allow\" or \"deny\""));
+            fail(
+                "ech",
+                format!("unknown mode {other:?}; write \"allow\" or \"deny\""),
+            );
             EchMode::Allow
         }
     };
@@ -974,19 +1033,30 @@ fn validate_rule(
     for ip in &r.ips {
         match ip.parse::<IpAddr>() {
             Ok(a) => ips.push(a),
-            Err(_) => fail("ips", format!("{ip:?} is not an IP address; write e.g. \"185.155.104.24\"")),
+            Err(_) => fail(
+                "ips",
+                format!("{ip:?} is not an IP address; write e.g. \"185.155.104.24\""),
+            ),
         }
     }
     if r.pin && ips.is_empty() {
-        fail("pin", "pin = true needs the addresses in ips = [...]".into());
+        fail(
+            "pin",
+            "pin = true needs the addresses in ips = [...]".into(),
+        );
     }
-    let rate = r.rate.and_then(|v| parse_rate(&v).map_err(|m| fail("rate", m)).ok());
+    let rate = r
+        .rate
+        .and_then(|v| parse_rate(&v).map_err(|m| fail("rate", m)).ok());
     let client_cert = r.client_cert.map(|c| {
         let cert = resolve(base, &c.cert);
         let key = resolve(base, &c.key);
         for (what, p) in [("cert", &cert), ("key", &key)] {
             if let Err(e) = std::fs::metadata(p) {
-                fail(&format!("client_cert.{what}"), format!("cannot read {}: {e}", p.display()));
+                fail(
+                    &format!("client_cert.{what}"),
+                    format!("cannot read {}: {e}", p.display()),
+                );
             }
         }
         (cert, key)
@@ -1022,22 +1092,33 @@ fn resolve(base: &Path, value: &str) -> PathBuf {
 /// Validate one catalog host pattern: an exact normalised name, or `*.` plus one.
 fn validate_host_pattern(h: &str) -> Result<String, String> {
     if h == "*" || h == "*." {
-        return Err(format!("{h:?} would match every host; list the domains, e.g. \"*.example.com\""));
+        return Err(format!(
+            "{h:?} would match every host; list the domains, e.g. \"*.example.com\""
+        ));
     }
     let (wild, name) = match h.strip_prefix("*.") {
         Some(rest) => (true, rest),
         None => (false, h),
     };
     if name.contains('*') {
-        return Err(format!("{h:?}: a wildcard may only be a leading \"*.\"; write \"*.example.com\""));
+        return Err(format!(
+            "{h:?}: a wildcard may only be a leading \"*.\"; write \"*.example.com\""
+        ));
     }
     match target::normalize_host(name) {
         Ok(Host::Name(n)) if *n == *name => Ok(h.to_string()),
         Ok(Host::Name(n)) => {
-            let suggestion = if wild { format!("*.{n}") } else { n.to_string() };
+            let suggestion = if wild {
+                format!("*.{n}")
+            } else {
+                n.to_string()
+            };
             Err(format!("{h:?} is not normalised; write {suggestion:?}"))
         }
-        Ok(Host::Ip(ip)) => Err(format!("{h:?} is an IP address; list it in addresses = [\"{ip}/{}\"]", if ip.is_ipv4() { 32 } else { 128 })),
+        Ok(Host::Ip(ip)) => Err(format!(
+            "{h:?} is an IP address; list it in addresses = [\"{ip}/{}\"]",
+            if ip.is_ipv4() { 32 } else { 128 }
+        )),
         Err(e) => Err(format!("{h:?} is not a host name ({e})")),
     }
 }
@@ -1060,9 +1141,9 @@ fn parse_port(p: &RawPort) -> Result<PortRange, String> {
                 None => (t.trim(), t.trim()),
             };
             let num = |s: &str| -> Result<u16, String> {
-                let n: i64 = s
-                    .parse()
-                    .map_err(|_| format!("{t:?} is not a port or range; write 443 or \"8000-8010\""))?;
+                let n: i64 = s.parse().map_err(|_| {
+                    format!("{t:?} is not a port or range; write 443 or \"8000-8010\"")
+                })?;
                 check(n)
             };
             let (lo, hi) = (num(lo)?, num(hi)?);
@@ -1081,13 +1162,18 @@ fn parse_port(p: &RawPort) -> Result<PortRange, String> {
 pub fn parse_cidr(value: &str) -> Result<IpNet, String> {
     if let Ok(net) = value.parse::<IpNet>() {
         if net.trunc() != net {
-            return Err(format!("{value:?} has host bits set; write {:?}", net.trunc().to_string()));
+            return Err(format!(
+                "{value:?} has host bits set; write {:?}",
+                net.trunc().to_string()
+            ));
         }
         return Ok(net);
     }
     match value.parse::<IpAddr>() {
         Ok(ip) => Ok(IpNet::from(ip)),
-        Err(_) => Err(format!("{value:?} is not an address or CIDR; write e.g. \"10.0.0.0/8\" or \"::1/128\"")),
+        Err(_) => Err(format!(
+            "{value:?} is not an address or CIDR; write e.g. \"10.0.0.0/8\" or \"::1/128\""
+        )),
     }
 }
 
@@ -1096,7 +1182,8 @@ pub fn parse_cidr(value: &str) -> Result<IpNet, String> {
 /// # Errors
 /// A message naming the bad value.
 pub fn parse_duration(value: &str) -> Result<Duration, String> {
-    humantime::parse_duration(value.trim()).map_err(|e| format!("{value:?} is not a duration ({e})"))
+    humantime::parse_duration(value.trim())
+        .map_err(|e| format!("{value:?} is not a duration ({e})"))
 }
 
 /// Parse a rate: `"50/s"`, `"600/m"`, `"1000/h"`, or `"10/5s"`.

@@ -121,7 +121,9 @@ impl Resolver {
             }
             Ok(Err(e)) if e.is_nx_domain() => Err(ResolveError::NoSuchName),
             Ok(Err(e)) if e.is_no_records_found() => Err(ResolveError::NoAddresses),
-            Ok(Err(e)) if e.to_string().contains("timed out") || e.to_string().contains("timeout") => {
+            Ok(Err(e))
+                if e.to_string().contains("timed out") || e.to_string().contains("timeout") =>
+            {
                 Err(ResolveError::Timeout)
             }
             Ok(Err(e)) => Err(ResolveError::ServerFailure(e.to_string())),

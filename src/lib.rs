@@ -39,8 +39,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::audit::{AuditLog, AuditSink, AuditWriter, IdGen, Tee};
-use crate::metrics::{Metrics, MetricsSink};
 use crate::config::Settings;
+use crate::metrics::{Metrics, MetricsSink};
 use crate::proxy::Shared;
 use crate::shutdown::Drain;
 
@@ -62,7 +62,9 @@ pub enum StartError {
 ///
 /// # Errors
 /// The writer thread could not be started.
-pub fn start_audit(sink: Box<dyn AuditSink>) -> std::io::Result<(AuditLog, AuditWriter, Arc<Metrics>)> {
+pub fn start_audit(
+    sink: Box<dyn AuditSink>,
+) -> std::io::Result<(AuditLog, AuditWriter, Arc<Metrics>)> {
     start_audit_with(sink, None)
 }
 
@@ -214,7 +216,9 @@ impl Handle {
         let status = &self.shared.metrics.status;
         status.set_catalog(settings.policy.hash(), settings.policy.rules().len());
         status.set_denials_kept(settings.denials_kept);
-        self.shared.resolver.set_static(settings.dns.static_hosts.clone());
+        self.shared
+            .resolver
+            .set_static(settings.dns.static_hosts.clone());
         self.shared.resolver.clear_cache();
         self.shared.guards.store(Arc::new(guards));
         self.shared.settings.store(Arc::new(settings));
@@ -268,6 +272,8 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
-    Proxy::new(listeners, settings, audit, metrics)?.run(shutdown).await;
+    Proxy::new(listeners, settings, audit, metrics)?
+        .run(shutdown)
+        .await;
     Ok(())
 }

@@ -24,7 +24,10 @@ pub struct Limited {
 
 fn quota(rate: Rate) -> Option<Quota> {
     let burst = NonZeroU32::new(rate.count)?;
-    let period = rate.per.checked_div(rate.count)?.max(Duration::from_nanos(1));
+    let period = rate
+        .per
+        .checked_div(rate.count)?
+        .max(Duration::from_nanos(1));
     Quota::with_period(period).map(|q| q.allow_burst(burst))
 }
 

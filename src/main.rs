@@ -86,7 +86,11 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(1) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     init_tracing();
@@ -200,14 +204,21 @@ fn check_tls(settings: &Settings) -> Result<(), String> {
 fn ca_generate(out: &std::path::Path, force: bool) -> ExitCode {
     match egress_proxy::tls::ca::generate(out, force) {
         Ok((cert, key)) => {
-            println!("wrote {} and {} (mode 0600; never commit it)", cert.display(), key.display());
+            println!(
+                "wrote {} and {} (mode 0600; never commit it)",
+                cert.display(),
+                key.display()
+            );
             println!();
             println!("To inspect `allow` tunnels, set in the config:");
             println!("  [tls]");
             println!("  ca_cert = \"{}\"", cert.display());
             println!("  ca_key  = \"{}\"", key.display());
             println!();
-            println!("and make the gateway trust {} as a root CA: import it into the", cert.display());
+            println!(
+                "and make the gateway trust {} as a root CA: import it into the",
+                cert.display()
+            );
             println!("gateway's trusted certificate store (on Debian: copy it to");
             println!("/usr/local/share/ca-certificates/egress-proxy.crt and run update-ca-certificates).");
             println!("bypass rules are never inspected, whatever the CA.");
@@ -270,9 +281,13 @@ fn serve(settings: Settings, config: Option<PathBuf>) -> ExitCode {
     // work-stealing machinery; otherwise one worker per core.
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let built = if cores == 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
     } else {
-        tokio::runtime::Builder::new_multi_thread().enable_all().build()
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
     };
     tracing::info!(cores, "runtime");
     let runtime = match built {
@@ -331,12 +346,23 @@ fn serve(settings: Settings, config: Option<PathBuf>) -> ExitCode {
             proxy = proxy.with_admin(l);
         }
         let handle = proxy.handle();
-        let hup = tokio::spawn(reload::on_hangup(handle.clone(), config.clone(), reload::process_env));
-        let watch = tokio::spawn(reload::watch(handle, config, reload::process_env, std::time::Duration::from_secs(1)));
+        let hup = tokio::spawn(reload::on_hangup(
+            handle.clone(),
+            config.clone(),
+            reload::process_env,
+        ));
+        let watch = tokio::spawn(reload::watch(
+            handle,
+            config,
+            reload::process_env,
+            std::time::Duration::from_secs(1),
+        ));
         proxy.run(signals::terminate()).await;
         hup.abort();
         watch.abort();
-        tokio::task::spawn_blocking(move || writer.join()).await.ok();
+        tokio::task::spawn_blocking(move || writer.join())
+            .await
+            .ok();
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })

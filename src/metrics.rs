@@ -94,20 +94,80 @@ impl Metrics {
             status: Arc::default(),
             registry: Registry::default(),
         };
-        registry.register("transactions", "Transactions by decision, rule and reason", m.transactions.clone());
-        registry.register_with_unit("rule_up", "Payload bytes client to upstream by rule", Unit::Bytes, m.bytes_up.clone());
-        registry.register_with_unit("rule_down", "Payload bytes upstream to client by rule", Unit::Bytes, m.bytes_down.clone());
-        registry.register("open_connections", "Client connections open now", m.open_connections.clone());
-        registry.register("open_tunnels", "CONNECT tunnels open now", m.open_tunnels.clone());
-        registry.register_with_unit("dns_lookup", "DNS lookup latency", Unit::Seconds, m.dns_seconds.clone());
-        registry.register_with_unit("upstream_connect", "Upstream TCP connect latency", Unit::Seconds, m.connect_seconds.clone());
-        registry.register("reloads", "Configuration reloads by result", m.reloads.clone());
-        registry.register("catalog_info", "The loaded catalog (hash label; value 1)", m.catalog.clone());
-        registry.register("catalog_rules", "Rules in the loaded catalog", m.catalog_rules.clone());
-        registry.register("connection_limit_refusals", "Connections refused at the connection cap", m.connection_limit.clone());
-        registry.register("audit_records", "Audit records written", m.audit_written.clone());
-        registry.register("audit_queue", "Audit records queued, not yet written", m.audit_queued.clone());
-        registry.register("audit_backpressure_waits", "Transactions that waited for the audit writer", m.audit_waits.clone());
+        registry.register(
+            "transactions",
+            "Transactions by decision, rule and reason",
+            m.transactions.clone(),
+        );
+        registry.register_with_unit(
+            "rule_up",
+            "Payload bytes client to upstream by rule",
+            Unit::Bytes,
+            m.bytes_up.clone(),
+        );
+        registry.register_with_unit(
+            "rule_down",
+            "Payload bytes upstream to client by rule",
+            Unit::Bytes,
+            m.bytes_down.clone(),
+        );
+        registry.register(
+            "open_connections",
+            "Client connections open now",
+            m.open_connections.clone(),
+        );
+        registry.register(
+            "open_tunnels",
+            "CONNECT tunnels open now",
+            m.open_tunnels.clone(),
+        );
+        registry.register_with_unit(
+            "dns_lookup",
+            "DNS lookup latency",
+            Unit::Seconds,
+            m.dns_seconds.clone(),
+        );
+        registry.register_with_unit(
+            "upstream_connect",
+            "Upstream TCP connect latency",
+            Unit::Seconds,
+            m.connect_seconds.clone(),
+        );
+        registry.register(
+            "reloads",
+            "Configuration reloads by result",
+            m.reloads.clone(),
+        );
+        registry.register(
+            "catalog_info",
+            "The loaded catalog (hash label; value 1)",
+            m.catalog.clone(),
+        );
+        registry.register(
+            "catalog_rules",
+            "Rules in the loaded catalog",
+            m.catalog_rules.clone(),
+        );
+        registry.register(
+            "connection_limit_refusals",
+            "Connections refused at the connection cap",
+            m.connection_limit.clone(),
+        );
+        registry.register(
+            "audit_records",
+            "Audit records written",
+            m.audit_written.clone(),
+        );
+        registry.register(
+            "audit_queue",
+            "Audit records queued, not yet written",
+            m.audit_queued.clone(),
+        );
+        registry.register(
+            "audit_backpressure_waits",
+            "Transactions that waited for the audit writer",
+            m.audit_waits.clone(),
+        );
         registry.register(
             "syslog_sent",
             "Audit messages sent to audit.syslog",
@@ -129,12 +189,14 @@ impl Metrics {
                 hash: format!("{hash:016x}"),
             })
             .set(1);
-        self.catalog_rules.set(i64::try_from(rules).unwrap_or(i64::MAX));
+        self.catalog_rules
+            .set(i64::try_from(rules).unwrap_or(i64::MAX));
     }
 
     /// OpenMetrics text, with the audit writer's figures brought up to date.
     pub fn encode(&self, audit: &AuditLog) -> String {
-        self.audit_queued.set(i64::try_from(audit.queued()).unwrap_or(i64::MAX));
+        self.audit_queued
+            .set(i64::try_from(audit.queued()).unwrap_or(i64::MAX));
         let waits = audit.waits();
         let seen = self.audit_waits_seen.swap(waits, Ordering::Relaxed);
         self.audit_waits.inc_by(waits.saturating_sub(seen));

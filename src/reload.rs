@@ -27,7 +27,11 @@ pub fn reload(handle: &Handle, config: Option<&Path>, env: EnvFn) -> Result<(), 
     let new = match Settings::load(config, env()) {
         Ok(s) => s,
         Err(e) => {
-            handle.metrics().reloads.get_or_create(&ResultLabels { result: "failed" }).inc();
+            handle
+                .metrics()
+                .reloads
+                .get_or_create(&ResultLabels { result: "failed" })
+                .inc();
             handle.metrics().status.note_reload(false);
             tracing::error!("reload failed; keeping the running configuration:\n{e}");
             return Err(e);
@@ -41,7 +45,11 @@ pub fn reload(handle: &Handle, config: Option<&Path>, env: EnvFn) -> Result<(), 
         tracing::warn!("{w}");
     }
     if let Err(e) = handle.reload(new) {
-        handle.metrics().reloads.get_or_create(&ResultLabels { result: "failed" }).inc();
+        handle
+            .metrics()
+            .reloads
+            .get_or_create(&ResultLabels { result: "failed" })
+            .inc();
         handle.metrics().status.note_reload(false);
         tracing::error!("reload failed; keeping the running configuration: {e}");
         return Err(ConfigErrors(vec![crate::config::ConfigError {
@@ -49,7 +57,11 @@ pub fn reload(handle: &Handle, config: Option<&Path>, env: EnvFn) -> Result<(), 
             message: e.to_string(),
         }]));
     }
-    handle.metrics().reloads.get_or_create(&ResultLabels { result: "ok" }).inc();
+    handle
+        .metrics()
+        .reloads
+        .get_or_create(&ResultLabels { result: "ok" })
+        .inc();
     handle.metrics().status.note_reload(true);
     tracing::info!("reload: done");
     Ok(())
@@ -72,22 +84,42 @@ pub fn diff(old: &Settings, new: &Settings) -> Vec<String> {
         }
     }
     if old.policy_settings.default != new.policy_settings.default {
-        out.push(format!("policy.default is now {:?}", new.policy_settings.default));
+        out.push(format!(
+            "policy.default is now {:?}",
+            new.policy_settings.default
+        ));
     }
     let restart = [
         ("server.listen", old.server.listen != new.server.listen),
-        ("server.admin_listen", old.server.admin_listen != new.server.admin_listen),
-        ("server.max_connections", old.server.max_connections != new.server.max_connections),
-        ("server.proxy_protocol", old.server.proxy_protocol != new.server.proxy_protocol),
-        ("tls.ca_cert/ca_key", old.tls.ca_cert != new.tls.ca_cert || old.tls.ca_key != new.tls.ca_key),
+        (
+            "server.admin_listen",
+            old.server.admin_listen != new.server.admin_listen,
+        ),
+        (
+            "server.max_connections",
+            old.server.max_connections != new.server.max_connections,
+        ),
+        (
+            "server.proxy_protocol",
+            old.server.proxy_protocol != new.server.proxy_protocol,
+        ),
+        (
+            "tls.ca_cert/ca_key",
+            old.tls.ca_cert != new.tls.ca_cert || old.tls.ca_key != new.tls.ca_key,
+        ),
         ("audit.path", old.audit.path != new.audit.path),
         ("audit.format", old.audit.format != new.audit.format),
         ("audit.syslog", old.audit.syslog != new.audit.syslog),
-        ("dns.nameservers", old.dns.nameservers != new.dns.nameservers),
+        (
+            "dns.nameservers",
+            old.dns.nameservers != new.dns.nameservers,
+        ),
     ];
     for (key, changed) in restart {
         if changed {
-            out.push(format!("{key} changed: takes effect after a restart; the running value stays"));
+            out.push(format!(
+                "{key} changed: takes effect after a restart; the running value stays"
+            ));
         }
     }
     out
@@ -131,6 +163,10 @@ fn stamps(handle: &Handle, config: Option<&Path>) -> Vec<Option<(SystemTime, u64
     files.extend(s.policy_settings.catalog.clone());
     files
         .iter()
-        .map(|f| std::fs::metadata(f).ok().and_then(|m| Some((m.modified().ok()?, m.len()))))
+        .map(|f| {
+            std::fs::metadata(f)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len())))
+        })
         .collect()
 }

@@ -26,13 +26,21 @@ impl Drain {
     pub async fn drain(&self, grace: Duration) -> bool {
         self.graceful.cancel();
         self.tracker.close();
-        let clean = tokio::time::timeout(grace, self.tracker.wait()).await.is_ok();
+        let clean = tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_ok();
         if !clean {
             tracing::warn!(grace = ?grace, open = self.tracker.len(), "shutdown grace passed; closing what is left");
             self.hard.cancel();
             // Cut tasks only write their records and return; bound it anyway.
-            if tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await.is_err() {
-                tracing::error!(open = self.tracker.len(), "tasks still open after the grace");
+            if tokio::time::timeout(Duration::from_secs(5), self.tracker.wait())
+                .await
+                .is_err()
+            {
+                tracing::error!(
+                    open = self.tracker.len(),
+                    "tasks still open after the grace"
+                );
             }
         }
         clean

@@ -150,7 +150,10 @@ mod tests {
     #[test]
     fn private_answers_are_refused_unless_allowed() {
         let ips: Vec<IpAddr> = vec!["127.0.0.1".parse().unwrap(), "10.1.2.3".parse().unwrap()];
-        assert!(matches!(vet(&ips, 80, None, &[]), Err(UpstreamError::Private)));
+        assert!(matches!(
+            vet(&ips, 80, None, &[]),
+            Err(UpstreamError::Private)
+        ));
         let ok = vet(&ips, 80, None, &nets(&["127.0.0.0/8"])).unwrap();
         assert_eq!(ok, vec!["127.0.0.1:80".parse().unwrap()]);
     }
@@ -158,7 +161,10 @@ mod tests {
     #[test]
     fn mapped_answer_is_vetted_as_ipv4() {
         let ips: Vec<IpAddr> = vec!["::ffff:127.0.0.1".parse().unwrap()];
-        assert!(matches!(vet(&ips, 80, None, &[]), Err(UpstreamError::Private)));
+        assert!(matches!(
+            vet(&ips, 80, None, &[]),
+            Err(UpstreamError::Private)
+        ));
         let ok = vet(&ips, 80, None, &nets(&["127.0.0.0/8"])).unwrap();
         assert_eq!(ok, vec!["127.0.0.1:80".parse().unwrap()]);
     }

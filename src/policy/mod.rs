@@ -295,7 +295,11 @@ impl Policy {
         exact.values_mut().for_each(|v| v.sort_by(order));
         wildcard.values_mut().for_each(|v| v.sort_by(order));
         // Most specific first: longer prefixes, then the tie-break.
-        addresses.sort_by(|a, b| b.0.prefix_len().cmp(&a.0.prefix_len()).then_with(|| order(&a.1, &b.1)));
+        addresses.sort_by(|a, b| {
+            b.0.prefix_len()
+                .cmp(&a.0.prefix_len())
+                .then_with(|| order(&a.1, &b.1))
+        });
         let wildcard_labels = wildcard
             .keys()
             .map(|k| k.split('.').count())
@@ -467,7 +471,9 @@ impl Policy {
     /// The decision plus every other rule that matched the host, and why it lost.
     pub fn explain(&self, target: &Target, method: &http::Method) -> Explanation {
         let decision = self.decide(target, method);
-        let winner = decision.rule.map(|w| (w, self.specificity(w, &target.host)));
+        let winner = decision
+            .rule
+            .map(|w| (w, self.specificity(w, &target.host)));
         let mut losers = Vec::new();
         for (i, r) in self.rules.iter().enumerate() {
             if Some(i) == decision.rule {
@@ -528,8 +534,13 @@ impl Policy {
         }
         for (i, r) in self.rules.iter().enumerate() {
             let mut by = Vec::new();
-            let covered = r.hosts.iter().all(|h| self.pattern_covered(i, h, &r.ports, &by_pattern, &mut by))
-                && r.addresses.iter().all(|a| self.address_covered(i, a, &r.ports, &mut by));
+            let covered = r
+                .hosts
+                .iter()
+                .all(|h| self.pattern_covered(i, h, &r.ports, &by_pattern, &mut by))
+                && r.addresses
+                    .iter()
+                    .all(|a| self.address_covered(i, a, &r.ports, &mut by));
             if covered && !(r.hosts.is_empty() && r.addresses.is_empty()) {
                 by.sort_unstable();
                 by.dedup();
@@ -568,14 +579,22 @@ impl Policy {
                 .iter()
                 .map(|&j| (j, &self.rules[j]))
                 .filter(|(j, s)| {
-                    *j != i && self.beats(*j, i) && s.ports.iter().any(|p| p.lo <= range.lo && range.hi <= p.hi)
+                    *j != i
+                        && self.beats(*j, i)
+                        && s.ports.iter().any(|p| p.lo <= range.lo && range.hi <= p.hi)
                 })
                 .reduce(|best, c| if self.beats(c.0, best.0) { c } else { best });
             winner.map(|(j, _)| by.push(j)).is_some()
         })
     }
 
-    fn address_covered(&self, i: usize, net: &IpNet, ports: &[PortRange], by: &mut Vec<usize>) -> bool {
+    fn address_covered(
+        &self,
+        i: usize,
+        net: &IpNet,
+        ports: &[PortRange],
+        by: &mut Vec<usize>,
+    ) -> bool {
         ports.iter().all(|range| {
             // The rule that decides is the one that beats every other candidate.
             let winner = self

@@ -1267,5 +1267,9 @@ fn the_most_specific_address_rule_decides() {
     let (t, m) = target("198.51.100.8:443");
     assert_eq!(p.decide(&t, &m).reason, Some(Reason::DenyRule));
     let (t, m) = target("198.51.100.7:80");
-    assert_eq!(p.decide(&t, &m).reason, Some(Reason::DenyRule), "the /24 deny covers other ports");
+    assert_eq!(
+        p.decide(&t, &m).reason,
+        Some(Reason::DenyRule),
+        "the /24 deny covers other ports"
+    );
 }

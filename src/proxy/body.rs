@@ -107,14 +107,16 @@ impl Body for RequestBody {
         match &polled {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
-                    this.count.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+                    this.count
+                        .bytes
+                        .fetch_add(d.len() as u64, Ordering::Relaxed);
                 }
             }
             Poll::Ready(Some(Err(e))) => {
-                let flag = if e.is_incomplete_message() || e.is_closed() || e.is_canceled() {
-                    &this.count.client_error
-                } else {
+                let flag = if is_malformed(e) {
                     &this.count.malformed
+                } else {
+                    &this.count.client_error
                 };
                 flag.store(true, Ordering::Relaxed);
             }
@@ -135,6 +137,23 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// A body error from bad framing (a malformed chunk: hyper wraps an
+/// `InvalidInput`/`InvalidData` io error), as opposed to a client that went
+/// away (EOF, reset).
+fn is_malformed(e: &hyper::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData
+            );
+        }
+        cur = err.source();
+    }
+    e.is_parse()
 }
 
 /// The upstream response body on its way to the client; owns the

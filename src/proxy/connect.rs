@@ -14,13 +14,13 @@ use tokio::net::TcpStream;
 use super::body::ProxyBody;
 use super::tunnel::{self, Check};
 use super::txn::Txn;
+use super::Guards;
 use super::{dial_target, refuse, ConnCtx};
 use crate::audit::{Decided, Reason};
 use crate::config::Settings;
 use crate::policy::{Action, SniMode};
-use crate::tls::Inspected;
-use super::Guards;
 use crate::target::Target;
+use crate::tls::Inspected;
 
 /// Open a tunnel for an allowed CONNECT.
 pub async fn tunnel(

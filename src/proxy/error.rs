@@ -61,7 +61,10 @@ impl Refusal {
         *resp.status_mut() = self.status;
         let h = resp.headers_mut();
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-        h.insert(X_EGRESS_ERROR, HeaderValue::from_static(self.reason.as_str()));
+        h.insert(
+            X_EGRESS_ERROR,
+            HeaderValue::from_static(self.reason.as_str()),
+        );
         h.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
@@ -71,7 +74,9 @@ impl Refusal {
         }
         if self.status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
             let realm = realm.unwrap_or("egress-proxy").replace('"', "");
-            if let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{realm}\", charset=\"UTF-8\"")) {
+            if let Ok(v) =
+                HeaderValue::from_str(&format!("Basic realm=\"{realm}\", charset=\"UTF-8\""))
+            {
                 h.insert(header::PROXY_AUTHENTICATE, v);
             }
         }

@@ -80,7 +80,8 @@ pub async fn forward(
                 _ => {
                     tracing::debug!(error = %e.error(), "upstream request failed");
                     let flag = |f: fn(&UpCount) -> &std::sync::atomic::AtomicBool| {
-                        up.as_ref().is_some_and(|u| f(u).load(std::sync::atomic::Ordering::Relaxed))
+                        up.as_ref()
+                            .is_some_and(|u| f(u).load(std::sync::atomic::Ordering::Relaxed))
                     };
                     let reason = if flag(|u| &u.malformed) {
                         Reason::BadRequest
@@ -92,8 +93,17 @@ pub async fn forward(
                     return refuse_counted(txn, Refusal::new(reason), settings, up.as_deref());
                 }
             },
-            Ok(Err(None)) => return refuse_counted(txn, Refusal::new(Reason::UpstreamReset), settings, up.as_deref()),
-            Err(_) => return refuse_counted(txn, Refusal::new(Reason::Timeout), settings, up.as_deref()),
+            Ok(Err(None)) => {
+                return refuse_counted(
+                    txn,
+                    Refusal::new(Reason::UpstreamReset),
+                    settings,
+                    up.as_deref(),
+                )
+            }
+            Err(_) => {
+                return refuse_counted(txn, Refusal::new(Reason::Timeout), settings, up.as_deref())
+            }
         }
     };
     let (mut parts, body) = resp.into_parts();
@@ -108,7 +118,12 @@ pub async fn forward(
 
 /// A refusal after part of the request body may have gone upstream: the
 /// record keeps the bytes that did.
-fn refuse_counted(mut txn: Txn, r: Refusal, settings: &Settings, up: Option<&UpCount>) -> Response<ProxyBody> {
+fn refuse_counted(
+    mut txn: Txn,
+    r: Refusal,
+    settings: &Settings,
+    up: Option<&UpCount>,
+) -> Response<ProxyBody> {
     if let Some(u) = up {
         txn.add_up(u.bytes.load(std::sync::atomic::Ordering::Relaxed));
     }
@@ -129,7 +144,11 @@ fn put_pooled(ctx: &ConnCtx, p: Pooled) {
     }
 }
 
-async fn connect(ctx: &ConnCtx, addrs: &[SocketAddr], settings: &Settings) -> Result<Pooled, Refusal> {
+async fn connect(
+    ctx: &ConnCtx,
+    addrs: &[SocketAddr],
+    settings: &Settings,
+) -> Result<Pooled, Refusal> {
     let (stream, addr) = super::dial(ctx, addrs, settings).await?;
     let (sender, conn) = client::Builder::new()
         .handshake(TokioIo::new(stream))

@@ -32,17 +32,17 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::audit::{AuditLog, Decided, IdGen, Reason};
-use crate::config::Settings;
 use crate::auth::Auth;
-use crate::tls::ca::Ca;
-use crate::tls::client::{ClientTlsError, Upstreams};
-use crate::tls::Inspector;
+use crate::config::Settings;
 use crate::dns::Resolver;
 use crate::limits::{ClientConns, RateLimits};
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::policy::Verdict;
 use crate::shutdown::Drain;
 use crate::target::{self, Target};
+use crate::tls::ca::Ca;
+use crate::tls::client::{ClientTlsError, Upstreams};
+use crate::tls::Inspector;
 use body::ProxyBody;
 use error::Refusal;
 use txn::Txn;
@@ -142,7 +142,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         let shared2 = Arc::clone(&shared);
         match permit {
             Some(permit) => {
-                shared.drain.tracker.spawn(connection(stream, peer, shared2, permit));
+                shared
+                    .drain
+                    .tracker
+                    .spawn(connection(stream, peer, shared2, permit));
             }
             None => {
                 shared.metrics.connection_limit.inc();
@@ -219,7 +222,12 @@ struct Held {
     _open: GaugeGuard,
 }
 
-async fn connection(mut stream: TcpStream, mut peer: SocketAddr, shared: Arc<Shared>, permit: OwnedSemaphorePermit) {
+async fn connection(
+    mut stream: TcpStream,
+    mut peer: SocketAddr,
+    shared: Arc<Shared>,
+    permit: OwnedSemaphorePermit,
+) {
     let open = GaugeGuard::new(&shared.metrics.open_connections);
     let settings = shared.settings.load_full();
     if !client_allowed(&settings.clients, peer.ip()) {
@@ -284,7 +292,9 @@ async fn connection(mut stream: TcpStream, mut peer: SocketAddr, shared: Arc<Sha
         inner: Some(stream),
         io: Arc::clone(&io),
     };
-    let conn = builder.serve_connection(TokioIo::new(client_io), svc).with_upgrades();
+    let conn = builder
+        .serve_connection(TokioIo::new(client_io), svc)
+        .with_upgrades();
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
@@ -347,7 +357,9 @@ impl ClientIo {
 
 impl Drop for ClientIo {
     fn drop(&mut self) {
-        let Some(stream) = self.inner.take() else { return };
+        let Some(stream) = self.inner.take() else {
+            return;
+        };
         let mut probe = [0u8; 1];
         let unread = matches!(stream.try_read(&mut probe), Ok(n) if n > 0);
         if unread {
@@ -389,7 +401,9 @@ impl tokio::io::AsyncRead for ClientIo {
         };
         let n = (buf.filled().len() - before) as u64;
         if n > 0 {
-            self.io.read.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            self.io
+                .read
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         }
         r
     }
@@ -419,10 +433,15 @@ impl tokio::io::AsyncWrite for ClientIo {
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.as_ref().is_some_and(TcpStream::is_write_vectored)
+        self.inner
+            .as_ref()
+            .is_some_and(TcpStream::is_write_vectored)
     }
 
-    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         match self.stream() {
             Ok(s) => std::pin::Pin::new(s).poll_flush(cx),
             Err(e) => std::task::Poll::Ready(Err(e)),
@@ -485,10 +504,13 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<ProxyBody
     // Rates first: a client over its rate gets 429 before any password is
     // verified, so guessing credentials is limited like everything else.
     let ip = ctx.client.ip();
-    let rate = guards
-        .rates
-        .request(ip)
-        .and_then(|()| if is_connect { guards.rates.tunnel(ip) } else { Ok(()) });
+    let rate = guards.rates.request(ip).and_then(|()| {
+        if is_connect {
+            guards.rates.tunnel(ip)
+        } else {
+            Ok(())
+        }
+    });
     if let Err(l) = rate {
         return refuse(txn, Refusal::rate_limited(l.retry_after), &settings);
     }
@@ -503,7 +525,12 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<ProxyBody
         Err(target::TargetError::NotAuthority)
     } else if is_connect {
         match req.uri().authority() {
-            Some(a) if req.uri().path_and_query().is_none_or(|p| p.as_str().is_empty() || p.as_str() == "/") => {
+            Some(a)
+                if req
+                    .uri()
+                    .path_and_query()
+                    .is_none_or(|p| p.as_str().is_empty() || p.as_str() == "/") =>
+            {
                 target::parse_authority(a.as_str())
             }
             _ => target::parse_authority(&req.uri().to_string()),
@@ -621,7 +648,10 @@ pub(crate) async fn dial(
 ) -> Result<(TcpStream, SocketAddr), Refusal> {
     let start = std::time::Instant::now();
     let dialed = crate::upstream::dial(addrs, settings.limits.connect_timeout).await;
-    ctx.shared.metrics.connect_seconds.observe(start.elapsed().as_secs_f64());
+    ctx.shared
+        .metrics
+        .connect_seconds
+        .observe(start.elapsed().as_secs_f64());
     dialed.map_err(|e| upstream_refusal(&e))
 }
 

@@ -29,7 +29,11 @@ pub enum PpError {
 ///
 /// # Errors
 /// A missing, malformed or slow header.
-pub async fn read_header(stream: &mut TcpStream, peer: SocketAddr, timeout: Duration) -> Result<SocketAddr, PpError> {
+pub async fn read_header(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    timeout: Duration,
+) -> Result<SocketAddr, PpError> {
     tokio::time::timeout(timeout, read(stream, peer))
         .await
         .map_err(|_| PpError::Timeout)?
@@ -61,7 +65,10 @@ async fn read(stream: &mut TcpStream, peer: SocketAddr) -> Result<SocketAddr, Pp
             _ => return Err(PpError::Malformed),
         };
         let mut consumed = vec![0u8; len];
-        stream.read_exact(&mut consumed).await.map_err(|_| PpError::Closed)?;
+        stream
+            .read_exact(&mut consumed)
+            .await
+            .map_err(|_| PpError::Closed)?;
         return Ok(addr.unwrap_or(peer));
     }
 }

@@ -136,9 +136,26 @@ pub async fn run(
                 touch(&last, base);
             }
             drop(held);
-            relay(&mut cr, Side::Client, &mut uw, Side::Upstream, &up, &last, base).await
+            relay(
+                &mut cr,
+                Side::Client,
+                &mut uw,
+                Side::Upstream,
+                &up,
+                &last,
+                base,
+            )
+            .await
         };
-        let down_fut = relay(&mut ur, Side::Upstream, &mut cw, Side::Client, &down, &last, base);
+        let down_fut = relay(
+            &mut ur,
+            Side::Upstream,
+            &mut cw,
+            Side::Client,
+            &down,
+            &last,
+            base,
+        );
         tokio::pin!(up_fut, down_fut);
 
         let timer = tokio::time::sleep(idle);
@@ -197,7 +214,10 @@ pub async fn run(
 }
 
 fn touch(last: &AtomicU64, base: Instant) {
-    last.store(u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    last.store(
+        u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX),
+        Ordering::Relaxed,
+    );
 }
 
 /// Hold the client's first bytes until the ClientHello is judged. Returns
@@ -240,22 +260,33 @@ async fn gate(
 
 fn verdict(judged: Peek, check: &Check, seen: &Mutex<(Option<String>, bool)>) -> Result<(), End> {
     match judged {
-        Peek::NotTls if check.mode == SniMode::Require => Err(End::Denied(Reason::SniRequired, None)),
+        Peek::NotTls if check.mode == SniMode::Require => {
+            Err(End::Denied(Reason::SniRequired, None))
+        }
         Peek::NotTls | Peek::NeedMore => Ok(()),
         Peek::Malformed(why) => {
             tracing::debug!(why, "malformed ClientHello refused");
-            Err(End::Denied(Reason::BadRequest, Some(peek::ALERT_DECODE_ERROR)))
+            Err(End::Denied(
+                Reason::BadRequest,
+                Some(peek::ALERT_DECODE_ERROR),
+            ))
         }
         Peek::Hello(info) => {
             if let Ok(mut s) = seen.lock() {
                 *s = (info.sni.clone(), info.ech);
             }
             if info.ech && check.ech == EchMode::Deny {
-                return Err(End::Denied(Reason::EchDenied, Some(peek::ALERT_ACCESS_DENIED)));
+                return Err(End::Denied(
+                    Reason::EchDenied,
+                    Some(peek::ALERT_ACCESS_DENIED),
+                ));
             }
             let Some(sni) = info.sni else {
                 return match check.mode {
-                    SniMode::Require => Err(End::Denied(Reason::SniRequired, Some(peek::ALERT_UNRECOGNIZED_NAME))),
+                    SniMode::Require => Err(End::Denied(
+                        Reason::SniRequired,
+                        Some(peek::ALERT_UNRECOGNIZED_NAME),
+                    )),
                     _ => Ok(()),
                 };
             };
@@ -263,7 +294,10 @@ fn verdict(judged: Peek, check: &Check, seen: &Mutex<(Option<String>, bool)>) ->
                 // A CONNECT to an address admitted by `addresses`: record the SNI, don't compare.
                 Host::Ip(_) => Ok(()),
                 Host::Name(host) if sni_matches(&sni, host) => Ok(()),
-                Host::Name(_) => Err(End::Denied(Reason::SniMismatch, Some(peek::ALERT_UNRECOGNIZED_NAME))),
+                Host::Name(_) => Err(End::Denied(
+                    Reason::SniMismatch,
+                    Some(peek::ALERT_UNRECOGNIZED_NAME),
+                )),
             }
         }
     }
@@ -290,9 +324,14 @@ pub fn sni_matches(sni: &str, host: &str) -> bool {
 async fn read_more(client: &ReadHalf<'_>, buf: &mut Vec<u8>) -> Result<(), End> {
     loop {
         client.readable().await.map_err(|_| End::Client)?;
-        let room = (peek::MAX_HELLO_BYTES + 1).saturating_sub(buf.len()).min(16 * 1024);
+        let room = (peek::MAX_HELLO_BYTES + 1)
+            .saturating_sub(buf.len())
+            .min(16 * 1024);
         if room == 0 {
-            return Err(End::Denied(Reason::BadRequest, Some(peek::ALERT_DECODE_ERROR)));
+            return Err(End::Denied(
+                Reason::BadRequest,
+                Some(peek::ALERT_DECODE_ERROR),
+            ));
         }
         buf.reserve(room);
         match client.try_read_buf(buf) {
@@ -361,7 +400,9 @@ where
             let mut written = 0;
             while written < n {
                 match Pin::new(&mut *to).poll_write(cx, &data[written..]) {
-                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Err(to_side.end())),
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                        return Poll::Ready(Err(to_side.end()))
+                    }
                     Poll::Ready(Ok(m)) => written += m,
                     Poll::Pending => break,
                 }

@@ -35,7 +35,9 @@ impl Txn {
     /// The record being filled.
     pub fn rec(&mut self) -> &mut Record {
         // `rec` is only None after finish, which consumes self.
-        self.rec.get_or_insert_with(|| Record::new(0, SocketAddr::from(([0, 0, 0, 0], 0)), SystemTime::now()))
+        self.rec.get_or_insert_with(|| {
+            Record::new(0, SocketAddr::from(([0, 0, 0, 0], 0)), SystemTime::now())
+        })
     }
 
     pub fn set_target(&mut self, t: &Target) {

@@ -71,10 +71,11 @@ impl Ca {
             path: key.to_path_buf(),
             what: format!("not a private key in PEM: {e}"),
         })?;
-        let ca_der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| CaError::Parse {
-            path: cert.to_path_buf(),
-            what: format!("not a certificate in PEM: {e}"),
-        })?;
+        let ca_der =
+            CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| CaError::Parse {
+                path: cert.to_path_buf(),
+                what: format!("not a certificate in PEM: {e}"),
+            })?;
         let issuer = Issuer::from_ca_cert_der(&ca_der, key_pair).map_err(|e| CaError::Parse {
             path: cert.to_path_buf(),
             what: format!("not a usable CA certificate: {e}"),
@@ -115,7 +116,11 @@ impl Ca {
             let (map, tick) = &mut *guard;
             if map.len() >= LEAF_CACHE_MAX && !map.contains_key(host) {
                 // Evict the least recently used leaf.
-                if let Some(oldest) = map.iter().min_by_key(|(_, c)| c.used).map(|(h, _)| h.clone()) {
+                if let Some(oldest) = map
+                    .iter()
+                    .min_by_key(|(_, c)| c.used)
+                    .map(|(h, _)| h.clone())
+                {
                     map.remove(&oldest);
                 }
             }
@@ -136,7 +141,11 @@ impl Ca {
         self.cache.lock().map(|c| c.0.len()).unwrap_or(0)
     }
 
-    fn mint(&self, host: &str, now: SystemTime) -> Result<(Arc<CertifiedKey>, SystemTime), CaError> {
+    fn mint(
+        &self,
+        host: &str,
+        now: SystemTime,
+    ) -> Result<(Arc<CertifiedKey>, SystemTime), CaError> {
         let mint_err = |e: rcgen::Error| CaError::Mint(e.to_string());
         let mut params = CertificateParams::default();
         params.subject_alt_names = vec![match host.parse::<std::net::IpAddr>() {
@@ -153,7 +162,9 @@ impl Ca {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
         let leaf_key = KeyPair::generate().map_err(mint_err)?;
-        let cert = params.signed_by(&leaf_key, &self.issuer).map_err(mint_err)?;
+        let cert = params
+            .signed_by(&leaf_key, &self.issuer)
+            .map_err(mint_err)?;
         let key_der = PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
         let signing = self
             .provider
@@ -236,9 +247,15 @@ mod tests {
     fn generated_ca_loads_and_mints_cached_bounded_leaves() {
         let dir = tempfile::tempdir().unwrap();
         let (cert, key) = generate(dir.path(), false).unwrap();
-        assert!(matches!(generate(dir.path(), false), Err(CaError::Exists(_))));
+        assert!(matches!(
+            generate(dir.path(), false),
+            Err(CaError::Exists(_))
+        ));
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let ca = Ca::load(&cert, &key).unwrap();
         let a = ca.leaf("repo.clearswift.net").unwrap();
         let b = ca.leaf("repo.clearswift.net").unwrap();

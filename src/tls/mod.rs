@@ -119,17 +119,26 @@ where
             return end(stats, &up, &down, Some(Reason::UpstreamTls), false);
         }
     };
-    let mut server = match rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
+    let mut server = match rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
     {
-        Ok(b) => b.with_no_client_auth().with_cert_resolver(Arc::new(OneCert(leaf))),
+        Ok(b) => b
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(OneCert(leaf))),
         Err(_) => return end(stats, &up, &down, Some(Reason::UpstreamTls), false),
     };
     server.alpn_protocols = vec![b"http/1.1".to_vec()];
 
     // Re-originate first, so a failure can be told to the client over HTTP.
     let upstream_tls = connect_upstream(&t, &host, upstream).await;
-    let client_tls = match tokio::time::timeout(limits.header_read_timeout, start.into_stream(Arc::new(server))).await {
+    let client_tls = match tokio::time::timeout(
+        limits.header_read_timeout,
+        start.into_stream(Arc::new(server)),
+    )
+    .await
+    {
         Ok(Ok(s)) => s,
         _ => return end(stats, &up, &down, Some(Reason::ClientClosed), false),
     };
@@ -144,7 +153,13 @@ where
     end(stats, &up, &down, reason, false)
 }
 
-fn end(mut s: InspectStats, up: &AtomicU64, down: &AtomicU64, reason: Option<Reason>, denied: bool) -> InspectStats {
+fn end(
+    mut s: InspectStats,
+    up: &AtomicU64,
+    down: &AtomicU64,
+    reason: Option<Reason>,
+    denied: bool,
+) -> InspectStats {
     s.up = up.load(Ordering::Relaxed);
     s.down = down.load(Ordering::Relaxed);
     s.reason = reason;
@@ -162,7 +177,12 @@ async fn connect_upstream(
         Host::Name(_) => ServerName::try_from(host.to_string()).map_err(|_| Reason::UpstreamTls)?,
     };
     let connector = TlsConnector::from(t.inspector.upstreams.for_rule(t.rule));
-    match tokio::time::timeout(t.settings.limits.connect_timeout, connector.connect(name, upstream)).await {
+    match tokio::time::timeout(
+        t.settings.limits.connect_timeout,
+        connector.connect(name, upstream),
+    )
+    .await
+    {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(e)) => {
             tracing::info!(error = %e, host, "upstream TLS failed");
@@ -180,7 +200,11 @@ where
     let svc = service_fn(|req: Request<Incoming>| {
         let mut txn = inner_txn(t, &req);
         txn.set_decision(Decided::Inspect);
-        let status = if reason == Reason::Timeout { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::BAD_GATEWAY };
+        let status = if reason == Reason::Timeout {
+            StatusCode::GATEWAY_TIMEOUT
+        } else {
+            StatusCode::BAD_GATEWAY
+        };
         let resp = refuse(txn, Refusal::with_status(reason, status), &t.settings);
         async move { Ok::<_, std::convert::Infallible>(resp) }
     });
@@ -214,7 +238,11 @@ fn bracket(h: &Host) -> String {
 }
 
 /// Relay HTTP/1.1 between the terminated client and the upstream.
-async fn relay<I>(t: &Inspected, io: TokioIo<I>, upstream: tokio_rustls::client::TlsStream<TcpStream>) -> Option<Reason>
+async fn relay<I>(
+    t: &Inspected,
+    io: TokioIo<I>,
+    upstream: tokio_rustls::client::TlsStream<TcpStream>,
+) -> Option<Reason>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -265,7 +293,11 @@ async fn inner(
     }
     let d = t.policy.decide(&t.target, req.method());
     if d.verdict == Verdict::Deny {
-        return refuse(txn, Refusal::new(d.reason.unwrap_or(Reason::DenyRule)), &t.settings);
+        return refuse(
+            txn,
+            Refusal::new(d.reason.unwrap_or(Reason::DenyRule)),
+            &t.settings,
+        );
     }
     let (mut parts, body) = req.into_parts();
     let up = (!hyper::body::Body::is_end_stream(&body)).then(|| Arc::new(UpCount::default()));
@@ -273,7 +305,10 @@ async fn inner(
     if let Some(pq) = parts.uri.path_and_query().cloned() {
         parts.uri = http::Uri::from(pq);
     }
-    let out = Request::from_parts(parts, RequestBody::new(body, up.clone().unwrap_or_default()));
+    let out = Request::from_parts(
+        parts,
+        RequestBody::new(body, up.clone().unwrap_or_default()),
+    );
     let mut s = sender.lock().await;
     if s.ready().await.is_err() {
         drop(s);
@@ -287,7 +322,10 @@ async fn inner(
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             let status = parts.status.as_u16();
-            Response::from_parts(parts, ProxyBody::Streamed(Box::new(ResponseBody::new(body, txn, up, status))))
+            Response::from_parts(
+                parts,
+                ProxyBody::Streamed(Box::new(ResponseBody::new(body, txn, up, status))),
+            )
         }
         Ok(Err(e)) => {
             let reason = upstream_failure(is_tls_error(&e), &mut failed).await;
@@ -299,11 +337,17 @@ async fn inner(
 
 /// `upstream_tls` when the request's error or the upstream connection's
 /// own error is a TLS one, else `upstream_reset`.
-async fn upstream_failure(tls: bool, failed: &mut tokio::sync::watch::Receiver<Option<bool>>) -> Reason {
-    let from_conn = tokio::time::timeout(std::time::Duration::from_millis(500), failed.wait_for(Option::is_some))
-        .await
-        .ok()
-        .and_then(|r| r.ok().and_then(|v| *v));
+async fn upstream_failure(
+    tls: bool,
+    failed: &mut tokio::sync::watch::Receiver<Option<bool>>,
+) -> Reason {
+    let from_conn = tokio::time::timeout(
+        std::time::Duration::from_millis(500),
+        failed.wait_for(Option::is_some),
+    )
+    .await
+    .ok()
+    .and_then(|r| r.ok().and_then(|v| *v));
     if tls || from_conn == Some(true) {
         Reason::UpstreamTls
     } else {
@@ -318,7 +362,10 @@ fn is_tls_error(e: &hyper::Error) -> bool {
             return true;
         }
         if let Some(io) = err.downcast_ref::<io::Error>() {
-            if io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>())
+            {
                 return true;
             }
         }
@@ -333,7 +380,12 @@ fn same_host(t: &Target, req: &Request<Incoming>) -> bool {
         .uri()
         .authority()
         .map(|a| a.as_str().to_string())
-        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string));
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        });
     let Some(authority) = authority else {
         return false;
     };
@@ -352,7 +404,11 @@ struct Counted<C> {
 }
 
 impl<C: AsyncRead + Unpin> AsyncRead for Counted<C> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
@@ -362,7 +418,11 @@ impl<C: AsyncRead + Unpin> AsyncRead for Counted<C> {
 }
 
 impl<C: AsyncWrite + Unpin> AsyncWrite for Counted<C> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, data);
         if let Poll::Ready(Ok(n)) = &r {
             self.written.fetch_add(*n as u64, Ordering::Relaxed);

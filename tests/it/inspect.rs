@@ -13,7 +13,12 @@ const HOST: &str = "cls.sophosxl.net";
 
 /// A CA made by `ca generate` in the proxy's temp dir, the origin's
 /// certificate as an extra root, and a catalog for `HOST` on `port`.
-fn inspecting_config(dir: &std::path::Path, origin_pem: &str, extra_rules: &str, port: u16) -> (String, String) {
+fn inspecting_config(
+    dir: &std::path::Path,
+    origin_pem: &str,
+    extra_rules: &str,
+    port: u16,
+) -> (String, String) {
     egress_proxy::tls::ca::generate(&dir.join("certs"), false).expect("ca generate");
     std::fs::write(dir.join("origin.pem"), origin_pem).expect("origin pem");
     let cfg = config(
@@ -77,7 +82,8 @@ fn inner(records: &[Record]) -> Vec<&Record> {
 async fn inspected_requests_chain_to_our_ca_and_each_gets_a_record() {
     let origin = TlsOrigin::start(HOST).await;
     let dir = tempfile::tempdir().expect("dir");
-    let (cfg, catalog) = inspecting_config(dir.path(), &origin.cert.cert_pem, "", origin.addr.port());
+    let (cfg, catalog) =
+        inspecting_config(dir.path(), &origin.cert.cert_pem, "", origin.addr.port());
     let proxy = start_in(dir, &cfg, &catalog).await;
     let client = client_trusting_ca(&proxy);
     let url = format!("https://{HOST}:{}/lookup?q=1", origin.addr.port());
@@ -90,7 +96,11 @@ async fn inspected_requests_chain_to_our_ca_and_each_gets_a_record() {
     drop(client);
     let recs = proxy.audit.wait_for(WAIT, |r| r.len() >= 4).await;
     let inner = inner(&recs);
-    assert_eq!(inner.len(), 3, "one record per inner request (keep-alive): {recs:#?}");
+    assert_eq!(
+        inner.len(),
+        3,
+        "one record per inner request (keep-alive): {recs:#?}"
+    );
     for r in &inner {
         assert_eq!(r.decision, Decided::Inspect);
         assert_eq!(r.url.as_deref(), Some(url.as_str()));
@@ -104,20 +114,27 @@ async fn inspected_requests_chain_to_our_ca_and_each_gets_a_record() {
     assert_eq!(tunnel[0].status, Some(200));
     assert_eq!(tunnel[0].sni.as_deref(), Some(HOST));
     assert!(tunnel[0].bytes_up > 0 && tunnel[0].bytes_down > 0);
-    assert_eq!(origin.snis.lock().expect("snis").len(), 1, "one upstream TLS connection, reused");
+    assert_eq!(
+        origin.snis.lock().expect("snis").len(),
+        1,
+        "one upstream TLS connection, reused"
+    );
 }
 
 #[tokio::test]
 async fn inner_request_for_another_host_is_host_mismatch() {
     let origin = TlsOrigin::start(HOST).await;
     let dir = tempfile::tempdir().expect("dir");
-    let (cfg, catalog) = inspecting_config(dir.path(), &origin.cert.cert_pem, "", origin.addr.port());
+    let (cfg, catalog) =
+        inspecting_config(dir.path(), &origin.cert.cert_pem, "", origin.addr.port());
     let proxy = start_in(dir, &cfg, &catalog).await;
     crypto();
     let pem = std::fs::read(proxy.dir.path().join("certs/ca.pem")).expect("ca.pem");
     let mut roots = rustls::RootCertStore::empty();
     roots
-        .add(rustls::pki_types::CertificateDer::from_pem_slice_compat(&pem))
+        .add(rustls::pki_types::CertificateDer::from_pem_slice_compat(
+            &pem,
+        ))
         .expect("root");
     let tls = rustls::ClientConfig::builder()
         .with_root_certificates(roots)
@@ -137,7 +154,12 @@ async fn inner_request_for_another_host_is_host_mismatch() {
     let text = String::from_utf8_lossy(&out);
     assert!(text.starts_with("HTTP/1.1 403"), "{text}");
     assert!(text.contains("x-egress-error: host_mismatch"), "{text}");
-    let recs = proxy.audit.wait_for(WAIT, |r| r.iter().any(|x| x.reason == Some(Reason::HostMismatch))).await;
+    let recs = proxy
+        .audit
+        .wait_for(WAIT, |r| {
+            r.iter().any(|x| x.reason == Some(Reason::HostMismatch))
+        })
+        .await;
     let r = recs
         .iter()
         .find(|x| x.reason == Some(Reason::HostMismatch))
@@ -156,17 +178,24 @@ async fn upstream_with_untrusted_certificate_is_upstream_tls() {
     let proxy = start_in(dir, &cfg, &catalog).await;
     let client = client_trusting_ca(&proxy);
     let url = format!("https://{HOST}:{}/", origin.addr.port());
-    let resp = client.get(&url).send().await.expect("an HTTP answer inside the tunnel");
+    let resp = client
+        .get(&url)
+        .send()
+        .await
+        .expect("an HTTP answer inside the tunnel");
     assert_eq!(resp.status(), 502);
     assert_eq!(resp.headers()["x-egress-error"], "upstream_tls");
     drop(client);
     let recs = proxy.audit.wait_for(WAIT, |r| r.len() >= 2).await;
     assert!(
-        recs.iter().any(|r| r.url.is_some() && r.reason == Some(Reason::UpstreamTls) && r.status == Some(502)),
+        recs.iter().any(|r| r.url.is_some()
+            && r.reason == Some(Reason::UpstreamTls)
+            && r.status == Some(502)),
         "{recs:#?}"
     );
     assert!(
-        recs.iter().any(|r| r.url.is_none() && r.reason == Some(Reason::UpstreamTls)),
+        recs.iter()
+            .any(|r| r.url.is_none() && r.reason == Some(Reason::UpstreamTls)),
         "the tunnel record says upstream_tls: {recs:#?}"
     );
 }
@@ -200,7 +229,10 @@ async fn bypass_rule_is_never_terminated_with_a_ca() {
 }
 
 /// An origin that demands a client certificate signed by `client_ca`.
-async fn mtls_origin(name: &str, client_ca: &rcgen::CertifiedKey<rcgen::KeyPair>) -> (std::net::SocketAddr, TestCert) {
+async fn mtls_origin(
+    name: &str,
+    client_ca: &rcgen::CertifiedKey<rcgen::KeyPair>,
+) -> (std::net::SocketAddr, TestCert) {
     crypto();
     let cert = self_signed(&[name]);
     let mut roots = rustls::RootCertStore::empty();
@@ -219,11 +251,13 @@ async fn mtls_origin(name: &str, client_ca: &rcgen::CertifiedKey<rcgen::KeyPair>
         while let Ok((s, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(s).await else { return };
+                let Ok(tls) = acceptor.accept(s).await else {
+                    return;
+                };
                 let svc = service_fn(|_req: hyper::Request<hyper::body::Incoming>| async {
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
-                        bytes::Bytes::from_static(b"licence ok"),
-                    )))
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(b"licence ok")),
+                    ))
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tls), svc)
@@ -256,7 +290,11 @@ async fn client_certificate_is_presented_where_the_rule_asks() {
     for with_cert in [true, false] {
         let dir = tempfile::tempdir().expect("dir");
         std::fs::write(dir.path().join("licence-client.pem"), leaf.pem()).expect("cert");
-        std::fs::write(dir.path().join("licence-client.key"), leaf_key.serialize_pem()).expect("key");
+        std::fs::write(
+            dir.path().join("licence-client.key"),
+            leaf_key.serialize_pem(),
+        )
+        .expect("key");
         let cc = if with_cert {
             "client_cert = { cert = \"licence-client.pem\", key = \"licence-client.key\" }\n"
         } else {
@@ -299,9 +337,11 @@ async fn client_cert_on_a_bypass_rule_is_a_load_error() {
     let path = dir.path().join("egress-proxy.toml");
     std::fs::write(&path, &cfg).expect("config");
     std::fs::write(dir.path().join("catalog.toml"), catalog).expect("catalog");
-    let Err(err) =
-        egress_proxy::config::Settings::from_toml(egress_proxy::config::ConfigSource::File(path), &cfg, Vec::new())
-    else {
+    let Err(err) = egress_proxy::config::Settings::from_toml(
+        egress_proxy::config::ConfigSource::File(path),
+        &cfg,
+        Vec::new(),
+    ) else {
         panic!("a client_cert on a bypass rule must not load");
     };
     assert!(err.to_string().contains("client_cert"), "{err}");
@@ -320,18 +360,37 @@ fn ca_generate_command_writes_a_loadable_ca_and_never_overwrites_without_force()
     };
     let out_s = out.to_str().expect("utf-8 path");
     let first = run(&["ca", "generate", "--out", out_s]);
-    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     let stdout = String::from_utf8_lossy(&first.stdout);
-    assert!(stdout.contains("ca_cert") && stdout.contains("trust"), "says how to use it: {stdout}");
-    let mode = std::fs::metadata(out.join("ca.key")).expect("key").permissions().mode();
+    assert!(
+        stdout.contains("ca_cert") && stdout.contains("trust"),
+        "says how to use it: {stdout}"
+    );
+    let mode = std::fs::metadata(out.join("ca.key"))
+        .expect("key")
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
     let before = std::fs::read(out.join("ca.key")).expect("key");
     let second = run(&["ca", "generate", "--out", out_s]);
     assert_eq!(second.status.code(), Some(1), "refuses to overwrite");
-    assert_eq!(std::fs::read(out.join("ca.key")).expect("key"), before, "key untouched");
+    assert_eq!(
+        std::fs::read(out.join("ca.key")).expect("key"),
+        before,
+        "key untouched"
+    );
     let forced = run(&["ca", "generate", "--out", out_s, "--force"]);
     assert!(forced.status.success());
-    assert_ne!(std::fs::read(out.join("ca.key")).expect("key"), before, "--force replaces it");
-    let ca = egress_proxy::tls::ca::Ca::load(&out.join("ca.pem"), &out.join("ca.key")).expect("loads back");
+    assert_ne!(
+        std::fs::read(out.join("ca.key")).expect("key"),
+        before,
+        "--force replaces it"
+    );
+    let ca = egress_proxy::tls::ca::Ca::load(&out.join("ca.pem"), &out.join("ca.key"))
+        .expect("loads back");
     assert_eq!(ca.leaf("repo.clearswift.net").expect("leaf").cert.len(), 2);
 }

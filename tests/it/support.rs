@@ -722,7 +722,8 @@ impl TapOrigin {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let bytes = Arc::new(Mutex::new(Vec::new()));
         let accepts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (seen2, bytes2, accepts2) = (Arc::clone(&seen), Arc::clone(&bytes), Arc::clone(&accepts));
+        let (seen2, bytes2, accepts2) =
+            (Arc::clone(&seen), Arc::clone(&bytes), Arc::clone(&accepts));
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 accepts2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -772,7 +773,11 @@ impl TapOrigin {
             "{what}: the origin received {:?}",
             String::from_utf8_lossy(&self.bytes())
         );
-        assert!(self.seen().is_empty(), "{what}: the origin saw {:?}", self.seen());
+        assert!(
+            self.seen().is_empty(),
+            "{what}: the origin saw {:?}",
+            self.seen()
+        );
     }
 }
 
