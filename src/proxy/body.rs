@@ -73,13 +73,14 @@ pub struct UpCount {
 /// The client's request body on its way upstream, counted.
 pub struct RequestBody {
     inner: Incoming,
-    count: Arc<UpCount>,
+    /// None for a request without a body: nothing to count, nothing allocated.
+    count: Option<Arc<UpCount>>,
     /// Marked idle when the body is complete (see `ConnIo`).
     conn: Option<Arc<super::ConnIo>>,
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, count: Arc<UpCount>) -> Self {
+    pub fn new(inner: Incoming, count: Option<Arc<UpCount>>) -> Self {
         RequestBody {
             inner,
             count,
@@ -104,19 +105,17 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(f))) => {
+        match (&polled, &this.count) {
+            (Poll::Ready(Some(Ok(f))), Some(count)) => {
                 if let Some(d) = f.data_ref() {
-                    this.count
-                        .bytes
-                        .fetch_add(d.len() as u64, Ordering::Relaxed);
+                    count.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
                 }
             }
-            Poll::Ready(Some(Err(e))) => {
+            (Poll::Ready(Some(Err(e))), Some(count)) => {
                 let flag = if is_malformed(e) {
-                    &this.count.malformed
+                    &count.malformed
                 } else {
-                    &this.count.client_error
+                    &count.client_error
                 };
                 flag.store(true, Ordering::Relaxed);
             }

@@ -41,7 +41,7 @@ pub async fn forward(
     };
     let (parts, body) = req.into_parts();
     let up = (!hyper::body::Body::is_end_stream(&body)).then(|| Arc::new(UpCount::default()));
-    let body = RequestBody::new(body, up.clone().unwrap_or_default()).marking(Arc::clone(&ctx.io));
+    let body = RequestBody::new(body, up.clone()).marking(Arc::clone(&ctx.io));
     let mut out = Request::new(body);
     *out.method_mut() = parts.method;
     *out.uri_mut() = origin_form(&parts.uri);

@@ -305,10 +305,7 @@ async fn inner(
     if let Some(pq) = parts.uri.path_and_query().cloned() {
         parts.uri = http::Uri::from(pq);
     }
-    let out = Request::from_parts(
-        parts,
-        RequestBody::new(body, up.clone().unwrap_or_default()),
-    );
+    let out = Request::from_parts(parts, RequestBody::new(body, up.clone()));
     let mut s = sender.lock().await;
     if s.ready().await.is_err() {
         drop(s);
