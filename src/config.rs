@@ -609,15 +609,6 @@ impl<'a> Validator<'a> {
         parse_cidr(value).map_err(|m| self.err(key, m)).ok()
     }
 
-    fn path(&mut self, base: &Path, value: &str) -> PathBuf {
-        let p = Path::new(value);
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            base.join(p)
-        }
-    }
-
     fn settings(&mut self, raw: RawConfig, source: &ConfigSource, base: &Path) -> Settings {
         let server = self.server(raw.server);
         let clients = raw
@@ -642,7 +633,7 @@ impl<'a> Validator<'a> {
         let policy_settings = PolicySettings {
             catalog: match source {
                 ConfigSource::Builtin => None,
-                ConfigSource::File(_) => Some(self.path(base, &raw.policy.catalog)),
+                ConfigSource::File(_) => Some(resolve(base, &raw.policy.catalog)),
             },
             default: match raw.policy.default.as_str() {
                 "deny" => DefaultAction::Deny,
@@ -826,9 +817,9 @@ impl<'a> Validator<'a> {
             );
         }
         TlsSettings {
-            ca_cert: raw.ca_cert.map(|p| self.path(base, &p)),
-            ca_key: raw.ca_key.map(|p| self.path(base, &p)),
-            extra_roots: raw.extra_roots.iter().map(|p| self.path(base, p)).collect(),
+            ca_cert: raw.ca_cert.map(|p| resolve(base, &p)),
+            ca_key: raw.ca_key.map(|p| resolve(base, &p)),
+            extra_roots: raw.extra_roots.iter().map(|p| resolve(base, p)).collect(),
         }
     }
 
@@ -842,7 +833,7 @@ impl<'a> Validator<'a> {
                 );
                 AuditPath::Stdout
             }
-            p => AuditPath::File(self.path(base, p)),
+            p => AuditPath::File(resolve(base, p)),
         };
         let format = match raw.format.as_str() {
             "json" => AuditFormat::Json,
@@ -1080,6 +1071,7 @@ fn validate_rule(r: RawRule, base: &Path, err: &mut impl FnMut(&str, String)) ->
     })
 }
 
+/// A path from the config, relative to the config file's folder.
 fn resolve(base: &Path, value: &str) -> PathBuf {
     let p = Path::new(value);
     if p.is_absolute() {

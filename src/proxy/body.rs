@@ -174,12 +174,19 @@ impl ResponseBody {
         }
     }
 
+    /// The transaction with its status and the request bytes sent so far.
+    fn take_txn(&mut self) -> Option<Txn> {
+        let mut txn = self.txn.take()?;
+        if let Some(up) = &self.up {
+            txn.add_up(up.bytes.load(Ordering::Relaxed));
+        }
+        txn.rec().status = Some(self.status);
+        Some(txn)
+    }
+
     fn end(&mut self, reason: Option<Reason>) {
-        if let Some(mut txn) = self.txn.take() {
-            if let Some(up) = &self.up {
-                txn.add_up(up.bytes.load(Ordering::Relaxed));
-            }
-            txn.finish(Some(self.status), reason);
+        if let Some(txn) = self.take_txn() {
+            txn.finish(None, reason);
         }
     }
 }
@@ -229,14 +236,8 @@ impl Drop for ResponseBody {
             self.end(None);
             return;
         }
-        if let Some(mut txn) = self.txn.take() {
-            if let Some(up) = &self.up {
-                txn.add_up(up.bytes.load(Ordering::Relaxed));
-            }
-            // Dropped before its end: the client went away (or shutdown cut
-            // it; Txn's drop tells which).
-            txn.rec().status = Some(self.status);
-            drop(txn);
-        }
+        // Dropped before its end: the client went away (or shutdown cut it;
+        // Txn's drop records which).
+        drop(self.take_txn());
     }
 }

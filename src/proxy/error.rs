@@ -49,14 +49,19 @@ impl Refusal {
         }
     }
 
-    /// The response sent to the client.
-    pub fn response(&self, id: u64, realm: Option<&str>) -> Response<ProxyBody> {
-        let body = format!(
+    /// The text body: the reason, what it means, and the record id.
+    fn body(&self, id: u64) -> String {
+        format!(
             "egress-proxy refused this request: {} ({})\nid: {}\n",
             self.reason.as_str(),
             self.reason.describe(),
             format_id(id)
-        );
+        )
+    }
+
+    /// The response sent to the client.
+    pub fn response(&self, id: u64, realm: Option<&str>) -> Response<ProxyBody> {
+        let body = self.body(id);
         let mut resp = Response::new(ProxyBody::full(Bytes::from(body)));
         *resp.status_mut() = self.status;
         let h = resp.headers_mut();
@@ -86,12 +91,7 @@ impl Refusal {
     /// The same response as raw HTTP/1.1 bytes, for refusals made before
     /// hyper reads the request (connection limit, client ACL).
     pub fn raw(&self, id: u64) -> Vec<u8> {
-        let body = format!(
-            "egress-proxy refused this request: {} ({})\nid: {}\n",
-            self.reason.as_str(),
-            self.reason.describe(),
-            format_id(id)
-        );
+        let body = self.body(id);
         format!(
             "HTTP/1.1 {} {}\r\nconnection: close\r\nx-egress-error: {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n\r\n{}",
             self.status.as_u16(),

@@ -273,7 +273,14 @@ where
         .serve_connection(io, svc);
     let hard = t.shared.drain.hard.clone();
     let reason = tokio::select! {
-        r = served => r.err().and_then(|e| if e.is_timeout() || e.is_incomplete_message() { None } else { tracing::debug!(error = %e, "inspected connection"); None }),
+        // Each inner request has its own record; the connection ending
+        // (idle time-out, client gone) is not a refusal of the tunnel.
+        r = served => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "inspected connection ended");
+            }
+            None
+        }
         () = hard.cancelled() => Some(Reason::Shutdown),
     };
     conn_task.abort();
