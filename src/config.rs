@@ -74,6 +74,7 @@ struct RawServer {
     admin_listen: Option<String>,
     admin_token: Option<String>,
     max_connections: u64,
+    splice_pipes: Option<u64>,
     shutdown_grace: String,
     proxy_protocol: bool,
     via: bool,
@@ -86,6 +87,7 @@ impl Default for RawServer {
             admin_listen: Some("127.0.0.1:9090".into()),
             admin_token: None,
             max_connections: 0,
+            splice_pipes: None,
             shutdown_grace: "30s".into(),
             proxy_protocol: false,
             via: false,
@@ -281,6 +283,9 @@ pub struct ServerSettings {
     pub admin_token: Option<String>,
     /// 0: derived from the file-descriptor limit at start.
     pub max_connections: usize,
+    /// Pipes bulk tunnels may splice through at once; `None`: derived from
+    /// the file-descriptor limit at start, 0: never splice.
+    pub splice_pipes: Option<usize>,
     pub shutdown_grace: Duration,
     pub proxy_protocol: bool,
     pub via: bool,
@@ -688,6 +693,9 @@ impl<'a> Validator<'a> {
             admin_listen,
             admin_token: raw.admin_token.filter(|t| !t.is_empty()),
             max_connections: usize::try_from(raw.max_connections).unwrap_or(usize::MAX),
+            splice_pipes: raw
+                .splice_pipes
+                .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
             shutdown_grace: self.duration("server.shutdown_grace", &raw.shutdown_grace),
             proxy_protocol: raw.proxy_protocol,
             via: raw.via,

@@ -120,8 +120,13 @@ impl Proxy {
         metrics: Arc<Metrics>,
     ) -> Result<Self, StartError> {
         let resolver = dns::Resolver::new(&settings.dns, DNS_TIMEOUT)?;
-        let cap = proxy::connection_cap(settings.server.max_connections);
-        tracing::info!(max_connections = cap, "connection cap");
+        let pipes = proxy::pipe_cap(settings.server.splice_pipes);
+        let cap = proxy::connection_cap(settings.server.max_connections, pipes);
+        tracing::info!(
+            max_connections = cap,
+            splice_pipes = pipes,
+            "connection cap"
+        );
         metrics.set_catalog(settings.policy.hash(), settings.policy.rules().len());
         metrics
             .status
@@ -139,6 +144,7 @@ impl Proxy {
             ids: IdGen::new(),
             drain: Drain::new(),
             conns: Arc::new(Semaphore::new(cap)),
+            splicer: proxy::tunnel::Splicer::new(pipes, metrics.spliced.clone()),
             refusing: Arc::new(Semaphore::new(256)),
             guards: ArcSwap::from_pointee(guards),
             ca,

@@ -58,6 +58,8 @@ pub struct Metrics {
     pub catalog: Family<CatalogLabels, Gauge>,
     pub catalog_rules: Gauge,
     pub connection_limit: Counter,
+    /// Tunnel directions that moved on to splice(2).
+    pub spliced: Counter,
     pub audit_written: Counter,
     pub audit_queued: Gauge,
     pub audit_waits: Counter,
@@ -85,6 +87,7 @@ impl Metrics {
             catalog: Family::default(),
             catalog_rules: Gauge::default(),
             connection_limit: Counter::default(),
+            spliced: Counter::default(),
             audit_written: Counter::default(),
             audit_queued: Gauge::default(),
             audit_waits: Counter::default(),
@@ -152,6 +155,11 @@ impl Metrics {
             "connection_limit_refusals",
             "Connections refused at the connection cap",
             m.connection_limit.clone(),
+        );
+        registry.register(
+            "tunnel_splices",
+            "Tunnel directions that moved on to splice(2) after their bulk threshold",
+            m.spliced.clone(),
         );
         registry.register(
             "audit_records",

@@ -100,6 +100,10 @@ pub fn diff(old: &Settings, new: &Settings) -> Vec<String> {
             old.server.max_connections != new.server.max_connections,
         ),
         (
+            "server.splice_pipes",
+            old.server.splice_pipes != new.server.splice_pipes,
+        ),
+        (
             "server.proxy_protocol",
             old.server.proxy_protocol != new.server.proxy_protocol,
         ),

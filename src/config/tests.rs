@@ -540,6 +540,7 @@ fn environment_overrides_scalars() {
             ("EGRESS_PROXY__LIMITS__CONNECT_TIMEOUT", "3s"),
             ("EGRESS_PROXY__POLICY__DEFAULT", "report"),
             ("EGRESS_PROXY__SERVER__VIA", "true"),
+            ("EGRESS_PROXY__SERVER__SPLICE_PIPES", "0"),
             ("EGRESS_PROXY__STATUS__DENIALS_KEPT", "7"),
             ("UNRELATED", "ignored"),
         ]),
@@ -549,6 +550,7 @@ fn environment_overrides_scalars() {
     assert_eq!(s.policy_settings.default, DefaultAction::Report);
     assert_eq!(s.policy.default_action(), DefaultAction::Report);
     assert!(s.server.via);
+    assert_eq!(s.server.splice_pipes, Some(0));
     assert_eq!(s.denials_kept, 7);
 }
 
@@ -665,6 +667,7 @@ fn an_empty_config_file_gets_the_defaults() {
         Some("127.0.0.1:9090".parse().unwrap())
     );
     assert_eq!(s.server.shutdown_grace, Duration::from_secs(30));
+    assert_eq!(s.server.splice_pipes, None, "derived at start");
     assert_eq!(s.clients.len(), 2);
     assert_eq!(s.limits.header_read_timeout, Duration::from_secs(10));
     assert_eq!(s.limits.tunnel_idle_timeout, Duration::from_secs(3600));

@@ -77,6 +77,7 @@ pub async fn tunnel(
     };
     let idle = settings.limits.tunnel_idle_timeout;
     let hard = ctx.shared.drain.hard.clone();
+    let splicer = ctx.shared.splicer.clone();
     let on_upgrade = hyper::upgrade::on(&mut req);
     let open_tunnels = ctx.shared.metrics.open_tunnels.clone();
     // The tunnel keeps the connection's context, and with it the connection
@@ -113,7 +114,7 @@ pub async fn tunnel(
             bytes::Bytes::copy_from_slice(&parts.read_buf)
         };
         drop(parts.read_buf);
-        let stats = tunnel::run(client, early, upstream, check, idle, hard).await;
+        let stats = tunnel::run(client, early, upstream, check, idle, hard, &splicer).await;
         let rec = txn.rec();
         rec.bytes_up = stats.up;
         rec.bytes_down = stats.down;

@@ -57,6 +57,8 @@ pub struct Shared {
     pub drain: Drain,
     /// Connection permits (`server.max_connections`).
     pub conns: Arc<Semaphore>,
+    /// Pipes for bulk tunnels to splice through.
+    pub splicer: tunnel::Splicer,
     /// The inspection CA, loaded at start when `[tls]` sets one.
     pub ca: Option<Arc<Ca>>,
     /// Bounds the connections being answered with a refusal at once (each
@@ -110,15 +112,28 @@ impl Shared {
     }
 }
 
+/// The soft file-descriptor limit.
+fn nofile() -> usize {
+    let nofile = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft);
+    usize::try_from(nofile).unwrap_or(usize::MAX)
+}
+
+/// How many splice pipes may be open at once: `server.splice_pipes`, or
+/// when unset, derived from the file-descriptor limit
+/// (see [`tunnel::pipe_budget`]).
+pub fn pipe_cap(configured: Option<usize>) -> usize {
+    configured.unwrap_or_else(|| tunnel::pipe_budget(nofile()))
+}
+
 /// The connection cap: `server.max_connections`, or when 0, derived from
-/// the file-descriptor limit (two descriptors a connection, some kept back).
-pub fn connection_cap(configured: usize) -> usize {
+/// the file-descriptor limit (two descriptors a connection, some kept back,
+/// and two for each splice pipe set aside).
+pub fn connection_cap(configured: usize, pipes: usize) -> usize {
     if configured > 0 {
         return configured;
     }
-    let nofile = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft);
-    let nofile = usize::try_from(nofile).unwrap_or(usize::MAX);
-    (nofile.saturating_sub(64) / 2).max(16)
+    let reserved = pipes.saturating_mul(2).saturating_add(64);
+    (nofile().saturating_sub(reserved) / 2).max(16)
 }
 
 /// Accept connections on `listener` until the drain begins.

@@ -4,23 +4,33 @@
 //! Memory: an idle tunnel owns no copy buffer. Reads go into one scratch
 //! buffer per worker thread and are written on at once; only bytes the other
 //! side cannot take yet are copied into a per-tunnel backlog, which is freed
-//! as soon as it drains. For spliced tunnels with an SNI check, the client's
+//! as soon as it drains.
+//!
+//! Bulk: a direction that has carried [`SPLICE_AFTER`] bytes moves on to
+//! splice(2) through a pipe of its own, so its bytes stay in the kernel. A
+//! pipe costs two file descriptors, so only bulk directions get one, and
+//! only while the [`Splicer`] has a pipe to spare; otherwise they keep copying.
+//!
+//! For spliced tunnels with an SNI check, the client's
 //! first bytes are held (bounded by [`peek::MAX_HELLO_BYTES`]) until the
 //! ClientHello is judged, then replayed unchanged; upstream-to-client bytes
 //! flow from the start.
 use std::cell::RefCell;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use std::pin::Pin;
 use std::task::Poll;
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::tcp::ReadHalf;
+use prometheus_client::metrics::counter::Counter;
+use rustix::pipe::{PipeFlags, SpliceFlags};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::peek::{self, Peek};
@@ -33,6 +43,40 @@ const SCRATCH: usize = 64 * 1024;
 
 thread_local! {
     static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
+}
+
+/// Bytes a direction carries by copying before it moves on to splice(2):
+/// well past a cloud look-up's exchange, well short of an update download.
+pub const SPLICE_AFTER: u64 = 256 * 1024;
+
+/// How much one splice(2) call moves (the default pipe capacity).
+const SPLICE_CHUNK: usize = 64 * 1024;
+
+/// Hands out splice pipes: each holds two file descriptors for as long as
+/// its bulk direction runs, so they are counted against a budget.
+#[derive(Clone)]
+pub struct Splicer {
+    permits: Arc<Semaphore>,
+    /// Directions that moved on to splice(2).
+    spliced: Counter,
+}
+
+impl Splicer {
+    /// At most `pipes` pipes at once (0: never splice).
+    pub fn new(pipes: usize, spliced: Counter) -> Self {
+        Splicer {
+            permits: Arc::new(Semaphore::new(pipes.min(Semaphore::MAX_PERMITS))),
+            spliced,
+        }
+    }
+}
+
+/// How many pipes may be open at once for `nofile` descriptors: their two
+/// descriptors each take at most a sixteenth of them, and never more than
+/// 256 pipes (a gateway runs a handful of bulk downloads at once; the rest
+/// of the descriptors are for tunnels).
+pub fn pipe_budget(nofile: usize) -> usize {
+    (nofile / 32).min(256)
 }
 
 /// The SNI check for a spliced tunnel.
@@ -107,6 +151,7 @@ pub async fn run(
     check: Option<Check>,
     idle: Duration,
     hard: CancellationToken,
+    splicer: &Splicer,
 ) -> TunnelStats {
     let base = Instant::now();
     let last = AtomicU64::new(0);
@@ -144,6 +189,7 @@ pub async fn run(
                 &up,
                 &last,
                 base,
+                splicer,
             )
             .await
         };
@@ -155,6 +201,7 @@ pub async fn run(
             &down,
             &last,
             base,
+            splicer,
         );
         tokio::pin!(up_fut, down_fut);
 
@@ -342,34 +389,74 @@ async fn read_more(client: &ReadHalf<'_>, buf: &mut Vec<u8>) -> Result<(), End> 
     }
 }
 
-/// Copy `from` -> `to` until EOF (then half-close `to`) or an error.
+/// Copy `from` -> `to` until EOF (then half-close `to`) or an error; past
+/// [`SPLICE_AFTER`] bytes, splice instead when a pipe can be had.
+#[allow(clippy::too_many_arguments)]
+async fn relay(
+    from: &mut ReadHalf<'_>,
+    from_side: Side,
+    to: &mut WriteHalf<'_>,
+    to_side: Side,
+    count: &AtomicU64,
+    last: &AtomicU64,
+    base: Instant,
+    splicer: &Splicer,
+) -> Result<(), End> {
+    let mut bulk_after = Some(SPLICE_AFTER);
+    loop {
+        match copy(from, from_side, to, to_side, count, last, base, bulk_after).await {
+            Copied::Done(r) => return r,
+            Copied::Bulk => {}
+        }
+        match Pipe::open(splicer) {
+            Ok(pipe) => {
+                return splice(from, from_side, to, to_side, &pipe, count, last, base).await
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "no splice pipe; copying on");
+                bulk_after = None;
+            }
+        }
+    }
+}
+
+/// How a copy phase ended.
+enum Copied {
+    Done(Result<(), End>),
+    /// The direction carried its bulk threshold; nothing is backlogged.
+    Bulk,
+}
+
+/// Copy `from` -> `to` until EOF (then half-close `to`), an error, or (with
+/// `bulk_after`) that many bytes moved in this phase.
 ///
 /// Poll-based so that each read goes into the worker thread's scratch
 /// buffer and is written on within the same poll; only what the other side
 /// cannot take yet is copied into a per-tunnel backlog, freed once drained.
 /// A short read tells tokio the socket is drained, so a ping-pong message
 /// costs one read and one write.
-async fn relay<R, W>(
-    from: &mut R,
+#[allow(clippy::too_many_arguments)]
+async fn copy(
+    from: &mut ReadHalf<'_>,
     from_side: Side,
-    to: &mut W,
+    to: &mut WriteHalf<'_>,
     to_side: Side,
     count: &AtomicU64,
     last: &AtomicU64,
     base: Instant,
-) -> Result<(), End>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+    bulk_after: Option<u64>,
+) -> Copied {
     let mut backlog: Vec<u8> = Vec::new();
     let mut off = 0usize;
     let mut eof = false;
+    let mut moved = 0u64;
     std::future::poll_fn(|cx| loop {
         // Drain the backlog first.
         while off < backlog.len() {
             match Pin::new(&mut *to).poll_write(cx, &backlog[off..]) {
-                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Err(to_side.end())),
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                    return Poll::Ready(Copied::Done(Err(to_side.end())))
+                }
                 Poll::Ready(Ok(n)) => off += n,
                 Poll::Pending => return Poll::Pending,
             }
@@ -382,8 +469,11 @@ where
         if eof {
             return match Pin::new(&mut *to).poll_shutdown(cx) {
                 Poll::Pending => Poll::Pending,
-                Poll::Ready(_) => Poll::Ready(Ok(())),
+                Poll::Ready(_) => Poll::Ready(Copied::Done(Ok(()))),
             };
+        }
+        if bulk_after.is_some_and(|b| moved >= b) {
+            return Poll::Ready(Copied::Bulk);
         }
         let step = SCRATCH_BUF.with_borrow_mut(|buf| {
             let mut rb = ReadBuf::new(buf);
@@ -414,13 +504,96 @@ where
         });
         match step {
             Poll::Pending => return Poll::Pending,
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Ready(Err(e)) => return Poll::Ready(Copied::Done(Err(e))),
             Poll::Ready(Ok(0)) => eof = true,
             Poll::Ready(Ok(n)) => {
                 count.fetch_add(n as u64, Ordering::Relaxed);
+                moved += n as u64;
                 touch(last, base);
             }
         }
     })
     .await
+}
+
+/// A pipe for splicing one direction, with the permit it holds.
+struct Pipe {
+    read: std::os::fd::OwnedFd,
+    write: std::os::fd::OwnedFd,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Pipe {
+    fn open(splicer: &Splicer) -> io::Result<Pipe> {
+        let permit = Arc::clone(&splicer.permits)
+            .try_acquire_owned()
+            .map_err(|_| io::Error::other("splice pipe budget spent"))?;
+        let (read, write) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
+        splicer.spliced.inc();
+
+        Ok(Pipe {
+            read,
+            write,
+            _permit: permit,
+        })
+    }
+}
+
+/// Move `from` -> `to` through `pipe` with splice(2) until EOF (then
+/// half-close `to`) or an error. Bytes are counted as they leave `from`,
+/// as the copy phase counts them.
+#[allow(clippy::too_many_arguments)]
+async fn splice(
+    from: &mut ReadHalf<'_>,
+    from_side: Side,
+    to: &mut WriteHalf<'_>,
+    to_side: Side,
+    pipe: &Pipe,
+    count: &AtomicU64,
+    last: &AtomicU64,
+    base: Instant,
+) -> Result<(), End> {
+    let flags = SpliceFlags::NONBLOCK | SpliceFlags::MOVE;
+    loop {
+        let src: &TcpStream = (*from).as_ref();
+        let n = loop {
+            src.readable().await.map_err(|_| from_side.end())?;
+            match src.try_io(Interest::READABLE, || {
+                Ok(rustix::pipe::splice(
+                    src,
+                    None,
+                    &pipe.write,
+                    None,
+                    SPLICE_CHUNK,
+                    flags,
+                )?)
+            }) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return Err(from_side.end()),
+            }
+        };
+        if n == 0 {
+            // The pipe is empty: every byte read has been written.
+            let _ = to.shutdown().await;
+            return Ok(());
+        }
+        count.fetch_add(n as u64, Ordering::Relaxed);
+        touch(last, base);
+        let dst: &TcpStream = (*to).as_ref();
+        let mut pending = n;
+        while pending > 0 {
+            dst.writable().await.map_err(|_| to_side.end())?;
+            match dst.try_io(Interest::WRITABLE, || {
+                Ok(rustix::pipe::splice(
+                    &pipe.read, None, dst, None, pending, flags,
+                )?)
+            }) {
+                Ok(0) => return Err(to_side.end()),
+                Ok(m) => pending = pending.saturating_sub(m),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return Err(to_side.end()),
+            }
+        }
+    }
 }
