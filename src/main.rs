@@ -80,6 +80,11 @@ enum AuthCmd {
     Hash,
 }
 
+/// mimalloc: fewer cycles per allocation than glibc's malloc on the
+/// request path, and no arena growth per thread.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // Usage errors exit 1 (DESIGN.md); --help and --version exit 0.
     let cli = match Cli::try_parse() {
