@@ -288,6 +288,23 @@ impl Record {
     }
 }
 
+/// Lower the calling thread's priority (nice 10), so that on a busy core
+/// a connection woken by the network preempts the writer instead of waiting
+/// for its batch: records cost no request latency. The writer still gets
+/// every idle moment, and back-pressure (a full queue makes transactions
+/// wait) gives it the core when records pile up, so none is lost.
+pub fn yield_to_traffic() {
+    let tid = rustix::thread::gettid();
+    // Never raise it: a proxy started under `nice 15` keeps its writer there.
+    let now = rustix::process::getpriority_process(Some(tid)).unwrap_or(0);
+    if let Err(e) = rustix::process::setpriority_process(Some(tid), now.max(WRITER_NICE)) {
+        tracing::debug!(error = %e, "could not lower the writer's priority");
+    }
+}
+
+/// The audit writer's nice value (see [`yield_to_traffic`]).
+const WRITER_NICE: i32 = 10;
+
 /// Format a record id: 16 lower-case hex digits.
 pub fn format_id(id: u64) -> String {
     format!("{id:016x}")
@@ -688,6 +705,7 @@ impl AuditLog {
         let thread = std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || {
+                yield_to_traffic();
                 let mut batch: Vec<Record> = Vec::with_capacity(256);
                 let mut closing = false;
                 let mut idle_polls = 0u32;
@@ -848,6 +866,32 @@ mod json_tests {
         assert_eq!(parsed, serde_json::to_value(&r).unwrap());
         assert_eq!(parsed["port"], 443);
         assert_eq!(parsed["user"], "gate\"way");
+    }
+
+    #[test]
+    fn the_writer_thread_yields_to_traffic() {
+        let before = rustix::process::getpriority_process(None).unwrap();
+        let (writer, other) = std::thread::spawn(|| {
+            yield_to_traffic();
+            let tid = rustix::thread::gettid();
+            (
+                rustix::process::getpriority_process(Some(tid)).unwrap(),
+                std::thread::spawn(|| {
+                    rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap()
+                }),
+            )
+        })
+        .join()
+        .unwrap();
+        assert_eq!(
+            writer,
+            before.max(WRITER_NICE),
+            "the writer runs at nice 10"
+        );
+        // Only that thread: the caller and the process keep theirs.
+        assert_eq!(rustix::process::getpriority_process(None).unwrap(), before);
+        // (A thread it spawns inherits it, as Linux does.)
+        assert_eq!(other.join().unwrap(), writer);
     }
 }
 
