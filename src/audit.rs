@@ -880,8 +880,13 @@ impl AuditLog {
 
     /// Queue a record. Never drops it; never blocks (see [`AuditLog::ready`]).
     pub fn send(&self, record: Record) {
+        self.send_boxed(Box::new(record));
+    }
+
+    /// [`AuditLog::send`] for a record already boxed.
+    pub fn send_boxed(&self, record: Box<Record>) {
         self.state.queued.fetch_add(1, Ordering::AcqRel);
-        if self.tx.send(Msg::Record(Box::new(record))).is_err() {
+        if self.tx.send(Msg::Record(record)).is_err() {
             self.state.queued.fetch_sub(1, Ordering::AcqRel);
             tracing::error!("audit writer is gone; record lost");
         }

@@ -38,10 +38,17 @@ impl ResolveError {
     }
 }
 
+type Statics = HashMap<Box<str>, Vec<IpAddr>, foldhash::fast::RandomState>;
+
+fn fast(statics: HashMap<Box<str>, Vec<IpAddr>>) -> Statics {
+    statics.into_iter().collect()
+}
+
 /// The resolver shared by every transaction.
 pub struct Resolver {
     hickory: TokioResolver,
-    statics: ArcSwap<HashMap<Box<str>, Vec<IpAddr>>>,
+    /// Looked up on every request: foldhash, not SipHash (the keys come from the config).
+    statics: ArcSwap<Statics>,
     timeout: Duration,
 }
 
@@ -74,14 +81,14 @@ impl Resolver {
         let hickory = builder.build().map_err(|e| SetupError(e.to_string()))?;
         Ok(Resolver {
             hickory,
-            statics: ArcSwap::from_pointee(settings.static_hosts.clone()),
+            statics: ArcSwap::from_pointee(fast(settings.static_hosts.clone())),
             timeout,
         })
     }
 
     /// Replace the static overrides (hot reload).
     pub fn set_static(&self, statics: HashMap<Box<str>, Vec<IpAddr>>) {
-        self.statics.store(Arc::new(statics));
+        self.statics.store(Arc::new(fast(statics)));
     }
 
     /// Every address of a normalised name (static overrides first).

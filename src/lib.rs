@@ -81,7 +81,7 @@ pub fn start_audit_with(
     let metrics = Arc::new(Metrics::new());
     let mut sinks: Vec<Box<dyn AuditSink>> = vec![
         sink,
-        Box::new(MetricsSink(Arc::clone(&metrics))),
+        Box::new(MetricsSink::new(Arc::clone(&metrics))),
         Box::new(status::StatusSink(Arc::clone(&metrics.status))),
     ];
     if let Some(url) = syslog {

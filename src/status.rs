@@ -92,7 +92,7 @@ impl Counts {
 #[derive(Clone, Debug, Default)]
 struct Traffic {
     decisions: [Counts; 5],
-    rules: HashMap<Option<Arc<str>>, Counts>,
+    rules: HashMap<Option<Arc<str>>, Counts, foldhash::fast::RandomState>,
 }
 
 impl Traffic {

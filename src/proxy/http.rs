@@ -210,7 +210,13 @@ fn prepare_request_headers(headers: &mut HeaderMap, target: &Target, via: bool) 
     strip_hop_by_hop(headers);
     let host = match (&target.host, target.port) {
         (Host::Name(n), 80) => n.to_string(),
-        (Host::Name(n), p) => format!("{n}:{p}"),
+        (Host::Name(n), p) => {
+            let mut h = String::with_capacity(n.len() + 6);
+            h.push_str(n);
+            h.push(':');
+            h.push_str(itoa::Buffer::new().format(p));
+            h
+        }
         (Host::Ip(std::net::IpAddr::V6(ip)), 80) => format!("[{ip}]"),
         (Host::Ip(std::net::IpAddr::V6(ip)), p) => format!("[{ip}]:{p}"),
         (Host::Ip(ip), 80) => ip.to_string(),

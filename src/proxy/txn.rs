@@ -12,7 +12,9 @@ use crate::target::{Host, Target};
 
 /// An open transaction.
 pub struct Txn {
-    rec: Option<Record>,
+    /// Boxed: a transaction moves through several futures and bodies, and
+    /// the record is boxed to be queued anyway.
+    rec: Option<Box<Record>>,
     start: Instant,
     audit: AuditLog,
     hard: CancellationToken,
@@ -21,7 +23,7 @@ pub struct Txn {
 impl Txn {
     pub fn new(audit: AuditLog, hard: CancellationToken, id: u64, client: SocketAddr) -> Self {
         Txn {
-            rec: Some(Record::new(id, client, SystemTime::now())),
+            rec: Some(Box::new(Record::new(id, client, SystemTime::now()))),
             start: Instant::now(),
             audit,
             hard,
@@ -36,7 +38,11 @@ impl Txn {
     pub fn rec(&mut self) -> &mut Record {
         // `rec` is only None after finish, which consumes self.
         self.rec.get_or_insert_with(|| {
-            Record::new(0, SocketAddr::from(([0, 0, 0, 0], 0)), SystemTime::now())
+            Box::new(Record::new(
+                0,
+                SocketAddr::from(([0, 0, 0, 0], 0)),
+                SystemTime::now(),
+            ))
         })
     }
 
@@ -98,9 +104,9 @@ impl Txn {
         }
     }
 
-    fn emit(&self, mut rec: Record) {
+    fn emit(&self, mut rec: Box<Record>) {
         rec.duration_ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.audit.send(rec);
+        self.audit.send_boxed(rec);
     }
 }
 
