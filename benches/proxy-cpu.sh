@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# How much CPU the proxy spends per operation, for two builds side by side.
+#
+#   benches/proxy-cpu.sh SCENARIO BIN [BIN...] [-- proxybench run args]
+#   benches/proxy-cpu.sh connect-bulk target/release/egress-proxy /tmp/old-egress-proxy -- --conns 4
+#
+# Runs the shared harness's load generator (../shared/bench/proxybench) and
+# origins on CPU 0 and each proxy binary on CPU 1, like compare-peers.sh, and
+# prints the rate beside the proxy's user and system CPU seconds (from
+# /proc/PID/stat) and CPU microseconds per operation. The harness gives
+# ratios against direct and the peers; this tells what a change did to the
+# proxy's own cost, which the harness cannot show once core 0 (load and
+# origins) is the bottleneck. Runs ROUNDS (default 2) alternating rounds.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+bench=${BENCH_DIR:-$here/../../shared/bench}
+sc=${1:?scenario}; shift
+bins=()
+while (($#)) && [[ $1 != -- ]]; do bins+=("$1"); shift; done
+[[ ${1:-} == -- ]] && shift
+export CARGO_TARGET_DIR=${PROXYBENCH_TARGET:-/tmp/proxybench-target}
+cargo build --release --quiet --manifest-path "$bench/proxybench/Cargo.toml"
+pb=$CARGO_TARGET_DIR/release/proxybench
+tmp=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$tmp"' EXIT
+cat >"$tmp/egress-proxy.toml" <<TOML
+[server]
+listen = ["127.0.0.1:13128"]
+admin_listen = "127.0.0.1:13129"
+[clients]
+allow = ["127.0.0.0/8"]
+[dns]
+static = { "origin.test" = ["127.0.0.1"] }
+allow_private = ["127.0.0.0/8"]
+[policy]
+catalog = "catalog.toml"
+[audit]
+path = "$tmp/audit.log"
+TOML
+cat >"$tmp/catalog.toml" <<TOML
+[[rule]]
+name = "bench http origin"
+hosts = ["origin.test"]
+ports = [18080]
+action = "allow"
+[[rule]]
+name = "bench cloud look-up"
+hosts = ["origin.test"]
+ports = [18081, 18082]
+action = "bypass"
+TOML
+case $sc in
+  http-forward) target=origin.test:18080; key=rate ;;
+  connect-bulk) target=origin.test:18082; key=gbit_s ;;
+  *) target=origin.test:18081; key=rate ;;
+esac
+taskset -c 0 "$pb" origin --http 127.0.0.1:18080 --echo 127.0.0.1:18081 --source 127.0.0.1:18082 >/dev/null 2>&1 &
+sleep 0.3
+printf '%-40s %12s %8s %8s %12s\n' binary "$key" user_s sys_s cpu_us/op
+for round in $(seq "${ROUNDS:-2}"); do
+  for bin in "${bins[@]}"; do
+    taskset -c 1 "$bin" run --config "$tmp/egress-proxy.toml" >/dev/null 2>"$tmp/stderr.log" &
+    pid=$!
+    for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/13128) 2>/dev/null && break; sleep 0.1; done
+    read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$pid/stat")
+    taskset -c 0 "$pb" run --scenario "$sc" --proxy 127.0.0.1:13128 --target "$target" \
+      --duration "${DURATION:-5}" --json "$@" >"$tmp/out.json"
+    read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$pid/stat")
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+    hz=$(getconf CLK_TCK)
+    python3 - "$tmp/out.json" "$key" "$bin" $((u1 - u0)) $((s1 - s0)) "$hz" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1])); key, name = sys.argv[2], sys.argv[3]
+user, sys_, hz = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+ops = d.get("ok") or d.get("bytes", 0) / 65536  # bulk: per 64 KiB moved
+cpu = (user + sys_) / hz
+print("%-40s %12.1f %8.2f %8.2f %12.2f" % (name[-40:], d.get(key, 0), user / hz, sys_ / hz,
+      1e6 * cpu / ops if ops else float("nan")))
+PY
+  done
+done
