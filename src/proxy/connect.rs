@@ -83,7 +83,9 @@ pub async fn tunnel(
     // The tunnel keeps the connection's context, and with it the connection
     // permits: an open tunnel counts against the caps.
     let held = Arc::clone(ctx);
-    ctx.shared.drain.tracker.spawn(async move {
+    // Boxed, like the connection: the tunnel task is moved into the runtime
+    // as a pointer, not as its whole state.
+    ctx.shared.drain.tracker.spawn(Box::pin(async move {
         let _held = held;
         let _open = crate::metrics::GaugeGuard::new(&open_tunnels);
         let upgraded = match on_upgrade.await {
@@ -124,7 +126,7 @@ pub async fn tunnel(
             txn.set_decision(crate::audit::Decided::Deny);
         }
         txn.finish(Some(200), stats.reason);
-    });
+    }));
     ok()
 }
 

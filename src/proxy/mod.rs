@@ -157,10 +157,13 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         let shared2 = Arc::clone(&shared);
         match permit {
             Some(permit) => {
+                // Boxed: the connection future is kilobytes (hyper's
+                // dispatcher and our service), and the task would otherwise
+                // be moved whole several times on its way into the runtime.
                 shared
                     .drain
                     .tracker
-                    .spawn(connection(stream, peer, shared2, permit));
+                    .spawn(Box::pin(connection(stream, peer, shared2, permit)));
             }
             None => {
                 shared.metrics.connection_limit.inc();
