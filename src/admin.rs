@@ -81,10 +81,7 @@ fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/metrics" => {
             let body = shared.metrics.encode(&shared.audit);
-            let mut r = Response::new(Full::new(Bytes::from(body)));
-            r.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS));
-            r
+            respond(StatusCode::OK, OPENMETRICS, body)
         }
         "/" | "/api/summary" | "/api/denials" | "/api/explain" | "/api/suggest" => {
             status_route(shared, &req)
@@ -105,14 +102,12 @@ fn status_route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes
     let status = &shared.metrics.status;
     match req.uri().path() {
         "/" => {
-            let mut r = Response::new(Full::new(Bytes::from_static(
+            let mut r = respond(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
                 crate::status::PAGE.as_bytes(),
-            )));
-            let h = r.headers_mut();
-            h.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/html; charset=utf-8"),
             );
+            let h = r.headers_mut();
             h.insert(
                 header::CONTENT_SECURITY_POLICY,
                 HeaderValue::from_static(
@@ -137,11 +132,7 @@ fn status_route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes
             let mut ev = status.evidence();
             ev.drop_permitted(&settings.policy);
             let body = ev.to_toml("the denials the status page remembers");
-            let mut r = Response::new(Full::new(Bytes::from(body)));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; charset=utf-8"),
-            );
+            let mut r = respond(StatusCode::OK, TEXT, body);
             r.headers_mut()
                 .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
             r
@@ -201,12 +192,7 @@ fn local_host_header(req: &Request<Incoming>) -> bool {
 
 fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
     let body = serde_json::to_vec(value).unwrap_or_default();
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    let mut r = respond(status, "application/json", body);
     r.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
@@ -234,11 +220,20 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    respond(status, TEXT, body)
+}
+
+const TEXT: &str = "text/plain; charset=utf-8";
+
+/// A response with `status`, `content_type` and `body`.
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
 }

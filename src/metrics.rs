@@ -216,6 +216,13 @@ impl Metrics {
         out
     }
 
+    /// Count a reload attempt and show it on the status page.
+    pub fn note_reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.reloads.get_or_create(&ResultLabels { result }).inc();
+        self.status.note_reload(ok);
+    }
+
     /// The counters for a record's labels, found in the families (a lock
     /// and a hash each) and kept by [`MetricsSink`].
     fn counters(&self, r: &Record) -> Counters {

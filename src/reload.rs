@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use crate::config::{ConfigErrors, Settings};
-use crate::metrics::ResultLabels;
 use crate::Handle;
 
 /// The environment a reload reads overrides from.
@@ -27,12 +26,7 @@ pub fn reload(handle: &Handle, config: Option<&Path>, env: EnvFn) -> Result<(), 
     let new = match Settings::load(config, env()) {
         Ok(s) => s,
         Err(e) => {
-            handle
-                .metrics()
-                .reloads
-                .get_or_create(&ResultLabels { result: "failed" })
-                .inc();
-            handle.metrics().status.note_reload(false);
+            handle.metrics().note_reload(false);
             tracing::error!("reload failed; keeping the running configuration:\n{e}");
             return Err(e);
         }
@@ -45,24 +39,14 @@ pub fn reload(handle: &Handle, config: Option<&Path>, env: EnvFn) -> Result<(), 
         tracing::warn!("{w}");
     }
     if let Err(e) = handle.reload(new) {
-        handle
-            .metrics()
-            .reloads
-            .get_or_create(&ResultLabels { result: "failed" })
-            .inc();
-        handle.metrics().status.note_reload(false);
+        handle.metrics().note_reload(false);
         tracing::error!("reload failed; keeping the running configuration: {e}");
         return Err(ConfigErrors(vec![crate::config::ConfigError {
             location: "reload".into(),
             message: e.to_string(),
         }]));
     }
-    handle
-        .metrics()
-        .reloads
-        .get_or_create(&ResultLabels { result: "ok" })
-        .inc();
-    handle.metrics().status.note_reload(true);
+    handle.metrics().note_reload(true);
     tracing::info!("reload: done");
     Ok(())
 }

@@ -70,15 +70,9 @@ async fn start_proxy(catalog: &str) -> TestProxy {
 
 /// CONNECT to `host:port`; panics unless the proxy answers 200.
 async fn open(proxy: &TestProxy, host: &str, port: u16) -> TcpStream {
-    let (status, s) = connect(proxy.addr, &format!("{host}:{port}")).await;
-    assert_eq!(status, 200, "CONNECT {host}:{port} must be answered 200");
+    let s = open_tunnel(proxy.addr, &format!("{host}:{port}")).await;
     s.set_nodelay(true).expect("nodelay");
     s
-}
-
-/// The one record of a test whose proxy saw one transaction.
-async fn only_record(proxy: &TestProxy) -> Record {
-    proxy.exactly(1).await.remove(0)
 }
 
 /// The fields every tunnel record has.
@@ -531,7 +525,7 @@ async fn assert_passes_exactly(catalog_extra: &str, bytes: &[u8], piece: usize) 
         origin.got_after_close().await == bytes,
         "the origin must see the client's exact bytes"
     );
-    let r = only_record(&proxy).await;
+    let r = proxy.only_record().await;
     assert_tunnel(&r, KSN, origin.port(), Decided::Bypass, Some(KSN_RULE));
     assert_eq!(r.reason, None, "{r:#?}");
     assert_eq!(r.bytes_up, bytes.len() as u64, "{r:#?}");
@@ -570,7 +564,7 @@ async fn assert_refused(
     }
     origin.assert_saw_nothing().await;
     assert_eq!(origin.accepts.load(Ordering::SeqCst), 1);
-    let r = only_record(&proxy).await;
+    let r = proxy.only_record().await;
     assert_eq!(r.rule.as_deref(), Some(KSN_RULE), "{r:#?}");
     assert_eq!(r.host.as_deref(), Some(KSN), "{r:#?}");
     assert_eq!(r.upstream, Some(origin.addr), "{r:#?}");
@@ -612,7 +606,7 @@ async fn non_tls_protocol_both_ways_with_half_close_and_exact_counts() {
         );
         assert_eq!(origin.got(), b"APC1 lookup 0123456789abcdef\nsecond");
 
-        let r = only_record(&proxy).await;
+        let r = proxy.only_record().await;
         assert_tunnel(&r, APC, origin.port(), decided, Some(APC_RULE));
         assert_eq!(r.upstream, Some(origin.addr), "{r:#?}");
         assert_eq!(r.reason, None, "a clean close has no reason: {r:#?}");
@@ -631,40 +625,9 @@ async fn many_mib_both_ways_are_counted_exactly() {
     let origin = Recorder::start(Mode::Echo).await;
     let proxy = start_proxy(&ksn(origin.port(), "")).await;
     let s = open(&proxy, KSN, origin.port()).await;
-    let (mut rd, mut wr) = s.into_split();
-    let writer = tokio::spawn(async move {
-        let block: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
-        let mut left = TOTAL;
-        while left > 0 {
-            let n = left.min(block.len());
-            wr.write_all(&block[..n]).await.expect("write");
-            left -= n;
-        }
-        wr.shutdown().await.expect("shutdown");
-    });
-    let mut got = 0usize;
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut ok = true;
-    tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            match rd.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    ok &= buf[..n]
-                        .iter()
-                        .enumerate()
-                        .all(|(i, &b)| b == ((got + i) % (64 * 1024) % 251) as u8);
-                    got += n;
-                }
-            }
-        }
-    })
-    .await
-    .expect("the transfer finishes");
-    writer.await.unwrap();
-    assert_eq!(got, TOTAL);
-    assert!(ok, "the bytes came back changed");
-    let r = only_record(&proxy).await;
+    // Every byte comes back unchanged, and as many as were sent.
+    echo_through(s, TOTAL).await;
+    let r = proxy.only_record().await;
     assert_eq!(r.reason, None, "{r:#?}");
     assert_eq!(
         (r.bytes_up, r.bytes_down),
@@ -685,7 +648,7 @@ async fn origin_half_close_still_lets_the_client_send() {
     s.write_all(b"late words").await.unwrap();
     s.shutdown().await.unwrap();
     assert_eq!(origin.got_after_close().await, b"late words");
-    let r = only_record(&proxy).await;
+    let r = proxy.only_record().await;
     assert_tunnel(&r, KSN, origin.port(), Decided::Bypass, Some(KSN_RULE));
     assert_eq!(r.reason, None, "{r:#?}");
     assert_eq!((r.bytes_up, r.bytes_down), (10, BYE.len() as u64), "{r:#?}");
@@ -704,7 +667,7 @@ async fn server_speaks_first_through_a_match_if_tls_tunnel() {
     assert_eq!(read_n(&mut s, 6).await, b"QUIT\r\n");
     s.shutdown().await.unwrap();
     assert!(read_to_close(&mut s).await.is_empty());
-    let r = only_record(&proxy).await;
+    let r = proxy.only_record().await;
     assert_tunnel(&r, KSN, origin.port(), Decided::Bypass, Some(KSN_RULE));
     assert_eq!(r.reason, None, "{r:#?}");
     assert_eq!(
@@ -739,7 +702,7 @@ async fn a_silent_client_forwards_nothing_until_it_writes() {
     assert_eq!(read_n(&mut s, 4).await, b"ping");
     assert_eq!(origin.got(), b"ping");
     drop(s);
-    let r = only_record(&proxy).await;
+    let r = proxy.only_record().await;
     assert_eq!((r.bytes_up, r.bytes_down), (4, 4), "{r:#?}");
 }
 
@@ -766,7 +729,7 @@ async fn connect_head_and_first_bytes_in_one_write() {
     );
     s.shutdown().await.unwrap();
     assert!(read_to_close(&mut s).await.is_empty());
-    let r = only_record(&proxy).await;
+    let r = proxy.only_record().await;
     assert_eq!(r.sni.as_deref(), Some(KSN), "{r:#?}");
     assert_eq!(r.reason, None, "{r:#?}");
     assert_eq!(r.bytes_up, hello.len() as u64, "{r:#?}");
@@ -789,7 +752,7 @@ async fn connect_head_and_first_bytes_in_one_write() {
         tls_alert(ALERT_UNRECOGNIZED_NAME)
     );
     origin.assert_saw_nothing().await;
-    let r = only_record(&proxy).await;
+    let r = proxy.only_record().await;
     assert_refused_inside(&r, Reason::SniMismatch, Some(FRONT));
 }
 
@@ -826,7 +789,7 @@ async fn tls_end_to_end_through_a_bypass_tunnel() {
         "the origin sees the client's own SNI"
     );
 
-    let r = only_record(&proxy).await;
+    let r = proxy.only_record().await;
     assert_tunnel(&r, KSN, origin.addr.port(), Decided::Bypass, Some(KSN_RULE));
     assert_eq!(r.sni.as_deref(), Some(KSN), "{r:#?}");
     assert!(!r.ech, "{r:#?}");
@@ -864,7 +827,7 @@ async fn tls_end_to_end_with_reqwest() {
     assert_eq!(resp.text().await.unwrap(), "tls hello");
     drop(client);
     assert_eq!(snis(&origin), vec![Some(CLEARSWIFT.to_string())]);
-    let r = only_record(&proxy).await;
+    let r = proxy.only_record().await;
     // `allow` without a CA is spliced like bypass, and still SNI-checked.
     assert_tunnel(
         &r,
@@ -896,7 +859,7 @@ async fn split_and_reframed_hello_completes_a_real_handshake() {
         .await;
         assert_eq!(snis(&origin), vec![Some(KSN.to_string())]);
         drop(s);
-        let r = only_record(&proxy).await;
+        let r = proxy.only_record().await;
         assert_eq!(r.sni.as_deref(), Some(KSN), "{r:#?}");
         assert_eq!(r.decision, Decided::Bypass, "{r:#?}");
     }
@@ -927,7 +890,7 @@ async fn fronted_hello_never_reaches_a_tls_origin() {
             || format!("{err:?}").contains("UnrecognisedName"),
         "the client reports the proxy's unrecognized_name alert: {err:?}"
     );
-    let r = only_record(&proxy).await;
+    let r = proxy.only_record().await;
     assert_tunnel(&r, KSN, origin.addr.port(), Decided::Deny, Some(KSN_RULE));
     assert_refused_inside(&r, Reason::SniMismatch, Some(FRONT));
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1046,7 +1009,7 @@ async fn match_if_tls_passes_a_hello_without_sni() {
     assert!(https_get(&mut tls, KSN).await.ends_with("tls hello"));
     drop(tls);
     assert_eq!(snis(&origin), vec![None]);
-    let r = only_record(&proxy).await;
+    let r = proxy.only_record().await;
     assert_eq!(r.sni, None, "{r:#?}");
     assert_eq!(r.decision, Decided::Bypass, "{r:#?}");
 }
@@ -1066,7 +1029,7 @@ async fn sni_off_splices_a_mismatch() {
         vec![Some(FRONT.to_string())],
         "the origin sees the other SNI"
     );
-    let r = only_record(&proxy).await;
+    let r = proxy.only_record().await;
     assert_tunnel(&r, KSN, origin.addr.port(), Decided::Bypass, Some(KSN_RULE));
     assert_ne!(r.reason, Some(Reason::SniMismatch), "{r:#?}");
 }
@@ -1145,7 +1108,7 @@ async fn a_stalled_hello_is_refused_after_the_hello_time_out() {
         "closed too early"
     );
     origin.assert_saw_nothing().await;
-    let r = only_record(&proxy).await;
+    let r = proxy.only_record().await;
     assert_eq!(r.reason, Some(Reason::Timeout), "{r:#?}");
     assert_eq!(r.status, Some(200), "{r:#?}");
     assert_eq!(r.bytes_up, 0, "{r:#?}");
@@ -1183,7 +1146,7 @@ async fn upstream_refused_is_502_before_the_200() {
     let proxy = start_proxy(&ksn(port, "")).await;
     let resp = refused_connect(&proxy, &format!("{KSN}:{port}")).await;
     assert_refusal_head(&resp, 502, Reason::UpstreamConnectFailed);
-    let r = only_record(&proxy).await;
+    let r = proxy.only_record().await;
     assert_eq!(r.status, Some(502), "{r:#?}");
     assert_eq!(r.reason, Some(Reason::UpstreamConnectFailed), "{r:#?}");
     // An upstream failure keeps the policy's decision.
@@ -1207,7 +1170,7 @@ async fn a_name_on_a_private_address_is_refused_without_allow_private() {
     let proxy = TestProxy::start(&cfg, &ksn(origin.port(), "")).await;
     let resp = refused_connect(&proxy, &format!("{KSN}:{}", origin.port())).await;
     assert_refusal_head(&resp, 403, Reason::PrivateAddress);
-    let r = only_record(&proxy).await;
+    let r = proxy.only_record().await;
     assert_eq!(
         (r.status, r.reason, r.decision),
         (Some(403), Some(Reason::PrivateAddress), Decided::Deny),
@@ -1231,7 +1194,7 @@ async fn an_ip_literal_admitted_by_addresses_records_the_sni_without_comparing()
     assert!(https_get(&mut tls, KSN).await.ends_with("tls hello"));
     drop(tls);
     assert_eq!(snis(&origin), vec![Some(KSN.to_string())]);
-    let r = only_record(&proxy).await;
+    let r = proxy.only_record().await;
     assert_tunnel(
         &r,
         "127.0.0.1",
@@ -1254,7 +1217,7 @@ async fn a_port_not_in_the_rule_is_refused() {
     let other = if origin.port() == 443 { 8443 } else { 443 };
     let resp = refused_connect(&proxy, &format!("{KSN}:{other}")).await;
     assert_refusal_head(&resp, 403, Reason::PortNotAllowed);
-    let r = only_record(&proxy).await;
+    let r = proxy.only_record().await;
     assert_eq!(
         (r.status, r.reason, r.decision),
         (Some(403), Some(Reason::PortNotAllowed), Decided::Deny),
@@ -1280,7 +1243,7 @@ async fn report_default_lets_an_uncatalogued_connect_through() {
     assert_eq!(read_n(&mut s, 4).await, b"ping");
     s.shutdown().await.unwrap();
     assert!(read_to_close(&mut s).await.is_empty());
-    let r = only_record(&proxy).await;
+    let r = proxy.only_record().await;
     assert_tunnel(&r, unlisted, origin.port(), Decided::Report, None);
     assert_eq!((r.bytes_up, r.bytes_down), (4, 4), "{r:#?}");
     assert_eq!(r.upstream, Some(origin.addr), "{r:#?}");
@@ -1295,7 +1258,7 @@ async fn report_default_lets_an_uncatalogued_connect_through() {
         tls_alert(ALERT_UNRECOGNIZED_NAME)
     );
     origin.assert_saw_nothing().await;
-    let r = only_record(&proxy).await;
+    let r = proxy.only_record().await;
     assert_refused_inside(&r, Reason::SniMismatch, Some(FRONT));
 }
 
@@ -1326,7 +1289,7 @@ async fn an_idle_tunnel_is_closed_with_reason_timeout() {
         idled >= Duration::from_millis(600),
         "closed after {idled:?}"
     );
-    let r = only_record(&proxy).await;
+    let r = proxy.only_record().await;
     assert_tunnel(
         &r,
         SOPHOS,
@@ -1352,7 +1315,7 @@ async fn a_tunnel_whose_client_never_writes_idles_out() {
         started.elapsed()
     );
     origin.assert_saw_nothing().await;
-    let r = only_record(&proxy).await;
+    let r = proxy.only_record().await;
     assert_tunnel(&r, KSN, origin.port(), Decided::Bypass, Some(KSN_RULE));
     assert_eq!(r.reason, Some(Reason::Timeout), "{r:#?}");
     assert_eq!((r.bytes_up, r.bytes_down), (0, 0), "{r:#?}");

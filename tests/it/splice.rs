@@ -7,7 +7,6 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use egress_proxy::audit::{Reason, Record};
 use egress_proxy::proxy::tunnel::SPLICE_AFTER;
@@ -40,9 +39,7 @@ async fn proxy_for(ports: &[u16], pipes: Option<usize>, extra: &str) -> TestProx
 }
 
 async fn open(proxy: &TestProxy, port: u16) -> TcpStream {
-    let (status, s) = connect(proxy.addr, &format!("{KSN}:{port}")).await;
-    assert_eq!(status, 200, "CONNECT must be answered 200");
-    s
+    open_tunnel(proxy.addr, &format!("{KSN}:{port}")).await
 }
 
 /// `egress_tunnel_splices_total` from the admin listener.
@@ -61,48 +58,6 @@ async fn splices(proxy: &TestProxy) -> u64 {
         .expect("a number")
 }
 
-/// The byte at `i` of the test stream.
-fn pattern(i: usize) -> u8 {
-    (i % 251) as u8
-}
-
-/// Send `total` pattern bytes through an echo tunnel (then half-close) and
-/// check that every one comes back unchanged.
-async fn echo_through(s: TcpStream, total: usize) {
-    let (mut rd, mut wr) = s.into_split();
-    let writer = tokio::spawn(async move {
-        let block: Vec<u8> = (0..251 * 256).map(pattern).collect();
-        let mut left = total;
-        while left > 0 {
-            let n = left.min(block.len());
-            wr.write_all(&block[..n]).await.expect("write");
-            left -= n;
-        }
-        wr.shutdown().await.expect("shutdown");
-    });
-    let mut got = 0usize;
-    let mut buf = vec![0u8; 64 * 1024];
-    tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            match rd.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    let first_bad = buf[..n]
-                        .iter()
-                        .enumerate()
-                        .find(|&(i, &b)| b != pattern(got + i));
-                    assert!(first_bad.is_none(), "byte {} changed", got);
-                    got += n;
-                }
-            }
-        }
-    })
-    .await
-    .expect("the transfer finishes");
-    writer.await.expect("writer");
-    assert_eq!(got, total, "every byte comes back");
-}
-
 fn assert_clean(r: &Record, up: u64, down: u64) {
     assert_eq!(r.reason, None, "a clean close has no reason: {r:#?}");
     assert_eq!((r.bytes_up, r.bytes_down), (up, down), "{r:#?}");
@@ -116,7 +71,7 @@ async fn bulk_both_ways_is_spliced_and_counted_exactly() {
     assert_eq!(splices(&proxy).await, 0);
     let s = open(&proxy, origin.port()).await;
     echo_through(s, TOTAL).await;
-    let r = proxy.exactly(1).await.remove(0);
+    let r = proxy.only_record().await;
     assert_clean(&r, TOTAL as u64, TOTAL as u64);
     assert_eq!(splices(&proxy).await, 2, "both directions went bulk");
 }
@@ -128,7 +83,7 @@ async fn a_small_exchange_never_takes_a_pipe() {
     let s = open(&proxy, origin.port()).await;
     let small = usize::try_from(SPLICE_AFTER).expect("fits") - 1;
     echo_through(s, small).await;
-    let r = proxy.exactly(1).await.remove(0);
+    let r = proxy.only_record().await;
     assert_clean(&r, small as u64, small as u64);
     assert_eq!(splices(&proxy).await, 0);
 }
@@ -140,7 +95,7 @@ async fn no_pipes_means_copying_with_the_same_result() {
     let proxy = proxy(origin, Some(0), "").await;
     let s = open(&proxy, origin.port()).await;
     echo_through(s, TOTAL).await;
-    let r = proxy.exactly(1).await.remove(0);
+    let r = proxy.only_record().await;
     assert_clean(&r, TOTAL as u64, TOTAL as u64);
     assert_eq!(splices(&proxy).await, 0, "splice_pipes = 0 never splices");
 }
@@ -196,7 +151,7 @@ async fn an_upstream_reset_mid_splice_is_recorded() {
     let (rest, ended) = read_until_close(&mut s).await;
     got += rest.len();
     assert!(ended.is_some(), "the client sees the tunnel end");
-    let r = proxy.exactly(1).await.remove(0);
+    let r = proxy.only_record().await;
     assert_eq!(r.reason, Some(Reason::UpstreamReset), "{r:#?}");
     assert!(
         // A write cut short by the stop may have been partly read.
@@ -217,7 +172,7 @@ async fn a_client_gone_mid_splice_is_recorded() {
     read_at_least(&mut s, 2 * 1024 * 1024).await;
     assert_eq!(splices(&proxy).await, 1, "the download went bulk");
     reset(s);
-    let r = proxy.exactly(1).await.remove(0);
+    let r = proxy.only_record().await;
     assert_eq!(r.reason, Some(Reason::ClientClosed), "{r:#?}");
     assert!(r.bytes_down >= 2 * 1024 * 1024, "{r:#?}");
 }
@@ -240,7 +195,7 @@ async fn a_spliced_tunnel_that_goes_quiet_times_out() {
     // Now silence, with the tunnel open: the idle time-out ends it.
     let (_, ended) = read_until_close(&mut s).await;
     assert!(ended.is_some(), "the proxy closes the quiet tunnel");
-    let r = proxy.exactly(1).await.remove(0);
+    let r = proxy.only_record().await;
     assert_eq!(r.reason, Some(Reason::Timeout), "{r:#?}");
     assert_eq!((r.bytes_up, r.bytes_down), (TOTAL as u64, TOTAL as u64));
 }
@@ -259,7 +214,7 @@ async fn a_spent_budget_leaves_the_rest_copying() {
     // ...so another bulk tunnel copies, byte-exact.
     let copied = open(&proxy, echo.port()).await;
     echo_through(copied, TOTAL).await;
-    let r = proxy.exactly(1).await.remove(0);
+    let r = proxy.only_record().await;
     assert_clean(&r, TOTAL as u64, TOTAL as u64);
     assert_eq!(
         splices(&proxy).await,

@@ -149,6 +149,11 @@ impl TestProxy {
         got
     }
 
+    /// The one record of a test whose proxy saw one transaction.
+    pub async fn only_record(&self) -> Record {
+        self.exactly(1).await.remove(0)
+    }
+
     /// Stop the proxy (drain) and flush the audit writer.
     pub async fn stop(mut self) -> Vec<Record> {
         if let Some(s) = self.stop.take() {
@@ -426,6 +431,55 @@ pub async fn connect(proxy: SocketAddr, authority: &str) -> (u16, TcpStream) {
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
     (status, s)
+}
+
+/// CONNECT to `authority`; panics unless the proxy answers 200.
+pub async fn open_tunnel(proxy: SocketAddr, authority: &str) -> TcpStream {
+    let (status, s) = connect(proxy, authority).await;
+    assert_eq!(status, 200, "CONNECT {authority} must be answered 200");
+    s
+}
+
+/// The byte at `i` of the test stream.
+pub fn pattern(i: usize) -> u8 {
+    (i % 251) as u8
+}
+
+/// Send `total` pattern bytes through an echo tunnel (then half-close) and
+/// check that every one comes back unchanged.
+pub async fn echo_through(s: TcpStream, total: usize) {
+    let (mut rd, mut wr) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let block: Vec<u8> = (0..251 * 256).map(pattern).collect();
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(block.len());
+            wr.write_all(&block[..n]).await.expect("write");
+            left -= n;
+        }
+        wr.shutdown().await.expect("shutdown");
+    });
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 64 * 1024];
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let first_bad = buf[..n]
+                        .iter()
+                        .enumerate()
+                        .find(|&(i, &b)| b != pattern(got + i));
+                    assert!(first_bad.is_none(), "byte {} changed", got);
+                    got += n;
+                }
+            }
+        }
+    })
+    .await
+    .expect("the transfer finishes");
+    writer.await.expect("writer");
+    assert_eq!(got, total, "every byte comes back");
 }
 
 /// Read an HTTP response head byte by byte (leaves the rest unread).
