@@ -480,7 +480,14 @@ impl tokio::io::AsyncWrite for ClientIo {
 /// Refusals hyper answered itself while parsing get their record here.
 fn record_connection_error(shared: &Shared, peer: SocketAddr, e: &hyper::Error, partial: bool) {
     let (reason, status) = if e.is_parse_too_large() {
-        (Reason::HeaderTooLarge, Some(431))
+        // hyper answers 414 to a request line over 64 KiB (reachable when
+        // `max_header_bytes` is raised past it), 431 to a long head; its
+        // error has no predicate for the first, only this message.
+        if e.to_string().contains("URI too long") {
+            (Reason::HeaderTooLarge, Some(414))
+        } else {
+            (Reason::HeaderTooLarge, Some(431))
+        }
     } else if e.is_parse() {
         (Reason::BadRequest, Some(400))
     } else if e.is_timeout() && partial {

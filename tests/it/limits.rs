@@ -247,6 +247,28 @@ async fn a_one_mib_head_gets_431_and_the_proxy_still_serves() {
     assert_eq!(resp.text().await.expect("body"), "hello");
 }
 
+#[tokio::test]
+async fn a_request_line_over_64_kib_is_recorded_with_the_414_hyper_sends() {
+    // Only reachable with the head limit raised past hyper's URI limit.
+    let origin = HttpOrigin::start().await;
+    let echo = echo_origin().await;
+    let proxy = TestProxy::start(
+        &config(&[UPDATE], "[limits]\nmax_header_bytes = 131072\n"),
+        &catalog(origin.port(), echo.port()),
+    )
+    .await;
+    let mut req = format!("GET http://{UPDATE}:{}/", origin.port()).into_bytes();
+    req.extend(std::iter::repeat_n(b'a', 70_000));
+    req.extend_from_slice(format!(" HTTP/1.1\r\nHost: {UPDATE}\r\n\r\n").as_bytes());
+    let r = parse_response(&raw_bytes(proxy.addr, &req).await);
+    assert_eq!(r.status, 414, "{:?}", r.head);
+    let rec = proxy.only_record().await;
+    assert_eq!(rec.status, Some(414), "the record says what the client got");
+    assert_eq!(rec.reason, Some(Reason::HeaderTooLarge));
+    assert_eq!(rec.decision, Decided::Deny);
+    assert!(origin.seen().is_empty());
+}
+
 // === connection caps ===
 
 #[tokio::test]
