@@ -779,56 +779,21 @@ mod tests {
                 2
             ));
         }
-        assert!(ev.add(
-            "a.example.com",
-            8443,
-            Some(Reason::PortNotAllowed),
-            Decided::Deny,
-            c,
-            t(1),
-            t(1),
-            1
-        ));
-        assert!(ev.add(
-            "203.0.113.7",
-            443,
-            Some(Reason::IpLiteral),
-            Decided::Deny,
-            c,
-            t(1),
-            t(1),
-            1
-        ));
-        assert!(!ev.add(
-            "x.example.com",
-            443,
-            Some(Reason::DenyRule),
-            Decided::Deny,
-            c,
-            t(1),
-            t(1),
-            1
-        ));
-        assert!(!ev.add(
-            "x.example.com",
-            443,
-            Some(Reason::PrivateAddress),
-            Decided::Deny,
-            c,
-            t(1),
-            t(1),
-            1
-        ));
-        assert!(!ev.add(
-            "Bad Host",
-            443,
-            Some(Reason::NotInCatalog),
-            Decided::Deny,
-            c,
-            t(1),
-            t(1),
-            1
-        ));
+        // (host, port, reason, kept as evidence?)
+        let once = [
+            ("a.example.com", 8443, Reason::PortNotAllowed, true),
+            ("203.0.113.7", 443, Reason::IpLiteral, true),
+            ("x.example.com", 443, Reason::DenyRule, false),
+            ("x.example.com", 443, Reason::PrivateAddress, false),
+            ("Bad Host", 443, Reason::NotInCatalog, false),
+        ];
+        for (host, port, reason, kept) in once {
+            assert_eq!(
+                ev.add(host, port, Some(reason), Decided::Deny, c, t(1), t(1), 1),
+                kept,
+                "{host}:{port} {reason:?}"
+            );
+        }
         let toml = ev.to_toml("test");
         assert!(
             toml.contains("hosts = [\"*.example.com\"] covers them"),
