@@ -223,16 +223,7 @@ async fn a_one_mib_head_gets_431_and_the_proxy_still_serves() {
         r.head
     );
 
-    let recs = proxy
-        .audit
-        .wait_for(WAIT, |r| {
-            r.iter().any(|x| x.reason == Some(Reason::HeaderTooLarge))
-        })
-        .await;
-    let rec = recs
-        .iter()
-        .find(|x| x.reason == Some(Reason::HeaderTooLarge))
-        .unwrap_or_else(|| panic!("a header_too_large record: {recs:#?}"));
+    let rec = proxy.record_with(Reason::HeaderTooLarge).await;
     assert_eq!(rec.status, Some(431));
     assert_eq!(rec.decision, Decided::Deny);
     assert!(
@@ -282,16 +273,7 @@ async fn per_client_cap_refuses_a_third_kept_alive_connection_with_503() {
     let b = keep_alive(proxy.addr, origin.port()).await;
     let r = refused(proxy.addr, &get_close(origin.port())).await;
     assert_refusal(&r, 503, "connection_limit");
-    let recs = proxy
-        .audit
-        .wait_for(WAIT, |r| {
-            r.iter().any(|x| x.reason == Some(Reason::ConnectionLimit))
-        })
-        .await;
-    let rec = recs
-        .iter()
-        .find(|x| x.reason == Some(Reason::ConnectionLimit))
-        .unwrap_or_else(|| panic!("a connection_limit record: {recs:#?}"));
+    let rec = proxy.record_with(Reason::ConnectionLimit).await;
     assert_eq!(rec.status, Some(503));
     assert_eq!(rec.client.ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
     assert!(
@@ -385,16 +367,7 @@ async fn global_cap_refuses_a_third_connection_with_503() {
     let _ = tokio::time::timeout(WAIT, c.read_to_end(&mut out)).await;
     let r = parse_response(&out);
     assert_refusal(&r, 503, "connection_limit");
-    let recs = proxy
-        .audit
-        .wait_for(WAIT, |r| {
-            r.iter().any(|x| x.reason == Some(Reason::ConnectionLimit))
-        })
-        .await;
-    let rec = recs
-        .iter()
-        .find(|x| x.reason == Some(Reason::ConnectionLimit))
-        .unwrap_or_else(|| panic!("a connection_limit record: {recs:#?}"));
+    let rec = proxy.record_with(Reason::ConnectionLimit).await;
     assert_eq!(rec.status, Some(503));
     assert_eq!(rec.client.ip(), IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3)));
     assert_eq!(
@@ -458,16 +431,7 @@ async fn per_client_request_rate_answers_429_with_retry_after_then_recovers() {
     let wait = retry_after(&resp);
     assert!((1..=2).contains(&wait), "Retry-After {wait}");
     drop(resp);
-    let recs = proxy
-        .audit
-        .wait_for(WAIT, |r| {
-            r.iter().any(|x| x.reason == Some(Reason::RateLimited))
-        })
-        .await;
-    let rec = recs
-        .iter()
-        .find(|x| x.reason == Some(Reason::RateLimited))
-        .unwrap_or_else(|| panic!("a rate_limited record: {recs:#?}"));
+    let rec = proxy.record_with(Reason::RateLimited).await;
     assert_eq!(rec.status, Some(429));
     assert_eq!(rec.decision, Decided::Deny);
     assert_eq!(rec.method.as_ref().map(|m| m.as_str()), Some("GET"));
@@ -510,16 +474,7 @@ async fn per_client_tunnel_rate_answers_429_to_connect_only() {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("Retry-After: {}", r.head));
     assert!(wait >= 1, "Retry-After {wait}");
-    let recs = proxy
-        .audit
-        .wait_for(WAIT, |r| {
-            r.iter().any(|x| x.reason == Some(Reason::RateLimited))
-        })
-        .await;
-    let rec = recs
-        .iter()
-        .find(|x| x.reason == Some(Reason::RateLimited))
-        .unwrap_or_else(|| panic!("a rate_limited record: {recs:#?}"));
+    let rec = proxy.record_with(Reason::RateLimited).await;
     assert_eq!(rec.status, Some(429));
     assert_eq!(rec.method.as_ref().map(|m| m.as_str()), Some("CONNECT"));
 
@@ -571,16 +526,7 @@ async fn per_rule_rate_caps_all_clients_together() {
         [200, 200, 429],
         "rate = \"2/s\" on the rule, across clients"
     );
-    let recs = proxy
-        .audit
-        .wait_for(WAIT, |r| {
-            r.iter().any(|x| x.reason == Some(Reason::RateLimited))
-        })
-        .await;
-    let rec = recs
-        .iter()
-        .find(|x| x.reason == Some(Reason::RateLimited))
-        .unwrap_or_else(|| panic!("a rate_limited record: {recs:#?}"));
+    let rec = proxy.record_with(Reason::RateLimited).await;
     assert_eq!(rec.status, Some(429));
     assert_eq!(rec.rule.as_deref(), Some("Clearswift Update Server"));
     assert_eq!(rec.client.ip(), IpAddr::V4(Ipv4Addr::new(127, 0, 0, 4)));

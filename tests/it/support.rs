@@ -149,6 +149,22 @@ impl TestProxy {
         got
     }
 
+    /// Wait for a record with `reason` and return the first one.
+    pub async fn record_with(&self, reason: egress_proxy::audit::Reason) -> Record {
+        let recs = self
+            .audit
+            .wait_for(WAIT, |r| r.iter().any(|x| x.reason == Some(reason)))
+            .await;
+        recs.into_iter()
+            .find(|x| x.reason == Some(reason))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no record with reason {reason:?}: {:#?}",
+                    self.audit.records()
+                )
+            })
+    }
+
     /// The one record of a test whose proxy saw one transaction.
     pub async fn only_record(&self) -> Record {
         self.exactly(1).await.remove(0)
