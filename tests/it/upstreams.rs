@@ -105,6 +105,15 @@ struct Bench {
 }
 
 impl Bench {
+    /// A raw client connection that has sent `GET path` for `port`.
+    async fn send_get(&self, port: u16, path: &str) -> TcpStream {
+        let mut s = TcpStream::connect(self.proxy.addr).await.expect("connect");
+        s.write_all(get(port, path).as_bytes())
+            .await
+            .expect("write");
+        s
+    }
+
     async fn start(port: u16, extra: &str) -> Bench {
         let good = HttpOrigin::start().await;
         let catalog = format!(
@@ -190,10 +199,7 @@ async fn a_reset_in_the_middle_of_a_response_is_never_padded_into_a_clean_200() 
 
     // A raw client: the head (200, the upstream's length) and the 1000
     // bytes, then the connection ends short of the promised length.
-    let mut s = TcpStream::connect(b.proxy.addr).await.expect("connect");
-    s.write_all(get(origin.port(), "/reset").as_bytes())
-        .await
-        .expect("write");
+    let mut s = b.send_get(origin.port(), "/reset").await;
     let (out, ended) = read_until_close(&mut s).await;
     assert!(ended.is_some(), "the proxy ended the client connection");
     let resp = parse_response(&out);
@@ -281,10 +287,7 @@ async fn a_response_shorter_than_its_content_length_fails_the_client() {
         5000,
     );
 
-    let mut s = TcpStream::connect(b.proxy.addr).await.expect("connect");
-    s.write_all(get(origin.port(), "/short").as_bytes())
-        .await
-        .expect("write");
+    let mut s = b.send_get(origin.port(), "/short").await;
     let (out, ended) = read_until_close(&mut s).await;
     assert!(ended.is_some(), "the proxy ended the client connection");
     let resp = parse_response(&out);
@@ -340,10 +343,7 @@ async fn an_upstream_that_fails_before_the_head_gets_502() {
         })
         .await;
         let b = Bench::start(origin.port(), "").await;
-        let mut s = TcpStream::connect(b.proxy.addr).await.expect("connect");
-        s.write_all(get(origin.port(), "/").as_bytes())
-            .await
-            .expect("write");
+        let mut s = b.send_get(origin.port(), "/").await;
         let (out, ended) = read_until_close(&mut s).await;
         assert!(ended.is_some(), "{what}: closed after the refusal");
         let resp = parse_response(&out);
@@ -424,10 +424,7 @@ async fn a_response_longer_than_its_content_length_never_leaks_the_excess() {
         let what = format!("excess sent {delay:?} after the body");
         let (origin, answers) = long_origin(delay).await;
         let b = Bench::start(origin.port(), "").await;
-        let mut s = TcpStream::connect(b.proxy.addr).await.expect("connect");
-        s.write_all(get(origin.port(), "/long").as_bytes())
-            .await
-            .expect("write");
+        let mut s = b.send_get(origin.port(), "/long").await;
         let first = read_response(&mut s).await;
         assert_eq!(
             (first.status, first.body_text().as_str()),
@@ -499,10 +496,7 @@ async fn an_upstream_that_never_answers_gets_504_after_the_response_timeout() {
     let origin = silent_origin().await;
     let b = Bench::start(origin.port(), "[limits]\nresponse_timeout = \"1s\"\n").await;
     let started = Instant::now();
-    let mut s = TcpStream::connect(b.proxy.addr).await.expect("connect");
-    s.write_all(get(origin.port(), "/silent").as_bytes())
-        .await
-        .expect("write");
+    let mut s = b.send_get(origin.port(), "/silent").await;
     let (out, ended) = read_until_close(&mut s).await;
     let took = started.elapsed();
     assert!(ended.is_some(), "closed after the refusal");
@@ -541,10 +535,7 @@ async fn a_client_that_gives_up_on_a_stalled_body_frees_the_upstream() {
     })
     .await;
     let b = Bench::start(origin.port(), "").await;
-    let mut s = TcpStream::connect(b.proxy.addr).await.expect("connect");
-    s.write_all(get(origin.port(), "/stall").as_bytes())
-        .await
-        .expect("write");
+    let mut s = b.send_get(origin.port(), "/stall").await;
     let h = read_head(&mut s).await;
     assert!(h.starts_with("HTTP/1.1 200 "), "{h}");
     let mut body = [0u8; 1000];
