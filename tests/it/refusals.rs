@@ -5,86 +5,18 @@
 //! status and rule, and an origin that never saw the request.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use egress_proxy::audit::{Decided, Reason, Record};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpStream, UdpSocket};
 
 use crate::support::*;
 
 // === helpers ===
-
-/// An HTTP origin that counts accepted connections and requests; a refused
-/// request must leave both at zero.
-struct Origin {
-    addr: SocketAddr,
-    accepts: Arc<AtomicUsize>,
-    requests: Arc<AtomicUsize>,
-}
-
-impl Origin {
-    async fn start() -> Origin {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
-        let addr = listener.local_addr().expect("addr");
-        let accepts = Arc::new(AtomicUsize::new(0));
-        let requests = Arc::new(AtomicUsize::new(0));
-        let (a2, r2) = (Arc::clone(&accepts), Arc::clone(&requests));
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                a2.fetch_add(1, Ordering::SeqCst);
-                let r = Arc::clone(&r2);
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: Request<Incoming>| {
-                        let r = Arc::clone(&r);
-                        async move {
-                            r.fetch_add(1, Ordering::SeqCst);
-                            let _ = req.into_body().collect().await;
-                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
-                                b"hello",
-                            ))))
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-        Origin {
-            addr,
-            accepts,
-            requests,
-        }
-    }
-
-    fn port(&self) -> u16 {
-        self.addr.port()
-    }
-
-    fn assert_untouched(&self) {
-        assert_eq!(
-            self.requests.load(Ordering::SeqCst),
-            0,
-            "origin saw a request"
-        );
-        assert_eq!(
-            self.accepts.load(Ordering::SeqCst),
-            0,
-            "origin was connected to"
-        );
-    }
-}
 
 /// One allow rule named `name` for `hosts` on `port`, plus `extra` keys.
 fn rule(name: &str, hosts: &[&str], port: u16, action: &str, extra: &str) -> String {
@@ -221,7 +153,7 @@ fn cfg_server(names: &[&str], server: &str) -> String {
 
 #[tokio::test]
 async fn not_in_catalog() {
-    let origin = Origin::start().await;
+    let origin = TapOrigin::start().await;
     let proxy = TestProxy::start(
         &config(&["repo.clearswift.net", "example.com"], ""),
         &repo_catalog(origin.port()),
@@ -231,13 +163,13 @@ async fn not_in_catalog() {
     let r = assert_refusal(&proxy, &resp, &Want::deny(403, Reason::NotInCatalog)).await;
     assert_eq!(r.host.as_deref(), Some("example.com"));
     assert_eq!(r.port, Some(origin.port()));
-    origin.assert_untouched();
+    origin.assert_untouched("not in catalog");
 }
 
 #[tokio::test]
 async fn port_not_allowed() {
-    let allowed = Origin::start().await;
-    let other = Origin::start().await;
+    let allowed = TapOrigin::start().await;
+    let other = TapOrigin::start().await;
     let proxy = TestProxy::start(
         &config(&["repo.clearswift.net"], ""),
         &repo_catalog(allowed.port()),
@@ -250,8 +182,8 @@ async fn port_not_allowed() {
     .await;
     let r = assert_refusal(&proxy, &resp, &Want::deny(403, Reason::PortNotAllowed)).await;
     assert_eq!(r.port, Some(other.port()));
-    other.assert_untouched();
-    allowed.assert_untouched();
+    other.assert_untouched("port not allowed");
+    allowed.assert_untouched("port not allowed");
 }
 
 fn get_head_catalog(port: u16) -> String {
@@ -266,7 +198,7 @@ fn get_head_catalog(port: u16) -> String {
 
 #[tokio::test]
 async fn method_not_allowed_for_post() {
-    let origin = Origin::start().await;
+    let origin = TapOrigin::start().await;
     let proxy = TestProxy::start(
         &config(&["repo.clearswift.net"], ""),
         &get_head_catalog(origin.port()),
@@ -281,14 +213,14 @@ async fn method_not_allowed_for_post() {
     let want = Want::deny(403, Reason::MethodNotAllowed).rule(UPDATE);
     let r = assert_refusal(&proxy, &resp, &want).await;
     assert_eq!(r.method.as_ref().map(http::Method::as_str), Some("POST"));
-    origin.assert_untouched();
+    origin.assert_untouched("method not allowed for post");
 }
 
 #[tokio::test]
 async fn method_not_allowed_for_get_rule_still_allows_get() {
     // The counterpart of the refusal above: the same rule lets GET through,
     // so the refusal is about the method and nothing else.
-    let origin = Origin::start().await;
+    let origin = TapOrigin::start().await;
     let proxy = TestProxy::start(
         &config(&["repo.clearswift.net"], ""),
         &get_head_catalog(origin.port()),
@@ -307,7 +239,7 @@ async fn method_not_allowed_for_get_rule_still_allows_get() {
 
 #[tokio::test]
 async fn method_not_allowed_for_connect_to_a_rule_with_methods() {
-    let origin = Origin::start().await;
+    let origin = TapOrigin::start().await;
     let proxy = TestProxy::start(
         &config(&["repo.clearswift.net"], ""),
         &get_head_catalog(origin.port()),
@@ -320,12 +252,12 @@ async fn method_not_allowed_for_connect_to_a_rule_with_methods() {
     let r = assert_refusal(&proxy, &resp, &want).await;
     assert_eq!(r.method.as_ref().map(http::Method::as_str), Some("CONNECT"));
     assert_eq!(r.url, None, "a tunnel has no url");
-    origin.assert_untouched();
+    origin.assert_untouched("method not allowed for connect to a rule with methods");
 }
 
 #[tokio::test]
 async fn deny_rule_carves_out_of_a_wildcard() {
-    let origin = Origin::start().await;
+    let origin = TapOrigin::start().await;
     let port = origin.port();
     let catalog = format!(
         "{}{}",
@@ -345,9 +277,9 @@ async fn deny_rule_carves_out_of_a_wildcard() {
     assert_eq!(ok.status, 200, "{}", ok.head);
     let recs = proxy.exactly(1).await;
     assert_eq!(recs[0].rule.as_deref(), Some("Clearswift wildcard"));
-    assert_eq!(origin.requests.load(Ordering::SeqCst), 1);
+    assert_eq!(origin.seen().len(), 1);
 
-    let origin = Origin::start().await;
+    let origin = TapOrigin::start().await;
     let catalog = catalog.replace(&format!("[{port}]"), &format!("[{}]", origin.port()));
     let proxy = TestProxy::start(&config(&names, ""), &catalog).await;
     let resp = get(
@@ -361,12 +293,12 @@ async fn deny_rule_carves_out_of_a_wildcard() {
         &Want::deny(403, Reason::DenyRule).rule("No repo"),
     )
     .await;
-    origin.assert_untouched();
+    origin.assert_untouched("deny rule carves out of a wildcard");
 }
 
 #[tokio::test]
 async fn ip_literal_in_every_spelling() {
-    let origin = Origin::start().await;
+    let origin = TapOrigin::start().await;
     let port = origin.port();
     for host in [
         "127.0.0.1",
@@ -389,12 +321,12 @@ async fn ip_literal_in_every_spelling() {
             );
         }
     }
-    origin.assert_untouched();
+    origin.assert_untouched("ip literal in every spelling");
 }
 
 #[tokio::test]
 async fn ip_literal_is_refused_in_report_mode_too() {
-    let origin = Origin::start().await;
+    let origin = TapOrigin::start().await;
     let cfg = config_with(&ConfigOpts {
         allow_private: &["127.0.0.0/8"],
         policy: "default = \"report\"",
@@ -403,7 +335,7 @@ async fn ip_literal_is_refused_in_report_mode_too() {
     let proxy = TestProxy::start(&cfg, &repo_catalog(origin.port())).await;
     let resp = get(&proxy, &format!("http://127.0.0.1:{}/", origin.port())).await;
     assert_refusal(&proxy, &resp, &Want::deny(403, Reason::IpLiteral)).await;
-    origin.assert_untouched();
+    origin.assert_untouched("ip literal is refused in report mode too");
 }
 
 fn address_catalog(port: u16) -> String {
@@ -414,7 +346,7 @@ fn address_catalog(port: u16) -> String {
 
 #[tokio::test]
 async fn ip_literal_admitted_by_addresses_is_forwarded() {
-    let origin = Origin::start().await;
+    let origin = TapOrigin::start().await;
     let proxy = TestProxy::start(&config(&[], ""), &address_catalog(origin.port())).await;
     let resp = get_ok(&proxy, &format!("http://127.0.0.1:{}/", origin.port())).await;
     assert_eq!(resp.status, 200, "{}", resp.head);
@@ -424,12 +356,12 @@ async fn ip_literal_admitted_by_addresses_is_forwarded() {
     assert_eq!(recs[0].rule.as_deref(), Some("Loopback service"));
     assert_eq!(recs[0].reason, None);
     assert_eq!(recs[0].upstream, Some(origin.addr));
-    assert_eq!(origin.requests.load(Ordering::SeqCst), 1);
+    assert_eq!(origin.seen().len(), 1);
 }
 
 #[tokio::test]
 async fn ip_literal_admitted_by_addresses_still_needs_allow_private() {
-    let origin = Origin::start().await;
+    let origin = TapOrigin::start().await;
     let proxy = TestProxy::start(
         &config_with(&ConfigOpts::default()),
         &address_catalog(origin.port()),
@@ -438,12 +370,12 @@ async fn ip_literal_admitted_by_addresses_still_needs_allow_private() {
     let resp = get(&proxy, &format!("http://127.0.0.1:{}/", origin.port())).await;
     let want = Want::deny(403, Reason::PrivateAddress).rule("Loopback service");
     assert_refusal(&proxy, &resp, &want).await;
-    origin.assert_untouched();
+    origin.assert_untouched("ip literal admitted by addresses still needs allow private");
 }
 
 #[tokio::test]
 async fn private_address_behind_a_name() {
-    let origin = Origin::start().await;
+    let origin = TapOrigin::start().await;
     let port = origin.port();
     for (name, ip) in [
         ("repo.clearswift.net", "10.0.0.1"),
@@ -463,7 +395,7 @@ async fn private_address_behind_a_name() {
         .await;
         assert_eq!(r.upstream, None, "{ip}: nothing was dialed");
     }
-    origin.assert_untouched();
+    origin.assert_untouched("private address behind a name");
 }
 
 fn pinned_catalog(port: u16, ip: &str) -> String {
@@ -478,7 +410,7 @@ fn pinned_catalog(port: u16, ip: &str) -> String {
 
 #[tokio::test]
 async fn pin_mismatch() {
-    let origin = Origin::start().await;
+    let origin = TapOrigin::start().await;
     let proxy = TestProxy::start(
         &config(&["repo.clearswift.net"], ""),
         &pinned_catalog(origin.port(), "127.0.0.2"),
@@ -495,12 +427,12 @@ async fn pin_mismatch() {
         &Want::deny(403, Reason::PinMismatch).rule(UPDATE),
     )
     .await;
-    origin.assert_untouched();
+    origin.assert_untouched("pin mismatch");
 }
 
 #[tokio::test]
 async fn pinned_rule_that_matches_is_forwarded() {
-    let origin = Origin::start().await;
+    let origin = TapOrigin::start().await;
     let proxy = TestProxy::start(
         &config(&["repo.clearswift.net"], ""),
         &pinned_catalog(origin.port(), "127.0.0.1"),
@@ -516,14 +448,14 @@ async fn pinned_rule_that_matches_is_forwarded() {
     assert_eq!(recs[0].decision, Decided::Allow);
     assert_eq!(recs[0].reason, None);
     assert_eq!(recs[0].upstream, Some(origin.addr));
-    assert_eq!(origin.requests.load(Ordering::SeqCst), 1);
+    assert_eq!(origin.seen().len(), 1);
 }
 
 // === malformed requests ===
 
 #[tokio::test]
 async fn bad_request_targets() {
-    let origin = Origin::start().await;
+    let origin = TapOrigin::start().await;
     let p = origin.port();
     let cases = [
         ("https absolute URI", format!("GET https://repo.clearswift.net:{p}/ HTTP/1.1\r\nHost: repo.clearswift.net:{p}\r\n\r\n")),
@@ -547,11 +479,11 @@ async fn bad_request_targets() {
         let r = assert_refusal(&proxy, &resp, &Want::deny(400, Reason::BadRequest)).await;
         assert!(r.host.is_none(), "{what}: no target recorded: {r:#?}");
     }
-    origin.assert_untouched();
+    origin.assert_untouched("bad request targets");
 }
 
 async fn header_too_large_with(size: usize) {
-    let origin = Origin::start().await;
+    let origin = TapOrigin::start().await;
     let proxy = TestProxy::start(
         &config(&["repo.clearswift.net"], ""),
         &repo_catalog(origin.port()),
@@ -571,7 +503,7 @@ async fn header_too_large_with(size: usize) {
     );
     let recs = proxy.exactly(1).await;
     assert_record(&recs[0], &Want::deny(431, Reason::HeaderTooLarge));
-    origin.assert_untouched();
+    origin.assert_untouched("header too large with");
 }
 
 #[tokio::test]
@@ -604,7 +536,7 @@ fn refused_client_config() -> String {
 
 #[tokio::test]
 async fn client_not_allowed() {
-    let origin = Origin::start().await;
+    let origin = TapOrigin::start().await;
     let proxy = TestProxy::start(&refused_client_config(), &repo_catalog(origin.port())).await;
     let resp = get(
         &proxy,
@@ -613,7 +545,7 @@ async fn client_not_allowed() {
     .await;
     let r = assert_refusal(&proxy, &resp, &Want::deny(403, Reason::ClientNotAllowed)).await;
     assert_eq!(r.client.ip().to_string(), "127.0.0.1");
-    origin.assert_untouched();
+    origin.assert_untouched("client not allowed");
 }
 
 /// Write `head` then `body_len` bytes of body from a task while reading
@@ -656,7 +588,7 @@ async fn send_with_body_while_reading(proxy: SocketAddr, head: String, body_len:
 
 #[tokio::test]
 async fn client_not_allowed_answer_survives_a_large_request_body() {
-    let origin = Origin::start().await;
+    let origin = TapOrigin::start().await;
     let proxy = TestProxy::start(&refused_client_config(), &repo_catalog(origin.port())).await;
     let len = 4 * 1024 * 1024;
     let head = format!(
@@ -666,12 +598,12 @@ async fn client_not_allowed_answer_survives_a_large_request_body() {
     let raw = send_with_body_while_reading(proxy.addr, head, len).await;
     let resp = parse_response(&raw);
     assert_refusal(&proxy, &resp, &Want::deny(403, Reason::ClientNotAllowed)).await;
-    origin.assert_untouched();
+    origin.assert_untouched("client not allowed answer survives a large request body");
 }
 
 #[tokio::test]
 async fn policy_refusal_survives_a_large_request_body() {
-    let origin = Origin::start().await;
+    let origin = TapOrigin::start().await;
     let proxy = TestProxy::start(
         &config(&["repo.clearswift.net", "example.com"], ""),
         &repo_catalog(origin.port()),
@@ -685,12 +617,12 @@ async fn policy_refusal_survives_a_large_request_body() {
     let raw = send_with_body_while_reading(proxy.addr, head, len).await;
     let resp = parse_response(&raw);
     assert_refusal(&proxy, &resp, &Want::deny(403, Reason::NotInCatalog)).await;
-    origin.assert_untouched();
+    origin.assert_untouched("policy refusal survives a large request body");
 }
 
 #[tokio::test]
 async fn connection_limit() {
-    let origin = Origin::start().await;
+    let origin = TapOrigin::start().await;
     let proxy = TestProxy::start(
         &cfg_server(&["repo.clearswift.net"], "max_connections = 1"),
         &repo_catalog(origin.port()),
@@ -727,7 +659,7 @@ async fn connection_limit() {
         .expect("the refusal's record");
     assert_record(r, &Want::deny(503, Reason::ConnectionLimit));
     assert_eq!(
-        origin.requests.load(Ordering::SeqCst),
+        origin.seen().len(),
         1,
         "only the first request reached the origin"
     );
@@ -779,7 +711,7 @@ fn dns_config(server: SocketAddr) -> String {
 
 #[tokio::test]
 async fn dns_nxdomain() {
-    let origin = Origin::start().await;
+    let origin = TapOrigin::start().await;
     let (dns, queries) = nxdomain_server().await;
     let proxy = TestProxy::start(&dns_config(dns), &repo_catalog(origin.port())).await;
     let resp = get(
@@ -795,12 +727,12 @@ async fn dns_nxdomain() {
         queries.load(Ordering::SeqCst) >= 1,
         "the configured resolver was asked"
     );
-    origin.assert_untouched();
+    origin.assert_untouched("dns nxdomain");
 }
 
 #[tokio::test]
 async fn dns_resolver_that_never_answers() {
-    let origin = Origin::start().await;
+    let origin = TapOrigin::start().await;
     // A UDP socket that reads queries and never answers.
     let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind dns");
     let addr = udp.local_addr().expect("addr");
@@ -826,7 +758,7 @@ async fn dns_resolver_that_never_answers() {
         queries.load(Ordering::SeqCst) >= 1,
         "the configured resolver was asked"
     );
-    origin.assert_untouched();
+    origin.assert_untouched("dns resolver that never answers");
 }
 
 #[tokio::test]
@@ -848,7 +780,7 @@ async fn upstream_connect_failed() {
 
 #[tokio::test]
 async fn pipelined_request_behind_a_refusal_is_never_forwarded() {
-    let origin = Origin::start().await;
+    let origin = TapOrigin::start().await;
     let proxy = TestProxy::start(
         &config(&["repo.clearswift.net", "example.com"], ""),
         &repo_catalog(origin.port()),
@@ -870,7 +802,7 @@ async fn pipelined_request_behind_a_refusal_is_never_forwarded() {
     let r = assert_refusal(&proxy, &resp, &Want::deny(403, Reason::NotInCatalog)).await;
     assert_eq!(r.host.as_deref(), Some("example.com"));
     assert_eq!(r.port, Some(80));
-    origin.assert_untouched();
+    origin.assert_untouched("pipelined request behind a refusal is never forwarded");
 }
 
 #[tokio::test]
