@@ -44,15 +44,6 @@ const NAMES: &[&str] = &[KSN, APC, CLEARSWIFT, SOPHOS];
 
 // ---------------------------------------------------------------- proxy helpers
 
-/// One rule for `hosts` on `port`, plus `extra` keys (e.g. `sni = "require"`).
-fn rule(name: &str, hosts: &[&str], port: u16, action: &str, extra: &str) -> String {
-    let hosts: Vec<String> = hosts.iter().map(|h| format!("\"{h}\"")).collect();
-    format!(
-        "[[rule]]\nname = \"{name}\"\nhosts = [{}]\nports = [{port}]\naction = \"{action}\"\n{extra}\n\n",
-        hosts.join(", ")
-    )
-}
-
 /// The KSN look-up as the shipped catalog has it (bypass), on `port`.
 fn ksn(port: u16, extra: &str) -> String {
     rule(KSN_RULE, &[KSN], port, "bypass", extra)

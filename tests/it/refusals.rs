@@ -18,15 +18,6 @@ use crate::support::*;
 
 // === helpers ===
 
-/// One allow rule named `name` for `hosts` on `port`, plus `extra` keys.
-fn rule(name: &str, hosts: &[&str], port: u16, action: &str, extra: &str) -> String {
-    let hosts: Vec<String> = hosts.iter().map(|h| format!("\"{h}\"")).collect();
-    format!(
-        "[[rule]]\nname = \"{name}\"\nhosts = [{}]\nports = [{port}]\naction = \"{action}\"\n{extra}\n\n",
-        hosts.join(", ")
-    )
-}
-
 const UPDATE: &str = "Clearswift Update Server";
 
 /// The usual catalog: repo.clearswift.net allowed on `port`.

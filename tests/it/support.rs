@@ -57,6 +57,16 @@ pub fn load(config: &str, catalog: &str) -> (Settings, tempfile::TempDir) {
     (settings, dir)
 }
 
+/// One catalog rule named `name` for `hosts` on `port` with `action`, plus
+/// `extra` keys (e.g. `sni = "require"`).
+pub fn rule(name: &str, hosts: &[&str], port: u16, action: &str, extra: &str) -> String {
+    let hosts: Vec<String> = hosts.iter().map(|h| format!("\"{h}\"")).collect();
+    format!(
+        "[[rule]]\nname = \"{name}\"\nhosts = [{}]\nports = [{port}]\naction = \"{action}\"\n{extra}\n\n",
+        hosts.join(", ")
+    )
+}
+
 /// A config for tests: loopback clients, the given static DNS names mapped
 /// to 127.0.0.1, loopback allowed as a private range, plus `extra` TOML
 /// lines appended to the sections (written as full `[section]` blocks).
