@@ -145,10 +145,7 @@ async fn status_page_shows_denials_in_chromium() {
     // The status table is fed on the writer thread, just after the records.
     let deadline = Instant::now() + WAIT;
     loop {
-        let body = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .unwrap()
+        let body = support::admin_client()
             .get(format!("http://{}/api/denials", proxy.admin))
             .send()
             .await

@@ -26,16 +26,6 @@ fn with_token(config: &str) -> String {
     config.replacen("[server]\n", "[server]\nadmin_token = \"s3cret\"\n", 1)
 }
 
-/// A client that talks to the admin listener directly (never through a proxy).
-fn admin_client() -> reqwest::Client {
-    crypto();
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(WAIT)
-        .build()
-        .expect("client")
-}
-
 struct Answer {
     status: u16,
     content_type: String,

@@ -21,15 +21,6 @@ fn catalog(port: u16) -> String {
     )
 }
 
-fn admin_client() -> reqwest::Client {
-    crypto();
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(WAIT)
-        .build()
-        .expect("client")
-}
-
 async fn get(
     admin: SocketAddr,
     path: &str,

@@ -57,6 +57,16 @@ pub fn load(config: &str, catalog: &str) -> (Settings, tempfile::TempDir) {
     (settings, dir)
 }
 
+/// A client for the admin listener (never through a proxy).
+pub fn admin_client() -> reqwest::Client {
+    crypto();
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(WAIT)
+        .build()
+        .expect("client")
+}
+
 /// One catalog rule named `name` for `hosts` on `port` with `action`, plus
 /// `extra` keys (e.g. `sni = "require"`).
 pub fn rule(name: &str, hosts: &[&str], port: u16, action: &str, extra: &str) -> String {
