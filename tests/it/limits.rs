@@ -197,25 +197,8 @@ async fn a_one_mib_head_gets_431_and_the_proxy_still_serves() {
     .into_bytes();
     req.extend(std::iter::repeat_n(b'a', 1024 * 1024));
     req.extend_from_slice(b"\r\n\r\n");
-    let s = TcpStream::connect(proxy.addr).await.expect("connect");
-    let (mut rd, mut wr) = s.into_split();
-    // Write in the background (the proxy stops reading), read the answer here.
-    let writer = tokio::spawn(async move {
-        let _ = wr.write_all(&req).await;
-        wr
-    });
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    let _ = tokio::time::timeout(WAIT, async {
-        loop {
-            match rd.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    writer.abort();
+    // Written from a task (the proxy stops reading), the answer read here.
+    let got = send_with_body_while_reading(proxy.addr, req, 0).await;
     let r = parse_response(&got);
     assert_eq!(
         r.status, 431,

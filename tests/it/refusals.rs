@@ -485,7 +485,7 @@ async fn header_too_large_with(size: usize) {
         "GET http://repo.clearswift.net:{0}/ HTTP/1.1\r\nHost: repo.clearswift.net:{0}\r\nConnection: close\r\nX-Big: {big}\r\n\r\n",
         origin.port()
     );
-    let raw = send_with_body_while_reading(proxy.addr, req, 0).await;
+    let raw = send_with_body_while_reading(proxy.addr, req.into_bytes(), 0).await;
     let resp = parse_response(&raw);
     assert_eq!(
         resp.status, 431,
@@ -539,44 +539,6 @@ async fn client_not_allowed() {
     origin.assert_untouched("client not allowed");
 }
 
-/// Write `head` then `body_len` bytes of body from a task while reading
-/// the answer here; returns what was read before the close or an error.
-/// The client never half-closes: it keeps its side open until it has read.
-async fn send_with_body_while_reading(proxy: SocketAddr, head: String, body_len: usize) -> Vec<u8> {
-    let s = TcpStream::connect(proxy).await.expect("connect");
-    let (mut rd, mut wr) = s.into_split();
-    let writer = tokio::spawn(async move {
-        if wr.write_all(head.as_bytes()).await.is_err() {
-            return;
-        }
-        let chunk = vec![b'b'; 16 * 1024];
-        let mut left = body_len;
-        while left > 0 {
-            let n = left.min(chunk.len());
-            if wr.write_all(&chunk[..n]).await.is_err() {
-                return;
-            }
-            left -= n;
-        }
-        // Keep the write half open (dropping it would half-close the
-        // connection) until the reader is done and aborts this task.
-        std::future::pending::<()>().await;
-    });
-    let mut out = Vec::new();
-    let mut buf = [0u8; 8192];
-    let _ = tokio::time::timeout(WAIT, async {
-        loop {
-            match rd.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    writer.abort();
-    out
-}
-
 #[tokio::test]
 async fn client_not_allowed_answer_survives_a_large_request_body() {
     let origin = TapOrigin::start().await;
@@ -586,7 +548,7 @@ async fn client_not_allowed_answer_survives_a_large_request_body() {
         "POST http://repo.clearswift.net:{0}/ HTTP/1.1\r\nHost: repo.clearswift.net:{0}\r\nContent-Length: {len}\r\n\r\n",
         origin.port()
     );
-    let raw = send_with_body_while_reading(proxy.addr, head, len).await;
+    let raw = send_with_body_while_reading(proxy.addr, head.into_bytes(), len).await;
     let resp = parse_response(&raw);
     assert_refusal(&proxy, &resp, &Want::deny(403, Reason::ClientNotAllowed)).await;
     origin.assert_untouched("client not allowed answer survives a large request body");
@@ -605,7 +567,7 @@ async fn policy_refusal_survives_a_large_request_body() {
         "POST http://example.com:{0}/ HTTP/1.1\r\nHost: example.com:{0}\r\nContent-Length: {len}\r\n\r\n",
         origin.port()
     );
-    let raw = send_with_body_while_reading(proxy.addr, head, len).await;
+    let raw = send_with_body_while_reading(proxy.addr, head.into_bytes(), len).await;
     let resp = parse_response(&raw);
     assert_refusal(&proxy, &resp, &Want::deny(403, Reason::NotInCatalog)).await;
     origin.assert_untouched("policy refusal survives a large request body");

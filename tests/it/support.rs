@@ -518,6 +518,48 @@ pub async fn echo_through(s: TcpStream, total: usize) {
     assert_eq!(got, total, "every byte comes back");
 }
 
+/// Write `head` then `body_len` bytes of body from a task while reading
+/// the answer here; returns what was read before the close or an error.
+/// The client never half-closes: it keeps its side open until it has read.
+pub async fn send_with_body_while_reading(
+    proxy: SocketAddr,
+    head: Vec<u8>,
+    body_len: usize,
+) -> Vec<u8> {
+    let s = TcpStream::connect(proxy).await.expect("connect");
+    let (mut rd, mut wr) = s.into_split();
+    let writer = tokio::spawn(async move {
+        if wr.write_all(&head).await.is_err() {
+            return;
+        }
+        let chunk = vec![b'b'; 16 * 1024];
+        let mut left = body_len;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            if wr.write_all(&chunk[..n]).await.is_err() {
+                return;
+            }
+            left -= n;
+        }
+        // Keep the write half open (dropping it would half-close the
+        // connection) until the reader is done and aborts this task.
+        std::future::pending::<()>().await;
+    });
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    let _ = tokio::time::timeout(WAIT, async {
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    writer.abort();
+    out
+}
+
 /// Read an HTTP response head byte by byte (leaves the rest unread).
 pub async fn read_head(s: &mut TcpStream) -> String {
     let mut head = Vec::new();
