@@ -12,6 +12,7 @@ pub enum Reason {
     NotInCatalog,
     PortNotAllowed,
     MethodNotAllowed,
+    BodyNotAllowed,
     DenyRule,
     IpLiteral,
     PrivateAddress,
@@ -37,11 +38,12 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for metrics and documentation.
-    pub const ALL: [Reason; 25] = [
+    pub const ALL: [Reason; 26] = [
         Reason::BadRequest,
         Reason::NotInCatalog,
         Reason::PortNotAllowed,
         Reason::MethodNotAllowed,
+        Reason::BodyNotAllowed,
         Reason::DenyRule,
         Reason::IpLiteral,
         Reason::PrivateAddress,
@@ -72,6 +74,7 @@ impl Reason {
             Reason::NotInCatalog => "not_in_catalog",
             Reason::PortNotAllowed => "port_not_allowed",
             Reason::MethodNotAllowed => "method_not_allowed",
+            Reason::BodyNotAllowed => "body_not_allowed",
             Reason::DenyRule => "deny_rule",
             Reason::IpLiteral => "ip_literal",
             Reason::PrivateAddress => "private_address",
@@ -103,6 +106,7 @@ impl Reason {
             Reason::NotInCatalog => "the host is not in the catalog",
             Reason::PortNotAllowed => "the host is in the catalog, but not on this port",
             Reason::MethodNotAllowed => "the rule does not allow this method",
+            Reason::BodyNotAllowed => "the rule allows this method only without a request body",
             Reason::DenyRule => "a deny rule matches",
             Reason::IpLiteral => "IP-literal targets are refused unless a rule lists the address",
             Reason::PrivateAddress => "the name resolves only to private or reserved addresses",

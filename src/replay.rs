@@ -108,6 +108,7 @@ fn policy_reason(r: Reason) -> bool {
         Reason::NotInCatalog
             | Reason::PortNotAllowed
             | Reason::MethodNotAllowed
+            | Reason::BodyNotAllowed
             | Reason::DenyRule
             | Reason::IpLiteral
     )

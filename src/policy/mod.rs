@@ -149,6 +149,17 @@ impl RuleSpec {
     pub fn allows_method(&self, method: &http::Method) -> bool {
         self.methods.as_ref().is_none_or(|ms| ms.contains(method))
     }
+
+    /// True when a request with `method` may carry a body under this rule.
+    ///
+    /// A rule that limits `methods` (an update mirror with `GET`/`HEAD`)
+    /// must not receive a body under cover of a method that has none: that
+    /// is what exfiltrated data would look like. On such a rule `GET` and
+    /// `HEAD` never carry one, whatever else the rule lists. Rules without
+    /// `methods` allow bodies on every method.
+    pub fn allows_body(&self, method: &http::Method) -> bool {
+        self.methods.is_none() || !matches!(*method, http::Method::GET | http::Method::HEAD)
+    }
 }
 
 /// A rule in a compiled policy.

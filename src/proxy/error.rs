@@ -111,6 +111,7 @@ pub const fn status_for(reason: Reason) -> StatusCode {
         Reason::NotInCatalog
         | Reason::PortNotAllowed
         | Reason::MethodNotAllowed
+        | Reason::BodyNotAllowed
         | Reason::DenyRule
         | Reason::IpLiteral
         | Reason::PrivateAddress
