@@ -10,8 +10,20 @@
 //!
 //! # What is checked
 //!
-//! * Bytes that do not start like a TLS handshake record (`0x16 0x03`) are
-//!   [`Peek::NotTls`], decided on the first byte that differs.
+//! * "TLS or not" is judged as the most lenient TLS server would judge it,
+//!   because the tunnel is spliced and the upstream, not this peek, decides
+//!   what the bytes mean. Go's `crypto/tls` takes any first record whose
+//!   type is alert or handshake and whose version is below `0x1000` (it
+//!   drops warning alerts before the ClientHello and never checks the
+//!   version of the first record); OpenSSL still takes an SSLv2-compatible
+//!   hello. So a first byte that is a TLS record content type
+//!   (`0x14`–`0x18`), whatever the bytes after it, is TLS, and so is an
+//!   SSLv2 record header carrying CLIENT-HELLO (OpenSSL's own test: high bit
+//!   of the first byte set, third byte `0x01`). Only a clean sequence of
+//!   handshake records (record version `0x03xx`) carrying a ClientHello
+//!   passes; every other TLS-shaped start is [`Peek::Malformed`] (fail
+//!   closed). Everything else is [`Peek::NotTls`], decided on the first
+//!   byte (the third for a high first byte).
 //! * Otherwise the handshake records are reassembled (a ClientHello may be
 //!   fragmented over several records, and each record over several reads)
 //!   until the first handshake message is complete. Anything that is not a
@@ -80,6 +92,11 @@ pub const ALERT_DECODE_ERROR: u8 = 50;
 /// TLS alert description `unrecognized_name`.
 pub const ALERT_UNRECOGNIZED_NAME: u8 = 112;
 
+/// TLS record content types: change_cipher_spec, alert, handshake,
+/// application_data, heartbeat. A server reading a record of any of them
+/// first takes the connection for TLS.
+const RECORD_TYPES: std::ops::RangeInclusive<u8> = 0x14..=0x18;
+const SSL2_MT_CLIENT_HELLO: u8 = 1;
 const CONTENT_TYPE_ALERT: u8 = 0x15;
 const CONTENT_TYPE_HANDSHAKE: u8 = 0x16;
 const HANDSHAKE_CLIENT_HELLO: u8 = 1;
@@ -91,7 +108,7 @@ const HANDSHAKE_HEADER_LEN: usize = 4;
 pub enum Peek {
     /// Looks like TLS so far; the ClientHello is not complete yet.
     NeedMore,
-    /// The first bytes are not `0x16 0x03` (a TLS handshake record): not TLS.
+    /// No TLS server would take the first bytes as a record: not TLS.
     NotTls,
     /// A complete, well-formed ClientHello.
     Hello(ClientHelloInfo),
@@ -117,9 +134,13 @@ pub struct ClientHelloInfo {
 pub fn peek(buf: &[u8]) -> Peek {
     match buf {
         [] => return Peek::NeedMore,
-        [first, ..] if *first != CONTENT_TYPE_HANDSHAKE => return Peek::NotTls,
+        [first, ..] if *first & 0x80 != 0 => return sslv2(buf),
+        [first, ..] if !RECORD_TYPES.contains(first) => return Peek::NotTls,
+        [first, ..] if *first != CONTENT_TYPE_HANDSHAKE => {
+            return Peek::Malformed("a TLS record other than a handshake comes first")
+        }
         [_] => return Peek::NeedMore,
-        [_, major, ..] if *major != 0x03 => return Peek::NotTls,
+        [_, major, ..] if *major != 0x03 => return Peek::Malformed("bad record version"),
         _ => {}
     }
     let buf = &buf[..buf.len().min(MAX_HELLO_BYTES)];
@@ -133,6 +154,18 @@ pub fn peek(buf: &[u8]) -> Peek {
             let message = reassemble(buf, records);
             parse_client_hello(&message)
         }
+    }
+}
+
+/// A first byte with the high bit set: an SSLv2 record header (two-byte
+/// length) carrying CLIENT-HELLO when its third byte is 1, which OpenSSL
+/// still negotiates TLS from. It carries no extensions, so no SNI to check:
+/// refused, as no current client sends one.
+fn sslv2(buf: &[u8]) -> Peek {
+    match buf.get(2) {
+        None => Peek::NeedMore,
+        Some(&SSL2_MT_CLIENT_HELLO) => Peek::Malformed("SSLv2-compatible ClientHello"),
+        Some(_) => Peek::NotTls,
     }
 }
 

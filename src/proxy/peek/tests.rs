@@ -331,18 +331,88 @@ fn not_tls_is_decided_early() {
     assert_eq!(peek(&[0x16]), Peek::NeedMore);
     assert_eq!(peek(&[0x16, 0x03]), Peek::NeedMore);
     assert_eq!(peek(b"G"), Peek::NotTls);
-    assert_eq!(peek(&[0x16, 0x01]), Peek::NotTls);
     assert_eq!(
         peek(b"GET / HTTP/1.1\r\nHost: example.org\r\n\r\n"),
         Peek::NotTls
     );
     assert_eq!(peek(b"SSH-2.0-OpenSSH_9.6\r\n"), Peek::NotTls);
-    // SSLv2-compatible hello.
-    assert_eq!(peek(&[0x80, 0x2e, 0x01, 0x00, 0x02]), Peek::NotTls);
-    // Other TLS record types first are "not TLS" by the design's rule
-    // (bytes that do not start 0x16 0x03).
-    assert_eq!(peek(&tls_alert(ALERT_HANDSHAKE_FAILURE)), Peek::NotTls);
-    assert_eq!(peek(&[0x17, 0x03, 0x03, 0x00, 0x01, 0x00]), Peek::NotTls);
+    // Bytes just outside the record content types.
+    assert_eq!(peek(&[0x13, 0x03, 0x03, 0x00, 0x02]), Peek::NotTls);
+    assert_eq!(peek(&[0x19, 0x03, 0x03, 0x00, 0x02]), Peek::NotTls);
+    assert_eq!(peek(&[0x00]), Peek::NotTls);
+    // A high first byte waits for the third: SSLv2 or not.
+    assert_eq!(peek(&[0x80]), Peek::NeedMore);
+    assert_eq!(peek(&[0x80, 0x2e]), Peek::NeedMore);
+    assert_eq!(peek(&[0x80, 0x2e, 0x02]), Peek::NotTls);
+    assert_eq!(peek(&[0xff, 0xff, 0xff, 0xff]), Peek::NotTls);
+}
+
+// ---------------------------------------------------------------- what lenient servers take
+
+/// A real hello whose first record header has its version bytes replaced.
+fn with_record_version(major: u8, minor: u8) -> Vec<u8> {
+    let mut bytes = real_hello().to_vec();
+    bytes[1] = major;
+    bytes[2] = minor;
+    bytes
+}
+
+#[test]
+fn any_record_content_type_first_is_tls() {
+    // Go's crypto/tls drops a warning alert before the ClientHello and reads
+    // the hello after it: the hello behind it was never checked.
+    let warning = [0x15, 0x03, 0x01, 0x00, 0x02, 0x01, 0x5a];
+    let mut bytes = warning.to_vec();
+    bytes.extend_from_slice(&rustls_hello("evil.test"));
+    assert_malformed(&bytes);
+    assert_malformed(&warning);
+    assert_malformed(&warning[..1]);
+    // Every record content type, on its own or before a real hello.
+    for typ in [0x14, 0x15, 0x17, 0x18] {
+        assert_malformed(&[typ]);
+        let mut bytes = vec![typ, 0x03, 0x03, 0x00, 0x01, 0x01];
+        bytes.extend_from_slice(&rustls_hello("evil.test"));
+        assert_malformed(&bytes);
+    }
+    // A fatal alert, application data, a heartbeat.
+    assert_malformed(&tls_alert(ALERT_HANDSHAKE_FAILURE));
+    assert_malformed(&[0x17, 0x03, 0x03, 0x00, 0x01, 0x00]);
+    assert_malformed(&[0x18, 0x03, 0x03, 0x00, 0x03, 0x01, 0x00, 0x00]);
+}
+
+#[test]
+fn first_record_version_other_than_3_is_refused() {
+    // Go does not check the first record's version (anything below 0x1000).
+    for (major, minor) in [
+        (0x00, 0x00),
+        (0x02, 0x00),
+        (0x01, 0x03),
+        (0x0f, 0xff),
+        (0x16, 0x03),
+    ] {
+        assert_malformed(&with_record_version(major, minor));
+        assert_malformed(&[0x16, major]);
+    }
+    // Every 0x03xx record version carries the hello as before.
+    for minor in [0x00, 0x01, 0x03, 0x04] {
+        assert_eq!(
+            peek(&with_record_version(0x03, minor)),
+            hello(Some(HOST), false)
+        );
+    }
+}
+
+#[test]
+fn sslv2_compatible_hello_is_refused() {
+    // SSLv2 header (length 0x2e), CLIENT-HELLO, version 3.1, cipher specs...
+    let v2 = [
+        0x80, 0x2e, 0x01, 0x03, 0x01, 0x00, 0x15, 0x00, 0x00, 0x00, 0x10, 0x07, 0x00, 0xc0,
+    ];
+    assert_malformed(&v2);
+    assert_malformed(&v2[..3]);
+    // OpenSSL's test is the high bit and the message type, whatever the length.
+    assert_malformed(&[0xff, 0x00, 0x01]);
+    assert_malformed(&[0x81, 0x10, 0x01, 0x00, 0x02]);
 }
 
 // ---------------------------------------------------------------- malformed
@@ -653,9 +723,26 @@ proptest! {
     #[test]
     fn never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
         let p = peek(&bytes);
-        if bytes.first().is_some_and(|&b| b != 0x16) {
-            prop_assert_eq!(p, Peek::NotTls);
+        match bytes.first() {
+            Some(0x14..=0x18) => prop_assert_ne!(p, Peek::NotTls),
+            Some(&b) if b < 0x80 => prop_assert_eq!(p, Peek::NotTls),
+            _ => {}
         }
+        assert_stable(&bytes);
+    }
+
+    #[test]
+    fn record_types_are_never_not_tls(
+        typ in 0x14u8..=0x18,
+        rest in proptest::collection::vec(any::<u8>(), 0..512),
+    ) {
+        let mut bytes = vec![typ];
+        bytes.extend_from_slice(&rest);
+        prop_assert_ne!(peek(&bytes), Peek::NotTls);
+        if typ != 0x16 || rest.first() != Some(&0x03) {
+            prop_assert!(matches!(peek(&bytes), Peek::Malformed(_)));
+        }
+        assert_stable(&bytes);
     }
 
     #[test]
