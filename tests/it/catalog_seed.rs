@@ -1,6 +1,6 @@
 //! The shipped catalog (`config/catalog.toml`) must carry every external
 //! TCP 80/443 connection of the vendor's table
-//! (`../shared/seed/ports-and-protocols.txt`, section "1.2 External
+//! (a copy in `tests/fixtures/ports-and-protocols.txt`, section "1.2 External
 //! Connections"): one rule per row, named after the row's Description, with
 //! each host name and port, the right action, and the published addresses.
 //!
@@ -12,7 +12,7 @@ use std::net::Ipv4Addr;
 
 const SEED_PATH: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../shared/seed/ports-and-protocols.txt"
+    "/tests/fixtures/ports-and-protocols.txt"
 );
 const CATALOG_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/catalog.toml");
 
