@@ -85,6 +85,53 @@ enum AuthCmd {
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc options for a long-running server, each set unless the
+/// operator already set it: freed pages go back to the OS at once
+/// (`PURGE_DELAY`), and arena memory is committed as it is used rather than
+/// up front (`ARENA_EAGER_COMMIT`).
+const ALLOCATOR_OPTIONS: [(&str, &str); 2] = [
+    ("MIMALLOC_PURGE_DELAY", "0"),
+    ("MIMALLOC_ARENA_EAGER_COMMIT", "0"),
+];
+
+/// Make the serving process give freed memory back at once.
+///
+/// mimalloc returns freed pages to the OS after a delay (10 ms) that it
+/// checks only when the thread that freed them next allocates. A proxy that
+/// goes quiet after a burst (a storm of aborted connections, each with a
+/// bounded but large head or body buffer) therefore keeps its peak RSS for
+/// as long as it stays quiet: measured (debug build) 20 MB before, 150 MB
+/// after 1,200 aborted transactions, and still 150 MB ten idle seconds
+/// later; with [`ALLOCATOR_OPTIONS`], 12 MB before and 30 MB after. Options
+/// are read from the environment when the allocator starts, before `main`,
+/// so `run` executes itself again, once, with them set (same PID, arguments
+/// and file descriptors; nothing has been opened yet). If that fails the
+/// proxy runs on with mimalloc's defaults.
+fn purge_freed_memory_promptly() {
+    use std::os::unix::process::CommandExt;
+    let missing: Vec<_> = ALLOCATOR_OPTIONS
+        .iter()
+        .filter(|(key, _)| std::env::var_os(key).is_none())
+        .collect();
+    if missing.is_empty() {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let mut args = std::env::args_os();
+    let mut cmd = std::process::Command::new(exe);
+    if let Some(arg0) = args.next() {
+        cmd.arg0(arg0);
+    }
+    cmd.args(args);
+    for (key, value) in missing {
+        cmd.env(key, value);
+    }
+    let err = cmd.exec();
+    eprintln!("egress-proxy: could not re-execute with the allocator options ({err}); freed memory returns lazily");
+}
+
 fn main() -> ExitCode {
     // Usage errors exit 1 (DESIGN.md); --help and --version exit 0.
     let cli = match Cli::try_parse() {
@@ -98,6 +145,9 @@ fn main() -> ExitCode {
             };
         }
     };
+    if matches!(cli.cmd, None | Some(Cmd::Run)) {
+        purge_freed_memory_promptly();
+    }
     init_tracing();
     match &cli.cmd {
         Some(Cmd::Auth { cmd: AuthCmd::Hash }) => return auth_hash(),
