@@ -75,6 +75,10 @@ fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
         "/readyz" => {
             if shared.drain.graceful.is_cancelled() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else if !shared.audit.healthy() {
+                // Drain this replica before its audit queue fills and
+                // transactions start to wait (see `audit::UNHEALTHY_AFTER`).
+                text(StatusCode::SERVICE_UNAVAILABLE, "audit writes failing\n")
             } else {
                 text(StatusCode::OK, "ready\n")
             }
