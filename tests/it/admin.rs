@@ -26,11 +26,11 @@ fn with_token(config: &str) -> String {
     config.replacen("[server]\n", "[server]\nadmin_token = \"s3cret\"\n", 1)
 }
 
-struct Answer {
-    status: u16,
-    content_type: String,
-    www_authenticate: Option<String>,
-    body: String,
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    pub(crate) content_type: String,
+    pub(crate) www_authenticate: Option<String>,
+    pub(crate) body: String,
 }
 
 async fn send(req: reqwest::RequestBuilder) -> Answer {
@@ -53,7 +53,7 @@ async fn send(req: reqwest::RequestBuilder) -> Answer {
     }
 }
 
-async fn get(admin: SocketAddr, path: &str) -> Answer {
+pub(crate) async fn get(admin: SocketAddr, path: &str) -> Answer {
     send(admin_client().get(format!("http://{admin}{path}"))).await
 }
 
@@ -98,11 +98,11 @@ fn samples(text: &str) -> HashMap<String, f64> {
     out
 }
 
-fn value(m: &HashMap<String, f64>, series: &str) -> f64 {
+pub(crate) fn value(m: &HashMap<String, f64>, series: &str) -> f64 {
     m.get(series).copied().unwrap_or(0.0)
 }
 
-async fn metrics(admin: SocketAddr) -> HashMap<String, f64> {
+pub(crate) async fn metrics(admin: SocketAddr) -> HashMap<String, f64> {
     let a = get(admin, "/metrics").await;
     assert_eq!(a.status, 200, "{}", a.body);
     assert_eq!(a.content_type, OPENMETRICS);
@@ -110,7 +110,7 @@ async fn metrics(admin: SocketAddr) -> HashMap<String, f64> {
 }
 
 /// Poll `/metrics` until `pred` holds.
-async fn metrics_until(
+pub(crate) async fn metrics_until(
     admin: SocketAddr,
     what: &str,
     pred: impl Fn(&HashMap<String, f64>) -> bool,
