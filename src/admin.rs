@@ -4,11 +4,16 @@
 //!
 //! Read-only: nothing here changes the proxy's behaviour. When
 //! `server.admin_token` is set, every path but `/healthz` needs
-//! `Authorization: Bearer <token>`. Without a token, the status page and
-//! the API answer only requests whose `Host` is an IP address or
-//! `localhost` (a DNS-rebinding guard: another site's page cannot read them
-//! through a name that resolves to the admin address).
+//! `Authorization: Bearer <token>`. Every path but the probes (`/healthz`,
+//! `/readyz`) needs exactly one `Host` header, and without a token that
+//! header must be an IP literal or `localhost` (a DNS-rebinding guard:
+//! another site's page cannot read the metrics or the API through a name
+//! that resolves to the admin address). Connections are capped and timed
+//! out (`server.admin_max_connections`, `server.admin_idle_timeout`): the
+//! listener must not be a way to exhaust the process's sockets.
 use std::convert::Infallible;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,8 +33,14 @@ pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; char
 
 /// Serve the admin endpoints until the hard shutdown (readiness turns 503
 /// as soon as the drain begins, so load balancers stop sending).
+///
+/// At most `server.admin_max_connections` connections at once: past it a
+/// connection gets a 503 and a close, so idle or slow clients cannot pile
+/// up tasks and sockets. Each one may take `server.admin_idle_timeout` to
+/// send a request head, and stay idle that long between requests.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let hard = shared.drain.hard.clone();
+    let open = Arc::new(AtomicUsize::new(0));
     loop {
         let (stream, _) = tokio::select! {
             a = listener.accept() => match a {
@@ -42,19 +53,57 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             },
             () = hard.cancelled() => break,
         };
+        let settings = shared.settings.load();
+        let Some(slot) = Slot::take(&open, settings.server.admin_max_connections) else {
+            refuse_busy(&stream);
+            continue;
+        };
+        let idle = settings.server.admin_idle_timeout;
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = service_fn(move |req| {
                 let shared = Arc::clone(&shared);
                 async move { Ok::<_, Infallible>(route(&shared, req)) }
             });
+            // hyper's head time-out runs from the connection's start and
+            // again from the end of each response: it is the idle limit too.
             let _ = http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
+                .header_read_timeout(idle)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
     }
+}
+
+/// One of the admin listener's connection slots, given back on drop.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(open: &Arc<AtomicUsize>, cap: usize) -> Option<Slot> {
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < cap).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| Slot(Arc::clone(open)))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Answer a connection over the cap with a 503 and close it, without a
+/// task: a fresh socket's send buffer takes the few bytes at once, and
+/// whatever does not fit is dropped with the connection.
+fn refuse_busy(stream: &tokio::net::TcpStream) {
+    const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n\
+        Content-Type: text/plain; charset=utf-8\r\nContent-Length: 27\r\n\r\n\
+        too many admin connections\n";
+    let _ = stream.try_write(BUSY);
 }
 
 fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -71,14 +120,13 @@ fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return r;
     }
+    if path == "/readyz" {
+        return readiness(shared);
+    }
+    if let Err(refusal) = host_guard(shared, &req) {
+        return refusal.response();
+    }
     match path {
-        "/readyz" => {
-            if shared.drain.graceful.is_cancelled() {
-                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-            } else {
-                text(StatusCode::OK, "ready\n")
-            }
-        }
         "/metrics" => {
             let body = shared.metrics.encode(&shared.audit);
             respond(StatusCode::OK, OPENMETRICS, body)
@@ -90,15 +138,66 @@ fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
+/// `/readyz`: 503 while draining, or while audit writes have been failing
+/// for over a second (drain this replica before its audit queue fills and
+/// transactions start to wait; see `audit::UNHEALTHY_AFTER`).
+fn readiness(shared: &Shared) -> Response<Full<Bytes>> {
+    if shared.drain.graceful.is_cancelled() {
+        text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    } else if !shared.audit.healthy() {
+        text(StatusCode::SERVICE_UNAVAILABLE, "audit writes failing\n")
+    } else {
+        text(StatusCode::OK, "ready\n")
+    }
+}
+
+/// The DNS-rebinding guard, on every path but the probes.
+///
+/// Exactly one `Host` header (RFC 9112 section 3.2: a server must answer
+/// 400 to more than one; two could be read differently here and by a
+/// front end). Without an admin token it must name an IP literal or
+/// `localhost` (403 otherwise): another site's page reaching the admin
+/// port through a name that resolves to it then cannot read anything.
+fn host_guard(shared: &Shared, req: &Request<Incoming>) -> Result<(), HostRefusal> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let (Some(host), None) = (hosts.next(), hosts.next()) else {
+        return Err(HostRefusal::NotOne);
+    };
+    if shared.settings.load().server.admin_token.is_some() {
+        return Ok(());
+    }
+    // An absolute-form target's authority overrides Host (RFC 9112
+    // section 3.2.2), so it must pass too.
+    let authority = req.uri().authority().map(http::uri::Authority::as_str);
+    if host.to_str().is_ok_and(local_host) && authority.is_none_or(local_host) {
+        Ok(())
+    } else {
+        Err(HostRefusal::NotLocal)
+    }
+}
+
+/// Why [`host_guard`] refused a request.
+#[derive(Debug, thiserror::Error)]
+enum HostRefusal {
+    #[error("send exactly one Host header")]
+    NotOne,
+    #[error("use an IP address or localhost in the URL (or set server.admin_token)")]
+    NotLocal,
+}
+
+impl HostRefusal {
+    fn response(&self) -> Response<Full<Bytes>> {
+        let status = match self {
+            HostRefusal::NotOne => StatusCode::BAD_REQUEST,
+            HostRefusal::NotLocal => StatusCode::FORBIDDEN,
+        };
+        respond(status, TEXT, format!("{self}\n"))
+    }
+}
+
 /// The status page and its JSON API.
 fn status_route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let settings = shared.settings.load();
-    if settings.server.admin_token.is_none() && !local_host_header(req) {
-        return text(
-            StatusCode::FORBIDDEN,
-            "use an IP address or localhost in the URL (or set server.admin_token)\n",
-        );
-    }
     let status = &shared.metrics.status;
     match req.uri().path() {
         "/" => {
@@ -169,25 +268,29 @@ fn status_route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes
     }
 }
 
-/// True when the `Host` header names an IP address or `localhost` (or is absent).
-fn local_host_header(req: &Request<Incoming>) -> bool {
-    let Some(host) = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return true;
+/// True when `host` is exactly an IPv4 literal, a bracketed IPv6 literal
+/// or `localhost`, with an optional numeric port, and nothing else
+/// (`[::1].evil.example` and `127.0.0.1.evil.example` are names).
+fn local_host(host: &str) -> bool {
+    let (name, port) = match host.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((v6, after)) if v6.parse::<Ipv6Addr>().is_ok() => {
+                return after.is_empty() || after.strip_prefix(':').is_some_and(numeric_port);
+            }
+            _ => return false,
+        },
+        None => match host.split_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (host, None),
+        },
     };
-    let name = match host.strip_prefix('[') {
-        Some(rest) => {
-            return rest
-                .split(']')
-                .next()
-                .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok())
-        }
-        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
-    };
-    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok()
+    port.is_none_or(numeric_port)
+        && (name.eq_ignore_ascii_case("localhost") || name.parse::<Ipv4Addr>().is_ok())
+}
+
+/// One to five digits that make a port number.
+fn numeric_port(p: &str) -> bool {
+    (1..=5).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok()
 }
 
 fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {

@@ -145,7 +145,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
@@ -495,12 +495,26 @@ impl Default for IdGen {
 // === the sink and the writer ===
 
 /// Where serialised records go. The writer calls it from its own thread.
+///
+/// Each batch is handed over exactly once: a sink that fails keeps what it
+/// has not written yet and finishes it in [`AuditSink::resume`], so a
+/// record is never written twice (a batch rewritten from its start after a
+/// partial write duplicated records) and never half.
 pub trait AuditSink: Send + 'static {
-    /// Write a batch of records, in order.
+    /// Take a batch of records, in order, and write it.
     ///
     /// # Errors
-    /// An I/O error; the writer logs it and retries the batch.
+    /// An I/O error. The sink has kept the part it did not write; the writer
+    /// logs the error and calls [`AuditSink::resume`] until it succeeds.
     fn write(&mut self, records: &[Record]) -> io::Result<()>;
+    /// Write what a failed [`AuditSink::write`] or `resume` kept. Default:
+    /// nothing is ever kept.
+    ///
+    /// # Errors
+    /// An I/O error; the rest stays kept for the next call.
+    fn resume(&mut self) -> io::Result<()> {
+        Ok(())
+    }
     /// Reopen the destination (log rotation). Default: nothing to do.
     ///
     /// # Errors
@@ -510,13 +524,25 @@ pub trait AuditSink: Send + 'static {
     }
 }
 
-/// JSON-lines (or Squid) text to stdout or a file.
+/// JSON-lines (or Squid) text to stdout, a file, or any [`Write`].
+///
+/// A batch is serialised into one buffer and written with plain `write`
+/// calls that track how far they got: after a short write and an error
+/// (a full disk), [`AuditSink::resume`] goes on from the first unwritten
+/// byte, so the file ends up with every line once and none torn.
 pub struct LineSink {
-    path: AuditPath,
+    /// Where [`AuditSink::reopen`] reopens; `None` for an injected writer.
+    path: Option<AuditPath>,
     format: AuditFormat,
     out: Box<dyn Write + Send>,
-    line: Vec<u8>,
+    /// Serialised lines not yet accepted by `out`, from `done` on.
+    pending: Vec<u8>,
+    done: usize,
 }
+
+/// Past this, the batch buffer is shrunk after use: one batch of long URLs
+/// must not pin megabytes for the life of the process.
+const PENDING_KEPT: usize = 4 << 20;
 
 impl LineSink {
     /// Open the destination.
@@ -526,18 +552,48 @@ impl LineSink {
     pub fn open(path: AuditPath, format: AuditFormat) -> io::Result<Self> {
         let out = open_out(&path)?;
         Ok(LineSink {
-            path,
+            path: Some(path),
+            ..LineSink::from_writer(out, format)
+        })
+    }
+
+    /// Write lines to `out` (the seam tests use to play a full disk).
+    /// [`AuditSink::reopen`] keeps `out`.
+    pub fn from_writer(out: Box<dyn Write + Send>, format: AuditFormat) -> Self {
+        LineSink {
+            path: None,
             format,
             out,
-            line: Vec::with_capacity(512),
-        })
+            pending: Vec::with_capacity(64 * 1024),
+            done: 0,
+        }
+    }
+
+    /// Write `pending[done..]`, advancing `done` by what each call took.
+    fn drain(&mut self) -> io::Result<()> {
+        while self.done < self.pending.len() {
+            match self.out.write(&self.pending[self.done..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // Stdout buffers; a file does not (the batch is already one write).
+        self.out.flush()?;
+        self.pending.clear();
+        self.done = 0;
+        if self.pending.capacity() > PENDING_KEPT {
+            self.pending.shrink_to(64 * 1024);
+        }
+        Ok(())
     }
 }
 
 fn open_out(path: &AuditPath) -> io::Result<Box<dyn Write + Send>> {
     Ok(match path {
-        AuditPath::Stdout => Box::new(io::BufWriter::with_capacity(64 * 1024, io::stdout())),
-        AuditPath::File(p) => Box::new(io::BufWriter::with_capacity(64 * 1024, open_append(p)?)),
+        AuditPath::Stdout => Box::new(io::stdout()),
+        AuditPath::File(p) => Box::new(open_append(p)?),
     })
 }
 
@@ -550,21 +606,35 @@ fn open_append(p: &PathBuf) -> io::Result<std::fs::File> {
 
 impl AuditSink for LineSink {
     fn write(&mut self, records: &[Record]) -> io::Result<()> {
+        // Appended after anything still pending, so order holds even if a
+        // caller skips `resume`.
         for r in records {
-            self.line.clear();
             match self.format {
-                AuditFormat::Json => r.write_json(&mut self.line),
-                AuditFormat::Squid => squid_line(&mut self.line, r)?,
+                AuditFormat::Json => r.write_json(&mut self.pending),
+                // Writing into a Vec cannot fail.
+                AuditFormat::Squid => {
+                    let _ = squid_line(&mut self.pending, r);
+                }
             }
-            self.line.push(b'\n');
-            self.out.write_all(&self.line)?;
+            self.pending.push(b'\n');
         }
-        self.out.flush()
+        self.drain()
+    }
+
+    fn resume(&mut self) -> io::Result<()> {
+        self.drain()
     }
 
     fn reopen(&mut self) -> io::Result<()> {
-        self.out.flush()?;
-        self.out = open_out(&self.path)?;
+        if self.path.is_none() {
+            return Ok(());
+        }
+        // Finish a torn line in the old file first: half a line in each
+        // file would be two broken records. Failing, keep the old file.
+        self.drain()?;
+        if let Some(path) = &self.path {
+            self.out = open_out(path)?;
+        }
         Ok(())
     }
 }
@@ -736,19 +806,30 @@ impl AuditSink for MemorySink {
 pub struct Tee(pub Vec<Box<dyn AuditSink>>);
 
 impl AuditSink for Tee {
+    /// Every sink takes the batch once, even after one of them failed (it
+    /// then finishes in `resume`); the first error is returned.
     fn write(&mut self, records: &[Record]) -> io::Result<()> {
-        for s in &mut self.0 {
-            s.write(records)?;
-        }
-        Ok(())
+        first_error(self.0.iter_mut().map(|s| s.write(records)))
+    }
+
+    fn resume(&mut self) -> io::Result<()> {
+        first_error(self.0.iter_mut().map(|s| s.resume()))
     }
 
     fn reopen(&mut self) -> io::Result<()> {
-        for s in &mut self.0 {
-            s.reopen()?;
-        }
-        Ok(())
+        first_error(self.0.iter_mut().map(|s| s.reopen()))
     }
+}
+
+/// Run every result to the end; the first error, if any.
+fn first_error(results: impl Iterator<Item = io::Result<()>>) -> io::Result<()> {
+    let mut first = Ok(());
+    for r in results {
+        if let (Err(e), true) = (r, first.is_ok()) {
+            first = Err(e);
+        }
+    }
+    first
 }
 
 enum Msg {
@@ -773,7 +854,58 @@ struct WriterState {
     written: AtomicU64,
     waits: AtomicU64,
     drained: Notify,
+    /// Failed write attempts (each retry counts).
+    write_errors: AtomicU64,
+    /// When the current run of failures began, in milliseconds after
+    /// `epoch` plus one; 0 while writes succeed.
+    failing_since: AtomicU64,
+    epoch: std::time::Instant,
 }
+
+impl WriterState {
+    fn new() -> Self {
+        WriterState {
+            queued: AtomicUsize::new(0),
+            written: AtomicU64::new(0),
+            waits: AtomicU64::new(0),
+            drained: Notify::new(),
+            write_errors: AtomicU64::new(0),
+            failing_since: AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    fn note_failure(&self) {
+        self.write_errors.fetch_add(1, Ordering::Relaxed);
+        // Only the first failure of a run sets the start.
+        let _ = self.failing_since.compare_exchange(
+            0,
+            self.now_ms(),
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+    }
+
+    fn note_success(&self) {
+        self.failing_since.store(0, Ordering::Release);
+    }
+
+    fn failing_for(&self) -> Option<Duration> {
+        match self.failing_since.load(Ordering::Acquire) {
+            0 => None,
+            since => Some(Duration::from_millis(self.now_ms().saturating_sub(since))),
+        }
+    }
+}
+
+/// How long the writer may keep failing before `/readyz` turns 503: long
+/// enough to ride out a hiccup, short enough that a load balancer drains
+/// the replica well before the queue fills and transactions block.
+pub const UNHEALTHY_AFTER: Duration = Duration::from_secs(1);
 
 /// The writer thread; `join` after every handle is dropped flushes the rest.
 pub struct AuditWriter {
@@ -798,12 +930,7 @@ impl AuditLog {
     /// The thread could not be spawned.
     pub fn start(mut sink: Box<dyn AuditSink>) -> io::Result<(AuditLog, AuditWriter)> {
         let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
-        let state = Arc::new(WriterState {
-            queued: AtomicUsize::new(0),
-            written: AtomicU64::new(0),
-            waits: AtomicU64::new(0),
-            drained: Notify::new(),
-        });
+        let state = Arc::new(WriterState::new());
         let st = Arc::clone(&state);
         let thread = std::thread::Builder::new()
             .name("audit-writer".into())
@@ -812,6 +939,7 @@ impl AuditLog {
                 let mut batch: Vec<Record> = Vec::with_capacity(256);
                 let mut closing = false;
                 let mut idle_polls = 0u32;
+                let mut failures = FailureLog::default();
                 while !closing {
                     // Under load, poll every millisecond: senders then only
                     // push (no wake-up, no context switch per record). After
@@ -848,7 +976,7 @@ impl AuditLog {
                             next = rx.try_recv().ok();
                         }
                     }
-                    write_batch(sink.as_mut(), &batch);
+                    write_batch(sink.as_mut(), &batch, &st, &mut failures);
                     let n = batch.len();
                     batch.clear();
                     st.written.fetch_add(n as u64, Ordering::Relaxed);
@@ -921,18 +1049,92 @@ impl AuditLog {
     pub fn waits(&self) -> u64 {
         self.state.waits.load(Ordering::Relaxed)
     }
+
+    /// Failed write attempts so far (each retry counts).
+    pub fn write_errors(&self) -> u64 {
+        self.state.write_errors.load(Ordering::Relaxed)
+    }
+
+    /// How long the writer has been failing, if it is failing now.
+    pub fn failing_for(&self) -> Option<Duration> {
+        self.state.failing_for()
+    }
+
+    /// False once the writer has been failing for longer than
+    /// [`UNHEALTHY_AFTER`] (`/readyz` then answers 503).
+    pub fn healthy(&self) -> bool {
+        self.failing_for().is_none_or(|d| d <= UNHEALTHY_AFTER)
+    }
 }
 
-/// Write one batch, retrying on I/O errors: records are never dropped.
-fn write_batch(sink: &mut dyn AuditSink, batch: &[Record]) {
-    let mut delay = std::time::Duration::from_millis(10);
-    while let Err(e) = sink.write(batch) {
-        tracing::error!(error = %e, "cannot write audit records; retrying");
+/// Write one batch, then resume it after I/O errors until it is all out:
+/// records are never dropped, and never handed to a sink twice.
+fn write_batch(
+    sink: &mut dyn AuditSink,
+    batch: &[Record],
+    st: &WriterState,
+    failures: &mut FailureLog,
+) {
+    let mut delay = Duration::from_millis(10);
+    let mut result = sink.write(batch);
+    while let Err(e) = result {
+        st.note_failure();
+        failures.failed(&e);
         std::thread::sleep(delay);
-        delay = (delay * 2).min(std::time::Duration::from_secs(1));
-        if let Err(e) = sink.reopen() {
-            tracing::error!(error = %e, "cannot reopen the audit file");
+        // At most a second: a freed disk is used again within one.
+        delay = (delay * 2).min(Duration::from_secs(1));
+        result = sink.resume();
+    }
+    st.note_success();
+    failures.recovered();
+}
+
+/// The `audit write failed` log, rate-limited: a full disk fails every
+/// retry, and one line per retry would fill what little space is left.
+/// The first failure is logged at once, then one line per
+/// [`FailureLog::EVERY`] with the count since, then one when writes recover.
+#[derive(Default)]
+struct FailureLog {
+    /// When the current run of failures began, and its last log line.
+    began: Option<std::time::Instant>,
+    logged: Option<std::time::Instant>,
+    unlogged: u64,
+    total: u64,
+}
+
+impl FailureLog {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn failed(&mut self, e: &io::Error) {
+        let now = std::time::Instant::now();
+        self.began.get_or_insert(now);
+        self.total += 1;
+        self.unlogged += 1;
+        if self
+            .logged
+            .is_some_and(|t| now.duration_since(t) < Self::EVERY)
+        {
+            return;
         }
+        tracing::error!(
+            error = %e,
+            failures = self.unlogged,
+            "audit write failed; keeping the records and retrying (new transactions wait once the queue is full)"
+        );
+        self.logged = Some(now);
+        self.unlogged = 0;
+    }
+
+    fn recovered(&mut self) {
+        let Some(began) = self.began.take() else {
+            return;
+        };
+        tracing::warn!(
+            failures = self.total,
+            after = ?began.elapsed(),
+            "audit writes recovered; nothing was lost"
+        );
+        *self = FailureLog::default();
     }
 }
 
@@ -1223,5 +1425,140 @@ mod squid_tests {
         // Elapsed wider than six digits just grows, as in Squid.
         assert!(l.contains(" 1234567 192.0.2.10 "), "{l}");
         assert_eq!(l.split(' ').filter(|f| !f.is_empty()).count(), 10, "{l}");
+    }
+}
+
+#[cfg(test)]
+mod sink_tests {
+    //! The file sink on a disk that fills up: a short write, then ENOSPC,
+    //! then space again. Every record must land exactly once, whole.
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// A `Write` with `room` bytes of space left; a write takes what fits
+    /// (a short write), and with no room fails with ENOSPC, as a file on a
+    /// full filesystem does.
+    #[derive(Clone, Default)]
+    struct Disk {
+        data: Arc<Mutex<Vec<u8>>>,
+        room: Arc<AtomicUsize>,
+    }
+
+    impl Disk {
+        fn with_room(room: usize) -> Self {
+            let d = Disk::default();
+            d.room.store(room, Ordering::SeqCst);
+            d
+        }
+        fn bytes(&self) -> Vec<u8> {
+            self.data.lock().unwrap().clone()
+        }
+    }
+
+    impl Write for Disk {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let room = self.room.load(Ordering::SeqCst);
+            if room == 0 {
+                return Err(io::Error::from(rustix::io::Errno::NOSPC));
+            }
+            let n = buf.len().min(room);
+            self.room.fetch_sub(n, Ordering::SeqCst);
+            self.data.lock().unwrap().extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn record(i: u64) -> Record {
+        let mut r = Record::new(i, "127.0.0.1:4000".parse().unwrap(), SystemTime::UNIX_EPOCH);
+        r.method = Some(http::Method::GET);
+        r.url = Some(format!("http://repo.clearswift.net/file/{i}"));
+        r.status = Some(200);
+        r
+    }
+
+    /// The lines the records must become, each once, in order.
+    fn expected(records: &[Record]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for r in records {
+            r.write_json(&mut out);
+            out.push(b'\n');
+        }
+        out
+    }
+
+    #[test]
+    fn a_short_write_then_enospc_resumes_after_the_written_bytes() {
+        let disk = Disk::with_room(150);
+        let mut sink = LineSink::from_writer(Box::new(disk.clone()), AuditFormat::Json);
+        let batch: Vec<Record> = (0..5).map(record).collect();
+        let e = sink.write(&batch).expect_err("the disk is full");
+        assert_eq!(
+            e.raw_os_error(),
+            Some(rustix::io::Errno::NOSPC.raw_os_error())
+        );
+        assert_eq!(disk.bytes().len(), 150, "a short write took 150 bytes");
+        assert!(sink.resume().is_err(), "still full");
+        disk.room.store(usize::MAX, Ordering::SeqCst);
+        sink.resume().expect("space again");
+        // Nothing more to do, and a later batch follows on.
+        sink.resume().expect("idempotent");
+        let more: Vec<Record> = (5..7).map(record).collect();
+        sink.write(&more).expect("write");
+        let all: Vec<Record> = (0..7).map(record).collect();
+        assert_eq!(
+            String::from_utf8(disk.bytes()).unwrap(),
+            String::from_utf8(expected(&all)).unwrap()
+        );
+    }
+
+    #[test]
+    fn the_writer_keeps_every_record_once_through_a_full_disk() {
+        let disk = Disk::with_room(1000);
+        let memory = MemorySink::new();
+        let tee = Tee(vec![
+            Box::new(LineSink::from_writer(
+                Box::new(disk.clone()),
+                AuditFormat::Json,
+            )),
+            Box::new(memory.clone()),
+        ]);
+        let (log, writer) = AuditLog::start(Box::new(tee)).unwrap();
+        let records: Vec<Record> = (0..3000).map(record).collect();
+        for chunk in records.chunks(300) {
+            for r in chunk {
+                log.send(r.clone());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Failing: counted, and unhealthy once it lasts past a second.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while log.healthy() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!log.healthy(), "failing for over a second is unhealthy");
+        assert!(log.write_errors() > 0);
+        assert!(log.failing_for().unwrap() > UNHEALTHY_AFTER);
+        assert_eq!(disk.bytes().len(), 1000, "only what fit");
+
+        disk.room.store(usize::MAX, Ordering::SeqCst);
+        while log.written() < 3000 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(log.written(), 3000);
+        assert!(log.healthy(), "healthy again once writes succeed");
+        assert_eq!(log.failing_for(), None);
+        log.close();
+        drop(log);
+        writer.join();
+        // Byte for byte: each line once, whole, in order.
+        assert!(
+            disk.bytes() == expected(&records),
+            "the file differs from one line per record"
+        );
+        // The other sinks of the tee saw each batch once too.
+        assert_eq!(memory.records(), records);
     }
 }

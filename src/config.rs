@@ -73,6 +73,8 @@ struct RawServer {
     listen: Vec<String>,
     admin_listen: Option<String>,
     admin_token: Option<String>,
+    admin_max_connections: u64,
+    admin_idle_timeout: String,
     max_connections: u64,
     splice_pipes: Option<u64>,
     shutdown_grace: String,
@@ -86,6 +88,8 @@ impl Default for RawServer {
             listen: vec!["127.0.0.1:3128".into()],
             admin_listen: Some("127.0.0.1:9090".into()),
             admin_token: None,
+            admin_max_connections: 64,
+            admin_idle_timeout: "10s".into(),
             max_connections: 0,
             splice_pipes: None,
             shutdown_grace: "30s".into(),
@@ -281,6 +285,11 @@ pub struct ServerSettings {
     pub listen: Vec<SocketAddr>,
     pub admin_listen: Option<SocketAddr>,
     pub admin_token: Option<String>,
+    /// Admin connections open at once; past it, a 503 and a close.
+    pub admin_max_connections: usize,
+    /// How long an admin connection may take to send a request head, and
+    /// stay idle between requests.
+    pub admin_idle_timeout: Duration,
     /// 0: derived from the file-descriptor limit at start.
     pub max_connections: usize,
     /// Pipes bulk tunnels may splice through at once; `None`: derived from
@@ -600,6 +609,25 @@ impl<'a> Validator<'a> {
         }
     }
 
+    /// A duration that must be more than zero.
+    fn positive(&mut self, key: &str, value: &str) -> Duration {
+        let d = self.duration(key, value);
+        if d.is_zero() && parse_duration(value).is_ok() {
+            self.err(key, "must be more than zero; write e.g. \"10s\"".into());
+        }
+        d
+    }
+
+    fn at_least_one(&mut self, key: &str, n: u64) -> usize {
+        if n == 0 {
+            self.err(
+                key,
+                "0 would refuse every connection; write 1 or more".into(),
+            );
+        }
+        usize::try_from(n).unwrap_or(usize::MAX)
+    }
+
     fn socket(&mut self, key: &str, value: &str) -> Option<SocketAddr> {
         match value.parse::<SocketAddr>() {
             Ok(a) => Some(a),
@@ -692,6 +720,9 @@ impl<'a> Validator<'a> {
             listen,
             admin_listen,
             admin_token: raw.admin_token.filter(|t| !t.is_empty()),
+            admin_max_connections: self
+                .at_least_one("server.admin_max_connections", raw.admin_max_connections),
+            admin_idle_timeout: self.positive("server.admin_idle_timeout", &raw.admin_idle_timeout),
             max_connections: usize::try_from(raw.max_connections).unwrap_or(usize::MAX),
             splice_pipes: raw
                 .splice_pipes

@@ -65,6 +65,9 @@ pub struct Metrics {
     pub audit_queued: Gauge,
     pub audit_waits: Counter,
     audit_waits_seen: AtomicU64,
+    /// Failed audit write attempts (a full disk, say; each retry counts).
+    pub audit_write_errors: Counter,
+    audit_write_errors_seen: AtomicU64,
     /// Syslog messages handed to the socket (`audit.syslog`).
     pub syslog_sent: Counter,
     /// Syslog messages dropped: queue full or server unreachable.
@@ -93,6 +96,8 @@ impl Metrics {
             audit_queued: Gauge::default(),
             audit_waits: Counter::default(),
             audit_waits_seen: AtomicU64::new(0),
+            audit_write_errors: Counter::default(),
+            audit_write_errors_seen: AtomicU64::new(0),
             syslog_sent: Counter::default(),
             syslog_dropped: Counter::default(),
             status: Arc::default(),
@@ -178,6 +183,11 @@ impl Metrics {
             m.audit_waits.clone(),
         );
         registry.register(
+            "audit_write_errors",
+            "Failed audit write attempts (each retry counts); records are kept and retried",
+            m.audit_write_errors.clone(),
+        );
+        registry.register(
             "syslog_sent",
             "Audit messages sent to audit.syslog",
             m.syslog_sent.clone(),
@@ -209,6 +219,9 @@ impl Metrics {
         let waits = audit.waits();
         let seen = self.audit_waits_seen.swap(waits, Ordering::Relaxed);
         self.audit_waits.inc_by(waits.saturating_sub(seen));
+        let errors = audit.write_errors();
+        let seen = self.audit_write_errors_seen.swap(errors, Ordering::Relaxed);
+        self.audit_write_errors.inc_by(errors.saturating_sub(seen));
         let mut out = String::with_capacity(8192);
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();

@@ -173,7 +173,12 @@ impl Running {
     async fn admin_get(&self, path: &str) -> (u16, String, String) {
         let raw = exchange(
             self.admin,
-            format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+            // The admin listener answers only an IP-literal or localhost Host.
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+                self.admin
+            )
+            .as_bytes(),
         )
         .await;
         let (status, headers, body) = split_response(&raw);

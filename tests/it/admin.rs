@@ -26,11 +26,11 @@ fn with_token(config: &str) -> String {
     config.replacen("[server]\n", "[server]\nadmin_token = \"s3cret\"\n", 1)
 }
 
-struct Answer {
-    status: u16,
-    content_type: String,
-    www_authenticate: Option<String>,
-    body: String,
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    pub(crate) content_type: String,
+    pub(crate) www_authenticate: Option<String>,
+    pub(crate) body: String,
 }
 
 async fn send(req: reqwest::RequestBuilder) -> Answer {
@@ -53,7 +53,7 @@ async fn send(req: reqwest::RequestBuilder) -> Answer {
     }
 }
 
-async fn get(admin: SocketAddr, path: &str) -> Answer {
+pub(crate) async fn get(admin: SocketAddr, path: &str) -> Answer {
     send(admin_client().get(format!("http://{admin}{path}"))).await
 }
 
@@ -98,11 +98,11 @@ fn samples(text: &str) -> HashMap<String, f64> {
     out
 }
 
-fn value(m: &HashMap<String, f64>, series: &str) -> f64 {
+pub(crate) fn value(m: &HashMap<String, f64>, series: &str) -> f64 {
     m.get(series).copied().unwrap_or(0.0)
 }
 
-async fn metrics(admin: SocketAddr) -> HashMap<String, f64> {
+pub(crate) async fn metrics(admin: SocketAddr) -> HashMap<String, f64> {
     let a = get(admin, "/metrics").await;
     assert_eq!(a.status, 200, "{}", a.body);
     assert_eq!(a.content_type, OPENMETRICS);
@@ -110,7 +110,7 @@ async fn metrics(admin: SocketAddr) -> HashMap<String, f64> {
 }
 
 /// Poll `/metrics` until `pred` holds.
-async fn metrics_until(
+pub(crate) async fn metrics_until(
     admin: SocketAddr,
     what: &str,
     pred: impl Fn(&HashMap<String, f64>) -> bool,
@@ -342,4 +342,164 @@ async fn only_get_and_head_are_served() {
         .await
         .expect("HEAD");
     assert_eq!(head.status(), 200);
+}
+
+// === the listener's own guards: Host, connection cap, idle time ===
+
+fn with_server_keys(config: &str, keys: &str) -> String {
+    config.replacen("[server]\n", &format!("[server]\n{keys}\n"), 1)
+}
+
+/// GET `target` on a raw connection with the given header lines; the status.
+async fn raw_status(admin: SocketAddr, target: &str, headers: &str) -> u16 {
+    let req = format!("GET {target} HTTP/1.1\r\n{headers}Connection: close\r\n\r\n");
+    parse_response(&raw_bytes(admin, req.as_bytes()).await).status
+}
+
+#[tokio::test]
+async fn every_path_but_the_probes_needs_a_local_host() {
+    let proxy = TestProxy::start(&config(&NAMES, ""), &catalog(1, 2)).await;
+    let port = proxy.admin.port();
+    for host in [
+        "evil.example".to_string(),
+        "[::1].evil.example".into(),
+        "127.0.0.1.evil.example".into(),
+        "localhost.evil.example".into(),
+        "127.0.0.1:9090x".into(),
+        "localhost:".into(),
+        "[::1]x".into(),
+        "[::1".into(),
+        "localhost.".into(),
+        format!("127.0.0.1:{port}:{port}"),
+        "127.0.0.1:99999".into(),
+    ] {
+        for path in ["/metrics", "/api/summary", "/", "/nothing-here"] {
+            let status = raw_status(proxy.admin, path, &format!("Host: {host}\r\n")).await;
+            assert_eq!(status, 403, "{path} with Host: {host}");
+        }
+    }
+    // The probes answer any Host (a load balancer's checks name anything).
+    for path in ["/healthz", "/readyz"] {
+        let status = raw_status(proxy.admin, path, "Host: evil.example\r\n").await;
+        assert_eq!(status, 200, "{path}");
+    }
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("[::1]:{port}"),
+        "localhost".into(),
+        format!("LocalHost:{port}"),
+        "127.0.0.1".into(),
+        "[::1]".into(),
+    ] {
+        let status = raw_status(proxy.admin, "/metrics", &format!("Host: {host}\r\n")).await;
+        assert_eq!(status, 200, "Host: {host}");
+    }
+    // An absolute-form target's authority counts as the Host.
+    let status = raw_status(
+        proxy.admin,
+        "http://evil.example/metrics",
+        "Host: 127.0.0.1\r\n",
+    )
+    .await;
+    assert_eq!(status, 403, "absolute-form authority");
+}
+
+#[tokio::test]
+async fn a_duplicate_or_missing_host_is_a_bad_request() {
+    let proxy = TestProxy::start(&config(&NAMES, ""), &catalog(1, 2)).await;
+    for headers in [
+        "Host: 127.0.0.1\r\nHost: evil.example\r\n",
+        "Host: evil.example\r\nHost: 127.0.0.1\r\n",
+        "Host: 127.0.0.1\r\nHost: 127.0.0.1\r\n",
+        "",
+    ] {
+        let status = raw_status(proxy.admin, "/metrics", headers).await;
+        assert_eq!(status, 400, "{headers:?}");
+    }
+    // Also with a token: two Hosts are malformed whoever sends them.
+    let proxy = TestProxy::start(&with_token(&config(&NAMES, "")), &catalog(1, 2)).await;
+    let auth = "Authorization: Bearer s3cret\r\n";
+    let two = format!("Host: 127.0.0.1\r\nHost: evil.example\r\n{auth}");
+    assert_eq!(raw_status(proxy.admin, "/metrics", &two).await, 400);
+    let named = format!("Host: proxy1.corp.example\r\n{auth}");
+    assert_eq!(
+        raw_status(proxy.admin, "/metrics", &named).await,
+        200,
+        "with a token any one Host will do"
+    );
+    // The probes read nothing from the request: they still answer.
+    let two = "Host: 127.0.0.1\r\nHost: evil.example\r\n";
+    assert_eq!(raw_status(proxy.admin, "/healthz", two).await, 200);
+}
+
+/// A kept-alive admin connection that has had one answer (so it holds a slot).
+async fn held_admin_connection(admin: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(admin).await.expect("connect");
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .expect("write");
+    assert_eq!(read_response(&mut s).await.status, 200);
+    s
+}
+
+#[tokio::test]
+async fn admin_connections_are_capped() {
+    const CAP: usize = 4;
+    let cfg = with_server_keys(
+        &config(&NAMES, ""),
+        &format!("admin_max_connections = {CAP}"),
+    );
+    let proxy = TestProxy::start(&cfg, &catalog(1, 2)).await;
+    let mut held = Vec::new();
+    for _ in 0..CAP {
+        held.push(held_admin_connection(proxy.admin).await);
+    }
+    for _ in 0..3 {
+        let mut extra = TcpStream::connect(proxy.admin).await.expect("connect");
+        let (bytes, ended) = read_until_close(&mut extra).await;
+        assert_eq!(ended, Some(true), "an extra connection is closed");
+        let r = parse_response(&bytes);
+        assert_eq!(r.status, 503, "{}", r.head);
+        assert_eq!(r.header("connection"), Some("close"));
+    }
+    // Closing one frees its slot.
+    drop(held.pop());
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut s = TcpStream::connect(proxy.admin).await.expect("connect");
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let (bytes, _) = read_until_close(&mut s).await;
+        if parse_response(&bytes).status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the freed slot was never reused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The held ones still work.
+    for s in &mut held {
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            .await
+            .expect("write");
+        assert_eq!(read_response(s).await.status, 200);
+    }
+}
+
+#[tokio::test]
+async fn idle_admin_connections_are_closed() {
+    let cfg = with_server_keys(&config(&NAMES, ""), "admin_idle_timeout = \"300ms\"");
+    let proxy = TestProxy::start(&cfg, &catalog(1, 2)).await;
+    // Silent from the start.
+    let mut silent = TcpStream::connect(proxy.admin).await.expect("connect");
+    let (_, ended) = read_until_close(&mut silent).await;
+    assert!(ended.is_some(), "a connection that sends nothing is closed");
+    // Idle after an answer (keep-alive).
+    let mut kept = held_admin_connection(proxy.admin).await;
+    let (rest, ended) = read_until_close(&mut kept).await;
+    assert!(ended.is_some(), "an idle kept-alive connection is closed");
+    assert!(
+        rest.is_empty() || rest.starts_with(b"HTTP/1.1 408"),
+        "{rest:?}"
+    );
 }

@@ -445,11 +445,11 @@ async fn page_is_self_contained_and_guarded() {
     assert_eq!(raw_get("localhost:9090").await.status, 200);
     assert_eq!(raw_get("127.0.0.1").await.status, 200);
     assert_eq!(raw_get("[::1]:9090").await.status, 200);
-    // /metrics is not affected.
+    // /metrics too (tests/it/admin.rs covers the Host rules).
     let req = "GET /metrics HTTP/1.1\r\nHost: prometheus.internal\r\nConnection: close\r\n\r\n";
     assert_eq!(
         parse_response(&raw_bytes(proxy.admin, req.as_bytes()).await).status,
-        200
+        403
     );
 }
 

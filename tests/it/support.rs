@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
 use bytes::Bytes;
-use egress_proxy::audit::{AuditWriter, MemorySink, Record};
+use egress_proxy::audit::{AuditSink, AuditWriter, MemorySink, Record, Tee};
 use egress_proxy::config::{ConfigSource, Settings};
 use egress_proxy::{Handle, Proxy};
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -103,13 +103,24 @@ impl TestProxy {
 
     /// Start with loaded settings.
     pub async fn start_settings(settings: Settings, dir: tempfile::TempDir) -> TestProxy {
+        TestProxy::start_with_sinks(settings, dir, Vec::new()).await
+    }
+
+    /// Start with loaded settings; records go to `sinks` (a file, say)
+    /// and then to the in-memory sink.
+    pub async fn start_with_sinks(
+        settings: Settings,
+        dir: tempfile::TempDir,
+        mut sinks: Vec<Box<dyn AuditSink>>,
+    ) -> TestProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let audit = MemorySink::new();
         let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
         let admin = admin_listener.local_addr().expect("admin addr");
+        sinks.push(Box::new(audit.clone()));
         let (log, writer, metrics) =
-            egress_proxy::start_audit(Box::new(audit.clone())).expect("audit writer");
+            egress_proxy::start_audit(Box::new(Tee(sinks))).expect("audit writer");
         let proxy = Proxy::new(vec![listener], settings, log, metrics)
             .expect("proxy")
             .with_admin(admin_listener);
