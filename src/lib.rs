@@ -210,11 +210,16 @@ impl Proxy {
 impl Handle {
     /// Swap in new settings (policy, clients, DNS overrides, limits).
     /// Open tunnels and in-flight requests keep the snapshot they started with.
+    /// Settings that need a restart keep their running values
+    /// ([`Settings::keeping_restart_only`]): the CA above all, so a reload
+    /// can neither switch inspection on (the policy would admit tunnels
+    /// it relies on inspecting) nor off.
     ///
     /// # Errors
     /// A client certificate or roots file of the new settings cannot be
     /// used; nothing is swapped then.
     pub fn reload(&self, settings: Settings) -> Result<(), StartError> {
+        let settings = settings.keeping_restart_only(&self.shared.settings.load());
         let guards = proxy::Guards::new(&settings, self.shared.ca.as_ref())?;
         self.shared
             .metrics

@@ -23,7 +23,7 @@ async fn setup(extra: &str) -> (TestProxy, HttpOrigin) {
         statics: &statics,
         allow_private: &["127.0.0.0/8"],
         clients: &["203.0.113.0/24", "127.0.0.0/8"],
-        server: "proxy_protocol = true",
+        server: "proxy_protocol = true\nproxy_protocol_from = [\"127.0.0.1/32\"]",
         extra,
         ..ConfigOpts::default()
     });
