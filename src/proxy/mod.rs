@@ -49,8 +49,10 @@ use txn::Txn;
 
 /// State shared by every connection.
 pub struct Shared {
-    /// The current settings and policy; swapped whole on reload.
-    pub settings: ArcSwap<Settings>,
+    /// The current [`Snapshot`] (settings, policy and the guards built for
+    /// them); swapped whole on reload. It derefs to [`Settings`], so
+    /// `settings.load().server` reads as a plain settings value would.
+    pub settings: ArcSwap<Snapshot>,
     pub resolver: Resolver,
     pub audit: AuditLog,
     pub ids: IdGen,
@@ -64,11 +66,28 @@ pub struct Shared {
     /// Bounds the connections being answered with a refusal at once (each
     /// lingers briefly); past it, extra connections are closed at once.
     pub refusing: Arc<Semaphore>,
-    /// Rate limiters and auth of the current snapshot; rebuilt on reload.
-    pub guards: ArcSwap<Guards>,
     /// Open connections per client address (`limits.per_client_connections`).
     pub client_conns: Arc<ClientConns>,
     pub metrics: Arc<Metrics>,
+}
+
+/// One reload's worth of state: the settings and the guards built for
+/// them, swapped as one value. The guards' per-rule vectors
+/// (`RateLimits::rule`, `Upstreams::for_rule`) are indexed by this
+/// settings' rule indices, so a request loads the snapshot once and takes
+/// both from it: a reload with reordered rules cannot pair an old index
+/// with new vectors.
+pub struct Snapshot {
+    pub settings: Arc<Settings>,
+    pub guards: Arc<Guards>,
+}
+
+impl std::ops::Deref for Snapshot {
+    type Target = Settings;
+
+    fn deref(&self) -> &Settings {
+        &self.settings
+    }
 }
 
 /// What guards the door, per settings snapshot.
@@ -561,8 +580,9 @@ fn record_connection_error(shared: &Shared, peer: SocketAddr, e: &hyper::Error, 
 async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<ProxyBody> {
     let shared = &ctx.shared;
     shared.audit.ready().await;
-    let settings = shared.settings.load_full();
-    let guards = shared.guards.load_full();
+    // One load: the guards' per-rule vectors index this settings' rules.
+    let snapshot = shared.settings.load_full();
+    let (settings, guards) = (Arc::clone(&snapshot.settings), Arc::clone(&snapshot.guards));
     let mut txn = shared.txn(ctx.client);
     txn.rec().method = Some(req.method().clone());
     let is_connect = req.method() == Method::CONNECT;
