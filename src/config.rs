@@ -79,6 +79,7 @@ struct RawServer {
     splice_pipes: Option<u64>,
     shutdown_grace: String,
     proxy_protocol: bool,
+    proxy_protocol_from: Vec<String>,
     via: bool,
 }
 
@@ -94,6 +95,7 @@ impl Default for RawServer {
             splice_pipes: None,
             shutdown_grace: "30s".into(),
             proxy_protocol: false,
+            proxy_protocol_from: Vec::new(),
             via: false,
         }
     }
@@ -297,6 +299,9 @@ pub struct ServerSettings {
     pub splice_pipes: Option<usize>,
     pub shutdown_grace: Duration,
     pub proxy_protocol: bool,
+    /// The peers (load balancers) trusted to send a PROXY header; required
+    /// when `proxy_protocol` is on. Others are served as direct clients.
+    pub proxy_protocol_from: Vec<IpNet>,
     pub via: bool,
 }
 
@@ -425,8 +430,9 @@ pub struct Settings {
 // === loading ===
 
 /// Which keys take comma-separated lists from the environment.
-const LIST_KEYS: [&str; 5] = [
+const LIST_KEYS: [&str; 6] = [
     "server.listen",
+    "server.proxy_protocol_from",
     "clients.allow",
     "dns.nameservers",
     "dns.allow_private",
@@ -521,6 +527,38 @@ impl Settings {
             .collect();
         settings.policy = Arc::new(policy);
         Ok(settings)
+    }
+}
+
+impl Settings {
+    /// These settings as a reload applies them over `running`: the settings
+    /// that need a restart keep their running values, so the new snapshot
+    /// says what the proxy really does.
+    ///
+    /// The CA is loaded once at start, so the running inspection setting is
+    /// kept whole: the CA paths are the running ones and the policy is
+    /// compiled again when the file's setting differs (`methods` on an
+    /// `allow` rule admits a CONNECT only when the tunnel is inspected).
+    /// `server.proxy_protocol` is read per connection, so it and its
+    /// `proxy_protocol_from` are kept as a pair when the file turns it on or
+    /// off; with it unchanged, `proxy_protocol_from` reloads like `clients`.
+    #[must_use]
+    pub fn keeping_restart_only(mut self, running: &Settings) -> Settings {
+        self.tls.ca_cert.clone_from(&running.tls.ca_cert);
+        self.tls.ca_key.clone_from(&running.tls.ca_key);
+        let inspect = self.tls.inspection_enabled();
+        if self.policy.inspection_enabled() != inspect {
+            let rules = self.policy.rules().to_vec();
+            let default = self.policy.default_action();
+            self.policy = Arc::new(Policy::compile(rules, default, inspect));
+        }
+        if self.server.proxy_protocol != running.server.proxy_protocol {
+            self.server.proxy_protocol = running.server.proxy_protocol;
+            self.server
+                .proxy_protocol_from
+                .clone_from(&running.server.proxy_protocol_from);
+        }
+        self
     }
 }
 
@@ -729,8 +767,23 @@ impl<'a> Validator<'a> {
                 .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
             shutdown_grace: self.duration("server.shutdown_grace", &raw.shutdown_grace),
             proxy_protocol: raw.proxy_protocol,
+            proxy_protocol_from: self
+                .proxy_protocol_from(raw.proxy_protocol, &raw.proxy_protocol_from),
             via: raw.via,
         }
+    }
+
+    /// `server.proxy_protocol_from`: required with `proxy_protocol = true`,
+    /// or any client could claim to be any other.
+    fn proxy_protocol_from(&mut self, on: bool, raw: &[String]) -> Vec<IpNet> {
+        let key = "server.proxy_protocol_from";
+        if on && raw.is_empty() {
+            self.err(
+                key,
+                "required with proxy_protocol = true: list the load balancers allowed to send the PROXY header, e.g. proxy_protocol_from = [\"10.0.0.2/32\"]".into(),
+            );
+        }
+        raw.iter().filter_map(|c| self.cidr(key, c)).collect()
     }
 
     fn limits(&mut self, raw: RawLimits) -> Limits {

@@ -41,7 +41,7 @@ use tokio::sync::Semaphore;
 use crate::audit::{AuditLog, AuditSink, AuditWriter, IdGen, Tee};
 use crate::config::Settings;
 use crate::metrics::{Metrics, MetricsSink};
-use crate::proxy::Shared;
+use crate::proxy::{Shared, Snapshot};
 use crate::shutdown::Drain;
 
 /// Time allowed for a DNS answer (then `dns_failure`, 504).
@@ -138,7 +138,10 @@ impl Proxy {
         };
         let guards = proxy::Guards::new(&settings, ca.as_ref())?;
         let shared = Arc::new(Shared {
-            settings: ArcSwap::from_pointee(settings),
+            settings: ArcSwap::from_pointee(Snapshot {
+                settings: Arc::new(settings),
+                guards: Arc::new(guards),
+            }),
             resolver,
             audit,
             ids: IdGen::new(),
@@ -146,7 +149,6 @@ impl Proxy {
             conns: Arc::new(Semaphore::new(cap)),
             splicer: proxy::tunnel::Splicer::new(pipes, metrics.spliced.clone()),
             refusing: Arc::new(Semaphore::new(256)),
-            guards: ArcSwap::from_pointee(guards),
             ca,
             client_conns: Arc::default(),
             metrics,
@@ -191,7 +193,7 @@ impl Proxy {
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(std::time::Duration::from_secs(10)).await;
-                    shared.guards.load().rates.sweep();
+                    shared.settings.load().guards.rates.sweep();
                 }
             })
         };
@@ -210,11 +212,16 @@ impl Proxy {
 impl Handle {
     /// Swap in new settings (policy, clients, DNS overrides, limits).
     /// Open tunnels and in-flight requests keep the snapshot they started with.
+    /// Settings that need a restart keep their running values
+    /// ([`Settings::keeping_restart_only`]): the CA above all, so a reload
+    /// can neither switch inspection on (the policy would admit tunnels
+    /// it relies on inspecting) nor off.
     ///
     /// # Errors
     /// A client certificate or roots file of the new settings cannot be
     /// used; nothing is swapped then.
     pub fn reload(&self, settings: Settings) -> Result<(), StartError> {
+        let settings = settings.keeping_restart_only(&self.shared.settings.load());
         let guards = proxy::Guards::new(&settings, self.shared.ca.as_ref())?;
         self.shared
             .metrics
@@ -226,14 +233,17 @@ impl Handle {
             .resolver
             .set_static(settings.dns.static_hosts.clone());
         self.shared.resolver.clear_cache();
-        self.shared.guards.store(Arc::new(guards));
-        self.shared.settings.store(Arc::new(settings));
+        // One store: requests see the old snapshot or the new one, whole.
+        self.shared.settings.store(Arc::new(Snapshot {
+            settings: Arc::new(settings),
+            guards: Arc::new(guards),
+        }));
         Ok(())
     }
 
     /// The settings now in force.
     pub fn settings(&self) -> Arc<Settings> {
-        self.shared.settings.load_full()
+        Arc::clone(&self.shared.settings.load().settings)
     }
 
     /// Ask the audit writer to reopen its file.
@@ -253,12 +263,12 @@ impl Handle {
 
     /// Keys held by the per-client rate limiters now.
     pub fn rate_limit_keys(&self) -> usize {
-        self.shared.guards.load().rates.keys()
+        self.shared.settings.load().guards.rates.keys()
     }
 
     /// Sweep idle rate-limit keys now (the proxy also does it every 10 s).
     pub fn sweep_rate_limits(&self) {
-        self.shared.guards.load().rates.sweep();
+        self.shared.settings.load().guards.rates.sweep();
     }
 
     /// Connections open now.

@@ -162,6 +162,16 @@ fn bad_cases() -> Vec<Bad> {
             &["clients.allow: \"10.1.2.3/8\" has host bits set; write \"10.0.0.0/8\""],
         ),
         bad(
+            "proxy_protocol without proxy_protocol_from",
+            "[server]\nproxy_protocol = true\n",
+            &["egress-proxy.toml: server.proxy_protocol_from: required with proxy_protocol = true", "proxy_protocol_from = [\"10.0.0.2/32\"]"],
+        ),
+        bad(
+            "bad CIDR in server.proxy_protocol_from",
+            "[server]\nproxy_protocol = true\nproxy_protocol_from = [\"10.0.0.300\"]\n",
+            &["server.proxy_protocol_from: \"10.0.0.300\" is not an address or CIDR"],
+        ),
+        bad(
             "bad CIDR in dns.allow_private",
             "[dns]\nallow_private = [\"fd00::/129\"]\n",
             &["dns.allow_private: \"fd00::/129\" is not an address or CIDR; write e.g."],
@@ -588,6 +598,53 @@ fn environment_lists_are_comma_separated() {
     ];
     assert_eq!(s.server.listen, want);
     assert_eq!(s.clients, vec!["10.0.0.0/8".parse::<IpNet>().unwrap()]);
+}
+
+#[test]
+fn proxy_protocol_from_takes_cidrs_from_the_file_or_the_environment() {
+    let loaded = load(
+        "[server]\nproxy_protocol = true\nproxy_protocol_from = [\"10.0.0.2\", \"10.0.1.0/24\"]\n",
+        CATALOG,
+    );
+    let want: Vec<IpNet> = vec![
+        "10.0.0.2/32".parse().unwrap(),
+        "10.0.1.0/24".parse().unwrap(),
+    ];
+    assert_eq!(loaded.settings().server.proxy_protocol_from, want);
+    let loaded = load_with(
+        "[server]\nproxy_protocol = true\n",
+        CATALOG,
+        &[],
+        env(&[(
+            "EGRESS_PROXY__SERVER__PROXY_PROTOCOL_FROM",
+            "10.0.0.2/32,10.0.1.0/24",
+        )]),
+    );
+    assert_eq!(loaded.settings().server.proxy_protocol_from, want);
+}
+
+#[test]
+fn a_reload_keeps_the_running_ca_and_proxy_protocol() {
+    let with_ca = load_with(WITH_CA, CATALOG, &["ca.pem", "ca.key"], Vec::new());
+    let plain = load(
+        "[server]\nproxy_protocol = true\nproxy_protocol_from = [\"10.0.0.2/32\"]\n",
+        CATALOG,
+    );
+    let (with_ca, plain) = (with_ca.settings(), plain.settings());
+    // Running with a CA, reloading a file without one (and with PROXY on).
+    let kept = plain.clone().keeping_restart_only(with_ca);
+    assert_eq!(kept.tls.ca_cert, with_ca.tls.ca_cert);
+    assert!(kept.tls.inspection_enabled() && kept.policy.inspection_enabled());
+    assert!(!kept.server.proxy_protocol && kept.server.proxy_protocol_from.is_empty());
+    // And the other way round.
+    let kept = with_ca.clone().keeping_restart_only(plain);
+    assert!(!kept.tls.inspection_enabled() && !kept.policy.inspection_enabled());
+    assert!(kept.server.proxy_protocol);
+    assert_eq!(
+        kept.server.proxy_protocol_from,
+        plain.server.proxy_protocol_from
+    );
+    assert_eq!(kept.policy.rules(), plain.policy.rules());
 }
 
 #[test]

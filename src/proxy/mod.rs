@@ -49,8 +49,10 @@ use txn::Txn;
 
 /// State shared by every connection.
 pub struct Shared {
-    /// The current settings and policy; swapped whole on reload.
-    pub settings: ArcSwap<Settings>,
+    /// The current [`Snapshot`] (settings, policy and the guards built for
+    /// them); swapped whole on reload. It derefs to [`Settings`], so
+    /// `settings.load().server` reads as a plain settings value would.
+    pub settings: ArcSwap<Snapshot>,
     pub resolver: Resolver,
     pub audit: AuditLog,
     pub ids: IdGen,
@@ -64,11 +66,28 @@ pub struct Shared {
     /// Bounds the connections being answered with a refusal at once (each
     /// lingers briefly); past it, extra connections are closed at once.
     pub refusing: Arc<Semaphore>,
-    /// Rate limiters and auth of the current snapshot; rebuilt on reload.
-    pub guards: ArcSwap<Guards>,
     /// Open connections per client address (`limits.per_client_connections`).
     pub client_conns: Arc<ClientConns>,
     pub metrics: Arc<Metrics>,
+}
+
+/// One reload's worth of state: the settings and the guards built for
+/// them, swapped as one value. The guards' per-rule vectors
+/// (`RateLimits::rule`, `Upstreams::for_rule`) are indexed by this
+/// settings' rule indices, so a request loads the snapshot once and takes
+/// both from it: a reload with reordered rules cannot pair an old index
+/// with new vectors.
+pub struct Snapshot {
+    pub settings: Arc<Settings>,
+    pub guards: Arc<Guards>,
+}
+
+impl std::ops::Deref for Snapshot {
+    type Target = Settings;
+
+    fn deref(&self) -> &Settings {
+        &self.settings
+    }
 }
 
 /// What guards the door, per settings snapshot.
@@ -145,7 +164,8 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             () = graceful.cancelled() => break,
         };
         let (stream, peer) = match accepted {
-            Ok(a) => a,
+            // Unmapped first: ACLs, limits and records see one spelling.
+            Ok((stream, peer)) => (stream, unmapped(peer)),
             Err(e) => {
                 // EMFILE/ENFILE and friends: back off instead of spinning.
                 tracing::warn!(error = %e, "accept failed; backing off");
@@ -186,12 +206,71 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
+/// `addr` with an IPv4-mapped IPv6 address (`::ffff:10.0.0.5`, as a
+/// dual-stack listener or a PROXY header may give it) as plain IPv4, so
+/// ACLs, rate-limit keys and records know one client by one address.
+pub fn unmapped(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(addr, |v4| SocketAddr::from((v4, addr.port()))),
+        IpAddr::V4(_) => addr,
+    }
+}
+
+/// `ip` must be [`unmapped`] already.
 fn client_allowed(allow: &[IpNet], ip: IpAddr) -> bool {
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    };
     allow.iter().any(|n| n.contains(&ip))
+}
+
+/// Why a connection is not served: refused (as whom, why), or closed
+/// quietly (nothing was asked, as hyper closes an idle connection).
+enum NotServed {
+    Refuse(SocketAddr, Reason),
+    Quiet,
+}
+
+/// Who the client of a new connection is: its peer, or with
+/// `server.proxy_protocol` and a peer in `proxy_protocol_from`, the address
+/// the PROXY header carries. Both must be in `clients.allow`.
+async fn client_of(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    settings: &Settings,
+) -> Result<SocketAddr, NotServed> {
+    if !client_allowed(&settings.clients, peer.ip()) {
+        return Err(NotServed::Refuse(peer, Reason::ClientNotAllowed));
+    }
+    if !settings.server.proxy_protocol {
+        return Ok(peer);
+    }
+    let timeout = settings.limits.header_read_timeout;
+    if !client_allowed(&settings.server.proxy_protocol_from, peer.ip()) {
+        // A client connecting directly. A PROXY header from it would be a
+        // claim to be someone else: refused, and recorded as itself.
+        return match pp::sniff(stream, timeout).await {
+            Ok(false) => Ok(peer),
+            Ok(true) => {
+                tracing::warn!(client = %peer, "PROXY header from a peer outside server.proxy_protocol_from; refused");
+                Err(NotServed::Refuse(peer, Reason::ClientNotAllowed))
+            }
+            Err(pp::PpError::Idle | pp::PpError::Closed) => Err(NotServed::Quiet),
+            Err(_) => Err(NotServed::Refuse(peer, Reason::BadRequest)),
+        };
+    }
+    // A trusted balancer: the header is required, and the address it
+    // carries is the client for ACLs, limits and records.
+    let client = match pp::read_header(stream, peer, timeout).await {
+        Ok(client) => unmapped(client),
+        Err(e) => {
+            tracing::debug!(error = %e, client = %peer, "PROXY header refused");
+            return Err(NotServed::Refuse(peer, Reason::BadRequest));
+        }
+    };
+    if !client_allowed(&settings.clients, client.ip()) {
+        return Err(NotServed::Refuse(client, Reason::ClientNotAllowed));
+    }
+    Ok(client)
 }
 
 /// Answer a refusal before hyper reads the request, then close without a
@@ -242,32 +321,20 @@ struct Held {
 
 async fn connection(
     mut stream: TcpStream,
-    mut peer: SocketAddr,
+    peer: SocketAddr,
     shared: Arc<Shared>,
     permit: OwnedSemaphorePermit,
 ) {
     let open = GaugeGuard::new(&shared.metrics.open_connections);
     let settings = shared.settings.load_full();
-    if !client_allowed(&settings.clients, peer.ip()) {
-        refuse_raw(stream, peer, &shared, Reason::ClientNotAllowed).await;
-        return;
-    }
-    if settings.server.proxy_protocol {
-        // Only from allowed sources (checked above); then the carried
-        // address is the client for ACLs, limits and records.
-        match pp::read_header(&mut stream, peer, settings.limits.header_read_timeout).await {
-            Ok(client) => peer = client,
-            Err(e) => {
-                tracing::debug!(error = %e, client = %peer, "PROXY header refused");
-                refuse_raw(stream, peer, &shared, Reason::BadRequest).await;
-                return;
-            }
-        }
-        if !client_allowed(&settings.clients, peer.ip()) {
-            refuse_raw(stream, peer, &shared, Reason::ClientNotAllowed).await;
+    let peer = match client_of(&mut stream, peer, &settings).await {
+        Ok(client) => client,
+        Err(NotServed::Refuse(who, reason)) => {
+            refuse_raw(stream, who, &shared, reason).await;
             return;
         }
-    }
+        Err(NotServed::Quiet) => return,
+    };
     let Some(client_permit) = shared
         .client_conns
         .acquire(peer.ip(), settings.limits.per_client_connections)
@@ -513,8 +580,9 @@ fn record_connection_error(shared: &Shared, peer: SocketAddr, e: &hyper::Error, 
 async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<ProxyBody> {
     let shared = &ctx.shared;
     shared.audit.ready().await;
-    let settings = shared.settings.load_full();
-    let guards = shared.guards.load_full();
+    // One load: the guards' per-rule vectors index this settings' rules.
+    let snapshot = shared.settings.load_full();
+    let (settings, guards) = (Arc::clone(&snapshot.settings), Arc::clone(&snapshot.guards));
     let mut txn = shared.txn(ctx.client);
     txn.rec().method = Some(req.method().clone());
     let is_connect = req.method() == Method::CONNECT;

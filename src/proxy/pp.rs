@@ -2,7 +2,9 @@
 //!
 //! The header is read exactly (peeked, parsed with the `ppp` crate, then
 //! consumed), so the bytes behind it reach hyper untouched. The address it
-//! carries becomes the client address for ACLs, limits and records.
+//! carries becomes the client address for ACLs, limits and records. Whether
+//! a peer may send one at all (`server.proxy_protocol_from`) is decided by
+//! the caller; [`sniff`] tells a header from a request without consuming.
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -22,6 +24,51 @@ pub enum PpError {
     Malformed,
     #[error("connection closed before the PROXY header")]
     Closed,
+    #[error("nothing sent in time")]
+    Idle,
+}
+
+/// How a v1 header starts.
+const V1_SIGNATURE: &[u8] = b"PROXY ";
+/// How a v2 header starts.
+const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
+
+/// Whether the connection opens with a PROXY header (v1 or v2), judged on
+/// its first bytes, which stay unread. Waits only while what arrived is
+/// still the start of a signature.
+///
+/// # Errors
+/// `Idle` when nothing arrived within `timeout`, `Timeout` when only the
+/// start of a signature did, `Closed` when the peer left first.
+pub async fn sniff(stream: &TcpStream, timeout: Duration) -> Result<bool, PpError> {
+    let mut seen = 0;
+    match tokio::time::timeout(timeout, sniff_bytes(stream, &mut seen)).await {
+        Ok(r) => r,
+        Err(_) if seen == 0 => Err(PpError::Idle),
+        Err(_) => Err(PpError::Timeout),
+    }
+}
+
+async fn sniff_bytes(stream: &TcpStream, seen: &mut usize) -> Result<bool, PpError> {
+    let mut buf = [0u8; 12];
+    loop {
+        let n = stream.peek(&mut buf).await.map_err(|_| PpError::Closed)?;
+        if n == 0 {
+            return Err(PpError::Closed);
+        }
+        let head = &buf[..n];
+        if head.starts_with(V1_SIGNATURE) || head.starts_with(V2_SIGNATURE) {
+            return Ok(true);
+        }
+        if !V1_SIGNATURE.starts_with(head) && !V2_SIGNATURE.starts_with(head) {
+            return Ok(false);
+        }
+        if n == *seen {
+            // Nothing new yet: wait a little rather than spin on peek.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        *seen = n;
+    }
 }
 
 /// Read the PROXY header; returns the client address it carries, or `peer`

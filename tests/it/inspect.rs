@@ -13,7 +13,7 @@ const HOST: &str = "cls.sophosxl.net";
 
 /// A CA made by `ca generate` in the proxy's temp dir, the origin's
 /// certificate as an extra root, and a catalog for `HOST` on `port`.
-fn inspecting_config(
+pub(crate) fn inspecting_config(
     dir: &std::path::Path,
     origin_pem: &str,
     extra_rules: &str,
@@ -32,7 +32,7 @@ fn inspecting_config(
 }
 
 /// Start a proxy whose config refers to files in its own temp dir.
-async fn start_in(dir: tempfile::TempDir, cfg: &str, catalog: &str) -> TestProxy {
+pub(crate) async fn start_in(dir: tempfile::TempDir, cfg: &str, catalog: &str) -> TestProxy {
     let path = dir.path().join("egress-proxy.toml");
     std::fs::write(&path, cfg).expect("config");
     std::fs::write(dir.path().join("catalog.toml"), catalog).expect("catalog");
@@ -46,7 +46,7 @@ async fn start_in(dir: tempfile::TempDir, cfg: &str, catalog: &str) -> TestProxy
 }
 
 /// A client that trusts only our CA (read back from the proxy's dir).
-fn client_trusting_ca(proxy: &TestProxy) -> reqwest::Client {
+pub(crate) fn client_trusting_ca(proxy: &TestProxy) -> reqwest::Client {
     crypto();
     let pem = std::fs::read(proxy.dir.path().join("certs/ca.pem")).expect("ca.pem");
     let ca = rustls::pki_types::CertificateDer::from_pem_slice_compat(&pem);

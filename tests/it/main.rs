@@ -15,6 +15,7 @@ mod limits;
 mod operator;
 mod proxy_protocol;
 mod refusals;
+mod reload;
 mod splice;
 mod status;
 mod support;

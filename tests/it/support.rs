@@ -768,7 +768,20 @@ pub async fn read_response(s: &mut TcpStream) -> RawResponse {
 /// Like [`raw`], but returns the bytes (read until the proxy closes, an
 /// error such as a reset, or `WAIT`).
 pub async fn raw_bytes(proxy: SocketAddr, bytes: &[u8]) -> Vec<u8> {
-    let mut s = TcpStream::connect(proxy).await.expect("connect");
+    let s = TcpStream::connect(proxy).await.expect("connect");
+    exchange(s, bytes).await
+}
+
+/// [`raw_bytes`] from the local address `src` (any of 127.0.0.0/8 works on
+/// loopback): a second client host in tests.
+pub async fn raw_bytes_from(src: std::net::IpAddr, proxy: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind(SocketAddr::new(src, 0)).expect("bind source");
+    let s = socket.connect(proxy).await.expect("connect");
+    exchange(s, bytes).await
+}
+
+async fn exchange(mut s: TcpStream, bytes: &[u8]) -> Vec<u8> {
     s.write_all(bytes).await.expect("write");
     let mut out = Vec::new();
     let mut buf = [0u8; 16 * 1024];
