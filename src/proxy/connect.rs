@@ -56,6 +56,7 @@ pub async fn tunnel(
             client: ctx.client,
             target,
             rule: index,
+            user: txn.rec().user.clone(),
         };
         return inspect_tunnel(ctx, txn, req, t, upstream);
     }

@@ -9,6 +9,7 @@ mod cli;
 mod connect;
 mod http_forward;
 mod inspect;
+mod inspect_wall;
 mod limits;
 mod operator;
 mod proxy_protocol;
