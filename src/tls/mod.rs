@@ -22,7 +22,7 @@ use rustls::server::{Acceptor, ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
+use tokio_rustls::{LazyConfigAcceptor, StartHandshake, TlsConnector};
 
 use crate::audit::Reason;
 use crate::config::Settings;
@@ -112,21 +112,31 @@ impl Ended {
     }
 }
 
+/// The ClientHello, within the head time-out: not TLS is a refusal.
+async fn read_hello<C>(t: &Inspected, client: C) -> Result<StartHandshake<C>, Ended>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let hello = LazyConfigAcceptor::new(Acceptor::default(), client);
+    match tokio::time::timeout(t.settings.limits.header_read_timeout, hello).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(_)) => Err(Ended {
+            denied: true,
+            ..Ended::failed(None, Reason::BadRequest)
+        }),
+        Err(_) => Err(Ended::failed(None, Reason::Timeout)),
+    }
+}
+
+/// Check the hello, terminate with our leaf, re-originate, then relay.
 async fn inspect<C>(t: &Inspected, client: C, upstream: TcpStream) -> Ended
 where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = &t.settings.limits;
-    let hello = LazyConfigAcceptor::new(Acceptor::default(), client);
-    let start = match tokio::time::timeout(limits.header_read_timeout, hello).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(_)) => {
-            return Ended {
-                denied: true,
-                ..Ended::failed(None, Reason::BadRequest)
-            }
-        }
-        Err(_) => return Ended::failed(None, Reason::Timeout),
+    let start = match read_hello(t, client).await {
+        Ok(s) => s,
+        Err(ended) => return ended,
     };
     let sni = start.client_hello().server_name().map(str::to_string);
     let refused = hello_refusal(&t.target, &start.client_hello());
