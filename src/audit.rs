@@ -33,12 +33,13 @@ pub enum Reason {
     SniMismatch,
     SniRequired,
     EchDenied,
+    AlpnUnsupported,
     ClientClosed,
 }
 
 impl Reason {
     /// Every reason, for metrics and documentation.
-    pub const ALL: [Reason; 26] = [
+    pub const ALL: [Reason; 27] = [
         Reason::BadRequest,
         Reason::NotInCatalog,
         Reason::PortNotAllowed,
@@ -64,6 +65,7 @@ impl Reason {
         Reason::SniMismatch,
         Reason::SniRequired,
         Reason::EchDenied,
+        Reason::AlpnUnsupported,
         Reason::ClientClosed,
     ];
 
@@ -95,6 +97,7 @@ impl Reason {
             Reason::SniMismatch => "sni_mismatch",
             Reason::SniRequired => "sni_required",
             Reason::EchDenied => "ech_denied",
+            Reason::AlpnUnsupported => "alpn_unsupported",
             Reason::ClientClosed => "client_closed",
         }
     }
@@ -127,6 +130,9 @@ impl Reason {
             Reason::SniMismatch => "the TLS server name differs from the CONNECT host",
             Reason::SniRequired => "this rule requires TLS with a server name",
             Reason::EchDenied => "this rule refuses Encrypted ClientHello",
+            Reason::AlpnUnsupported => {
+                "the client offered only protocols other than HTTP/1.1, which inspected tunnels speak"
+            }
             Reason::ClientClosed => "the client closed the connection early",
         }
     }

@@ -188,6 +188,25 @@ pub fn parse_authority(authority: &str) -> Result<Target, TargetError> {
     parse_host_port(authority, None)
 }
 
+/// Parse a `Host` header value or a URL authority: `host[:port]` or
+/// `[v6][:port]`, `default_port` when none is written. Used to hold the
+/// requests inside an inspected tunnel to the CONNECT target.
+///
+/// # Errors
+///
+/// As [`parse_authority`], except that the port may be left out.
+pub fn parse_host_header(raw: &str, default_port: u16) -> Result<Target, TargetError> {
+    if raw.contains('@') {
+        return Err(TargetError::Userinfo);
+    }
+    let stray =
+        |c: char| matches!(c, '/' | '?' | '#' | '\\') || c.is_whitespace() || c.is_control();
+    if raw.contains(stray) {
+        return Err(TargetError::NotAuthority);
+    }
+    parse_host_port(raw, Some(default_port))
+}
+
 /// Split and check `host[:port]`, then normalise the host.
 fn parse_host_port(raw: &str, default_port: Option<u16>) -> Result<Target, TargetError> {
     if raw.contains('@') {

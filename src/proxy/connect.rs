@@ -26,7 +26,7 @@ use crate::tls::Inspected;
 pub async fn tunnel(
     ctx: &Arc<ConnCtx>,
     settings: &Arc<Settings>,
-    guards: &Guards,
+    guards: &Arc<Guards>,
     mut txn: Txn,
     mut req: Request<Incoming>,
     target: Target,
@@ -56,6 +56,8 @@ pub async fn tunnel(
             client: ctx.client,
             target,
             rule: index,
+            user: txn.rec().user.clone(),
+            guards: Arc::clone(guards),
         };
         return inspect_tunnel(ctx, txn, req, t, upstream);
     }

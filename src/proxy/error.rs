@@ -107,7 +107,9 @@ impl Refusal {
 /// DESIGN.md's table of reasons and statuses.
 pub const fn status_for(reason: Reason) -> StatusCode {
     match reason {
-        Reason::BadRequest => StatusCode::BAD_REQUEST,
+        // A client that offers only HTTP/2 inside an inspected tunnel: a
+        // client capability, not policy (the tunnel record keeps 200).
+        Reason::BadRequest | Reason::AlpnUnsupported => StatusCode::BAD_REQUEST,
         Reason::NotInCatalog
         | Reason::PortNotAllowed
         | Reason::MethodNotAllowed

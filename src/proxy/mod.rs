@@ -362,17 +362,7 @@ async fn connection(
         ctx.io.mark_idle();
         async move { Ok::<_, Infallible>(handle(ctx, req).await) }
     });
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.limits.header_read_timeout)
-        .max_buf_size(settings.limits.max_header_bytes.max(8192))
-        .max_header_size(settings.limits.max_header_bytes)
-        // Like Squid's `half_closed_clients off`: a client that shuts its
-        // write side is treated as gone, so a stalled upstream cannot keep
-        // a vanished client's transaction open.
-        .half_close(false)
-        .keep_alive(true);
+    let builder = server_builder(&settings);
     let client_io = ClientIo {
         inner: Some(stream),
         io: Arc::clone(&io),
@@ -396,6 +386,24 @@ async fn connection(
     }
 }
 
+/// The HTTP/1 server for client requests, with the head limits and
+/// time-outs of `[limits]`: the proxy's own listener and the inner server
+/// of an inspected tunnel are built alike.
+pub(crate) fn server_builder(settings: &Settings) -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.limits.header_read_timeout)
+        .max_buf_size(settings.limits.max_header_bytes.max(8192))
+        .max_header_size(settings.limits.max_header_bytes)
+        // Like Squid's `half_closed_clients off`: a client that shuts its
+        // write side is treated as gone, so a stalled upstream cannot keep
+        // a vanished client's transaction open.
+        .half_close(false)
+        .keep_alive(true);
+    builder
+}
+
 /// Bytes hyper has read from a client connection, and how many of them were
 /// read when the connection was last idle (a head complete, or a request
 /// body finished). More than that at a head time-out means a head was
@@ -410,6 +418,12 @@ impl ConnIo {
     pub fn mark_idle(&self) {
         use std::sync::atomic::Ordering::Relaxed;
         self.mark.store(self.read.load(Relaxed), Relaxed);
+    }
+
+    /// Count `n` bytes read (for a stream not wrapped in [`ClientIo`]: the
+    /// plaintext of an inspected tunnel).
+    pub fn add_read(&self, n: u64) {
+        self.read.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn partial(&self) -> bool {
@@ -546,7 +560,28 @@ impl tokio::io::AsyncWrite for ClientIo {
 
 /// Refusals hyper answered itself while parsing get their record here.
 fn record_connection_error(shared: &Shared, peer: SocketAddr, e: &hyper::Error, partial: bool) {
-    let (reason, status) = if e.is_parse_too_large() {
+    let Some((reason, status)) = parse_refusal(e, partial) else {
+        tracing::debug!(error = %e, client = %peer, "client connection ended");
+        return;
+    };
+    let txn = shared.txn(peer);
+    match status {
+        Some(s) => txn.refuse(s, reason),
+        None => {
+            let mut txn = txn;
+            txn.set_decision(Decided::Deny);
+            txn.finish(None, Some(reason));
+        }
+    }
+}
+
+/// What a client connection's error says about the client: the reason and
+/// the status hyper answered with (`None`: closed without one), or `None`
+/// for an ordinary end (EOF, reset, an idle keep-alive time-out). `partial`:
+/// a head had been started when the error came. Shared with the inner
+/// server of an inspected tunnel.
+pub(crate) fn parse_refusal(e: &hyper::Error, partial: bool) -> Option<(Reason, Option<u16>)> {
+    let refusal = if e.is_parse_too_large() {
         // hyper answers 414 to a request line over 64 KiB (reachable when
         // `max_header_bytes` is raised past it), 431 to a long head; its
         // error has no predicate for the first, only this message.
@@ -562,18 +597,9 @@ fn record_connection_error(shared: &Shared, peer: SocketAddr, e: &hyper::Error, 
         // keep-alive connection closing at the same time-out is not a refusal.
         (Reason::Timeout, None)
     } else {
-        tracing::debug!(error = %e, client = %peer, "client connection ended");
-        return;
+        return None;
     };
-    let txn = shared.txn(peer);
-    match status {
-        Some(s) => txn.refuse(s, reason),
-        None => {
-            let mut txn = txn;
-            txn.set_decision(Decided::Deny);
-            txn.finish(None, Some(reason));
-        }
-    }
+    Some(refusal)
 }
 
 /// One request: parse the target, decide, then forward or tunnel.
@@ -666,7 +692,7 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<ProxyBody
 }
 
 /// The size of a request head as sent (request line and header lines).
-fn head_len(req: &Request<Incoming>) -> usize {
+pub(crate) fn head_len(req: &Request<Incoming>) -> usize {
     let uri = req.uri();
     let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
         + uri.authority().map_or(0, |a| a.as_str().len())
@@ -703,7 +729,7 @@ pub(crate) fn refuse(txn: Txn, refusal: Refusal, settings: &Settings) -> Respons
     refusal.response(id, Some(&settings.auth.realm))
 }
 
-fn truncate(mut s: String, max: usize) -> String {
+pub(crate) fn truncate(mut s: String, max: usize) -> String {
     if s.len() > max {
         let mut cut = max;
         while !s.is_char_boundary(cut) {

@@ -3,10 +3,12 @@
 //! the upstream (verified; with the rule's client certificate), and relay
 //! HTTP/1.1 request by request, each with its own audit record.
 //!
-//! `bypass` rules never come here. Every inner request goes back through the
-//! policy (its method) and must name the CONNECT host (`host_mismatch`).
+//! `bypass` rules never come here. The client must speak HTTP/1.1 (ALPN);
+//! every inner request is admitted as a plain one and must name the CONNECT
+//! host ([`relay`]).
 pub mod ca;
 pub mod client;
+mod relay;
 
 use std::io;
 use std::pin::Pin;
@@ -14,26 +16,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{header, Request, Response, StatusCode};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use rustls::server::{Acceptor, ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
+use tokio_rustls::{LazyConfigAcceptor, StartHandshake, TlsConnector};
 
-use crate::audit::{Decided, Reason};
+use crate::audit::Reason;
 use crate::config::Settings;
-use crate::policy::{Policy, Verdict};
-use crate::proxy::body::{ProxyBody, RequestBody, ResponseBody, UpCount};
-use crate::proxy::error::Refusal;
-use crate::proxy::http::strip_hop_by_hop;
-use crate::proxy::txn::Txn;
-use crate::proxy::{refuse, Shared};
-use crate::target::{self, Host, Target};
+use crate::policy::Policy;
+use crate::proxy::Shared;
+use crate::target::{Host, Target};
 
 /// What inspection needs: the CA and the upstream client configurations.
 pub struct Inspector {
@@ -50,6 +45,11 @@ pub struct Inspected {
     pub client: std::net::SocketAddr,
     pub target: Target,
     pub rule: Option<usize>,
+    /// The proxy-auth user of the CONNECT, for the inner records.
+    pub user: Option<Arc<str>>,
+    /// The guards of the snapshot the CONNECT was decided under: `rule`
+    /// indexes their per-rule limiters and upstream configurations.
+    pub guards: Arc<crate::proxy::Guards>,
 }
 
 /// How an inspected tunnel ended.
@@ -82,99 +82,162 @@ where
 {
     let up = Arc::new(AtomicU64::new(0));
     let down = Arc::new(AtomicU64::new(0));
-    let mut stats = InspectStats {
-        up: 0,
-        down: 0,
-        sni: None,
-        reason: None,
-        denied: false,
-    };
     let counted = Counted {
         inner: client,
         read: Arc::clone(&up),
         written: Arc::clone(&down),
     };
-    let limits = &t.settings.limits;
-    let start = match tokio::time::timeout(
-        limits.header_read_timeout,
-        LazyConfigAcceptor::new(Acceptor::default(), counted),
-    )
-    .await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(_)) => return end(stats, &up, &down, Some(Reason::BadRequest), true),
-        Err(_) => return end(stats, &up, &down, Some(Reason::Timeout), false),
-    };
-    let host = t.target.host.to_string();
-    stats.sni = start.client_hello().server_name().map(str::to_string);
-    if let (Some(sni), Host::Name(name)) = (&stats.sni, &t.target.host) {
-        if !crate::proxy::tunnel::sni_matches(sni, name) {
-            return end(stats, &up, &down, Some(Reason::SniMismatch), true);
+    let ended = inspect(&t, counted, upstream).await;
+    InspectStats {
+        up: up.load(Ordering::Relaxed),
+        down: down.load(Ordering::Relaxed),
+        sni: ended.sni,
+        reason: ended.reason,
+        denied: ended.denied,
+    }
+}
+
+/// How the inspection ended, for the tunnel's record.
+struct Ended {
+    sni: Option<String>,
+    reason: Option<Reason>,
+    /// Refused inside the tunnel (the record's decision becomes `deny`).
+    denied: bool,
+}
+
+impl Ended {
+    fn failed(sni: Option<String>, reason: Reason) -> Self {
+        Ended {
+            sni,
+            reason: Some(reason),
+            denied: false,
         }
     }
-    let leaf = match t.inspector.ca.leaf(&host) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot mint a leaf certificate");
-            return end(stats, &up, &down, Some(Reason::UpstreamTls), false);
-        }
-    };
-    let mut server = match rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    {
-        Ok(b) => b
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::new(OneCert(leaf))),
-        Err(_) => return end(stats, &up, &down, Some(Reason::UpstreamTls), false),
-    };
-    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+}
 
+/// The ClientHello, within the head time-out: not TLS is a refusal.
+async fn read_hello<C>(t: &Inspected, client: C) -> Result<StartHandshake<C>, Ended>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let hello = LazyConfigAcceptor::new(Acceptor::default(), client);
+    match tokio::time::timeout(t.settings.limits.header_read_timeout, hello).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(_)) => Err(Ended {
+            denied: true,
+            ..Ended::failed(None, Reason::BadRequest)
+        }),
+        Err(_) => Err(Ended::failed(None, Reason::Timeout)),
+    }
+}
+
+/// Check the hello, terminate with our leaf, re-originate, then relay.
+async fn inspect<C>(t: &Inspected, client: C, upstream: TcpStream) -> Ended
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = &t.settings.limits;
+    let start = match read_hello(t, client).await {
+        Ok(s) => s,
+        Err(ended) => return ended,
+    };
+    let sni = start.client_hello().server_name().map(str::to_string);
+    let refused = hello_refusal(&t.target, &start.client_hello());
+    if refused == Some(Reason::SniMismatch) {
+        return Ended {
+            sni,
+            reason: refused,
+            denied: true,
+        };
+    }
+    let server = match server_config(t) {
+        Ok(c) => c,
+        Err(r) => return Ended::failed(sni, r),
+    };
+    let handshake =
+        |server| tokio::time::timeout(limits.header_read_timeout, start.into_stream(server));
+    if refused.is_some() {
+        // Complete the handshake so that rustls tells the client why (a
+        // `no_application_protocol` alert); it cannot succeed.
+        let _ = handshake(server).await;
+        return Ended {
+            sni,
+            reason: refused,
+            denied: true,
+        };
+    }
     // Re-originate first, so a failure can be told to the client over HTTP.
-    let upstream_tls = connect_upstream(&t, &host, upstream).await;
-    let client_tls = match tokio::time::timeout(
-        limits.header_read_timeout,
-        start.into_stream(Arc::new(server)),
-    )
-    .await
-    {
-        Ok(Ok(s)) => s,
-        _ => return end(stats, &up, &down, Some(Reason::ClientClosed), false),
+    let upstream_addr = upstream.peer_addr().ok();
+    let upstream_tls = connect_upstream(t, upstream).await;
+    let Ok(Ok(client_tls)) = handshake(server).await else {
+        return Ended::failed(sni, Reason::ClientClosed);
+    };
+    let cx = relay::Tunnel {
+        t,
+        guards: Arc::clone(&t.guards),
+        upstream: upstream_addr,
+        io: Arc::default(),
     };
     let io = TokioIo::new(client_tls);
     let reason = match upstream_tls {
-        Ok(tls) => relay(&t, io, tls).await,
-        Err(reason) => {
-            refuse_all(&t, io, reason).await;
-            Some(reason)
-        }
+        Ok(tls) => relay::relay(&cx, io, tls).await,
+        Err(reason) => relay::refuse_all(&cx, io, reason).await,
     };
-    end(stats, &up, &down, reason, false)
+    Ended {
+        sni,
+        reason,
+        denied: false,
+    }
 }
 
-fn end(
-    mut s: InspectStats,
-    up: &AtomicU64,
-    down: &AtomicU64,
-    reason: Option<Reason>,
-    denied: bool,
-) -> InspectStats {
-    s.up = up.load(Ordering::Relaxed);
-    s.down = down.load(Ordering::Relaxed);
-    s.reason = reason;
-    s.denied = denied;
-    s
+/// Why a ClientHello is refused before any certificate is shown: an SNI
+/// that is not the CONNECT host, or ALPN that offers only protocols other
+/// than HTTP/1.1 (an HTTP/2-only client: inspected tunnels speak HTTP/1.1).
+fn hello_refusal(target: &Target, hello: &ClientHello<'_>) -> Option<Reason> {
+    if let (Some(sni), Host::Name(name)) = (hello.server_name(), &target.host) {
+        if !crate::proxy::tunnel::sni_matches(sni, name) {
+            return Some(Reason::SniMismatch);
+        }
+    }
+    let others_only = hello
+        .alpn()
+        .is_some_and(|mut offered| !offered.any(|p| p == HTTP_11));
+    others_only.then_some(Reason::AlpnUnsupported)
 }
 
+/// The one application protocol inspected tunnels speak.
+const HTTP_11: &[u8] = b"http/1.1";
+
+/// Our side of the client's TLS: a leaf for the CONNECT host from our CA.
+fn server_config(t: &Inspected) -> Result<Arc<rustls::ServerConfig>, Reason> {
+    let leaf = t
+        .inspector
+        .ca
+        .leaf(&t.target.host.to_string())
+        .map_err(|e| {
+            tracing::error!(error = %e, "cannot mint a leaf certificate");
+            Reason::UpstreamTls
+        })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|_| Reason::UpstreamTls)?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(OneCert(leaf)));
+    server.alpn_protocols = vec![HTTP_11.to_vec()];
+    Ok(Arc::new(server))
+}
+
+/// TLS to the upstream: verified for the CONNECT host, with the rule's
+/// client certificate when it has one.
 async fn connect_upstream(
     t: &Inspected,
-    host: &str,
     upstream: TcpStream,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, Reason> {
+    let host = t.target.host.to_string();
     let name = match &t.target.host {
         Host::Ip(ip) => ServerName::IpAddress((*ip).into()),
-        Host::Name(_) => ServerName::try_from(host.to_string()).map_err(|_| Reason::UpstreamTls)?,
+        Host::Name(_) => ServerName::try_from(host.clone()).map_err(|_| Reason::UpstreamTls)?,
     };
     let connector = TlsConnector::from(t.inspector.upstreams.for_rule(t.rule));
     match tokio::time::timeout(
@@ -192,174 +255,8 @@ async fn connect_upstream(
     }
 }
 
-/// The upstream TLS failed: answer each request with the refusal.
-async fn refuse_all<I>(t: &Inspected, io: TokioIo<I>, reason: Reason)
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let svc = service_fn(|req: Request<Incoming>| {
-        let mut txn = inner_txn(t, &req);
-        txn.set_decision(Decided::Inspect);
-        let status = if reason == Reason::Timeout {
-            StatusCode::GATEWAY_TIMEOUT
-        } else {
-            StatusCode::BAD_GATEWAY
-        };
-        let resp = refuse(txn, Refusal::with_status(reason, status), &t.settings);
-        async move { Ok::<_, std::convert::Infallible>(resp) }
-    });
-    let _ = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(t.settings.limits.header_read_timeout)
-        .serve_connection(io, svc)
-        .await;
-}
-
-fn inner_txn(t: &Inspected, req: &Request<Incoming>) -> Txn {
-    let mut txn = t.shared.txn(t.client);
-    txn.set_target(&t.target);
-    txn.set_rule(t.rule.and_then(|i| t.policy.rule_name(i)));
-    txn.set_decision(Decided::Inspect);
-    let rec = txn.rec();
-    rec.method = Some(req.method().clone());
-    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    rec.url = Some(match (&t.target.host, t.target.port) {
-        (h, 443) => format!("https://{}{pq}", bracket(h)),
-        (h, p) => format!("https://{}:{p}{pq}", bracket(h)),
-    });
-    txn
-}
-
-fn bracket(h: &Host) -> String {
-    match h {
-        Host::Ip(std::net::IpAddr::V6(v6)) => format!("[{v6}]"),
-        other => other.to_string(),
-    }
-}
-
-/// Relay HTTP/1.1 between the terminated client and the upstream.
-async fn relay<I>(
-    t: &Inspected,
-    io: TokioIo<I>,
-    upstream: tokio_rustls::client::TlsStream<TcpStream>,
-) -> Option<Reason>
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (sender, conn) = match hyper::client::conn::http1::Builder::new()
-        .handshake::<_, RequestBody>(TokioIo::new(upstream))
-        .await
-    {
-        Ok(x) => x,
-        Err(_) => return Some(Reason::UpstreamReset),
-    };
-    // The connection task learns why the upstream failed; a request that
-    // fails with it asks here (TLS 1.3 reports a refused client
-    // certificate only when the first response is read).
-    let (failed_tx, failed_rx) = tokio::sync::watch::channel::<Option<bool>>(None);
-    let conn_task = tokio::spawn(async move {
-        let tls = conn.await.err().is_some_and(|e| is_tls_error(&e));
-        let _ = failed_tx.send(Some(tls));
-    });
-    let sender = Arc::new(tokio::sync::Mutex::new(sender));
-    let svc = service_fn(|req: Request<Incoming>| {
-        let sender = Arc::clone(&sender);
-        let failed = failed_rx.clone();
-        async move { Ok::<_, std::convert::Infallible>(inner(t, req, sender, failed).await) }
-    });
-    let served = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(t.settings.limits.header_read_timeout)
-        .serve_connection(io, svc);
-    let hard = t.shared.drain.hard.clone();
-    let reason = tokio::select! {
-        // Each inner request has its own record; the connection ending
-        // (idle time-out, client gone) is not a refusal of the tunnel.
-        r = served => {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "inspected connection ended");
-            }
-            None
-        }
-        () = hard.cancelled() => Some(Reason::Shutdown),
-    };
-    conn_task.abort();
-    reason
-}
-
-/// One inner request: check host and method, forward, record.
-async fn inner(
-    t: &Inspected,
-    req: Request<Incoming>,
-    sender: Arc<tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<RequestBody>>>,
-    mut failed: tokio::sync::watch::Receiver<Option<bool>>,
-) -> Response<ProxyBody> {
-    let txn = inner_txn(t, &req);
-    if !same_host(&t.target, &req) {
-        return refuse(txn, Refusal::new(Reason::HostMismatch), &t.settings);
-    }
-    let d = t.policy.decide(&t.target, req.method());
-    if d.verdict == Verdict::Deny {
-        return refuse(
-            txn,
-            Refusal::new(d.reason.unwrap_or(Reason::DenyRule)),
-            &t.settings,
-        );
-    }
-    let (mut parts, body) = req.into_parts();
-    let up = (!hyper::body::Body::is_end_stream(&body)).then(|| Arc::new(UpCount::default()));
-    strip_hop_by_hop(&mut parts.headers);
-    if let Some(pq) = parts.uri.path_and_query().cloned() {
-        parts.uri = http::Uri::from(pq);
-    }
-    let out = Request::from_parts(parts, RequestBody::new(body, up.clone()));
-    let mut s = sender.lock().await;
-    if s.ready().await.is_err() {
-        drop(s);
-        let reason = upstream_failure(false, &mut failed).await;
-        return refuse(txn, Refusal::new(reason), &t.settings);
-    }
-    let sent = tokio::time::timeout(t.settings.limits.response_timeout, s.send_request(out)).await;
-    drop(s);
-    match sent {
-        Ok(Ok(resp)) => {
-            let (mut parts, body) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
-            let status = parts.status.as_u16();
-            Response::from_parts(
-                parts,
-                ProxyBody::Streamed(Box::new(ResponseBody::new(body, txn, up, status))),
-            )
-        }
-        Ok(Err(e)) => {
-            let reason = upstream_failure(is_tls_error(&e), &mut failed).await;
-            refuse(txn, Refusal::new(reason), &t.settings)
-        }
-        Err(_) => refuse(txn, Refusal::new(Reason::Timeout), &t.settings),
-    }
-}
-
-/// `upstream_tls` when the request's error or the upstream connection's
-/// own error is a TLS one, else `upstream_reset`.
-async fn upstream_failure(
-    tls: bool,
-    failed: &mut tokio::sync::watch::Receiver<Option<bool>>,
-) -> Reason {
-    let from_conn = tokio::time::timeout(
-        std::time::Duration::from_millis(500),
-        failed.wait_for(Option::is_some),
-    )
-    .await
-    .ok()
-    .and_then(|r| r.ok().and_then(|v| *v));
-    if tls || from_conn == Some(true) {
-        Reason::UpstreamTls
-    } else {
-        Reason::UpstreamReset
-    }
-}
-
-fn is_tls_error(e: &hyper::Error) -> bool {
+/// True when `e` comes from rustls (a refused certificate, a bad record).
+pub(crate) fn is_tls_error(e: &hyper::Error) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(err) = cur {
         if err.is::<rustls::Error>() {
@@ -376,28 +273,6 @@ fn is_tls_error(e: &hyper::Error) -> bool {
         cur = err.source();
     }
     false
-}
-
-/// The inner request must name the CONNECT host (and port, when it names one).
-fn same_host(t: &Target, req: &Request<Incoming>) -> bool {
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        });
-    let Some(authority) = authority else {
-        return false;
-    };
-    let parsed = match target::parse_authority(&authority) {
-        Ok(x) => Ok(x),
-        Err(_) => target::normalize_host(&authority).map(|host| Target { host, port: t.port }),
-    };
-    matches!(parsed, Ok(x) if x.host == t.host && x.port == t.port)
 }
 
 /// Counts plaintext bytes through the client side of an inspected tunnel.

@@ -257,44 +257,7 @@ impl Recorder {
 /// where the client asks for a name the CONNECT did not), answering
 /// HTTP/1.1 with "tls hello" like [`TlsOrigin::start`].
 async fn tls_origin_for(names: &[&str]) -> TlsOrigin {
-    use http_body_util::Full;
-    use hyper::body::Incoming;
-    use hyper::{Request, Response};
-    use hyper_util::rt::TokioIo;
-
-    crypto();
-    let cert = self_signed(names);
-    let config = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.cert_der.clone()], cert.key_der.clone_key())
-        .expect("server config");
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let snis = Arc::new(Mutex::new(Vec::new()));
-    let snis2 = Arc::clone(&snis);
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            let snis = Arc::clone(&snis2);
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(s).await else {
-                    return;
-                };
-                let sni = tls.get_ref().1.server_name().map(str::to_string);
-                snis.lock().expect("snis").push(sni);
-                let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
-                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(
-                        bytes::Bytes::from_static(b"tls hello"),
-                    )))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tls), svc)
-                    .await;
-            });
-        }
-    });
-    TlsOrigin { addr, cert, snis }
+    TlsOrigin::start_for(names).await
 }
 
 fn snis(origin: &TlsOrigin) -> Vec<Option<String>> {

@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 
 use crate::support::*;
 
-const HOST: &str = "cls.sophosxl.net";
+pub(crate) const HOST: &str = "cls.sophosxl.net";
 
 /// A CA made by `ca generate` in the proxy's temp dir, the origin's
 /// certificate as an extra root, and a catalog for `HOST` on `port`.
@@ -19,11 +19,22 @@ pub(crate) fn inspecting_config(
     extra_rules: &str,
     port: u16,
 ) -> (String, String) {
+    inspecting_config_with(dir, origin_pem, extra_rules, port, "")
+}
+
+/// [`inspecting_config`] with `extra_config` sections (`[rates]`, `[auth]` …).
+pub(crate) fn inspecting_config_with(
+    dir: &std::path::Path,
+    origin_pem: &str,
+    extra_rules: &str,
+    port: u16,
+    extra_config: &str,
+) -> (String, String) {
     egress_proxy::tls::ca::generate(&dir.join("certs"), false).expect("ca generate");
     std::fs::write(dir.join("origin.pem"), origin_pem).expect("origin pem");
     let cfg = config(
         &[HOST, "ksn1.kaspersky-labs.com"],
-        "[tls]\nca_cert = \"certs/ca.pem\"\nca_key = \"certs/ca.key\"\nextra_roots = [\"origin.pem\"]\n",
+        &format!("[tls]\nca_cert = \"certs/ca.pem\"\nca_key = \"certs/ca.key\"\nextra_roots = [\"origin.pem\"]\n\n{extra_config}"),
     );
     let catalog = format!(
         "[[rule]]\nname = \"Sophos Cloud Lookups\"\nhosts = [\"{HOST}\"]\nports = [{port}]\naction = \"allow\"\n{extra_rules}"

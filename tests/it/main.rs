@@ -10,6 +10,7 @@ mod cli;
 mod connect;
 mod http_forward;
 mod inspect;
+mod inspect_wall;
 mod lenient_tls;
 mod limits;
 mod operator;

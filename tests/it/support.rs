@@ -284,6 +284,30 @@ async fn origin_reply(
     req: Request<Incoming>,
     seen: Arc<Mutex<Vec<Seen>>>,
 ) -> Result<Response<OriginBody>, Infallible> {
+    let (path, body) = record_seen(req, &seen).await;
+    let resp = if let Some(n) = path.strip_prefix("/bytes/") {
+        let n: usize = n.parse().unwrap_or(0);
+        Response::builder()
+            .header("content-length", n)
+            .header("connection", "keep-alive, x-hop")
+            .header("x-hop", "must-not-reach-the-client")
+            .header("keep-alive", "timeout=5")
+            .body(stream_body(n))
+    } else if let Some(n) = path.strip_prefix("/chunked/") {
+        let n: usize = n.parse().unwrap_or(0);
+        Response::builder().body(stream_body(n))
+    } else if path == "/echo" {
+        Response::builder().body(Full::new(body).boxed())
+    } else {
+        Response::builder()
+            .header("content-type", "text/plain")
+            .body(Full::new(Bytes::from_static(b"hello")).boxed())
+    };
+    Ok(resp.expect("response"))
+}
+
+/// Read `req` whole and note it in `seen`; returns its path and body.
+async fn record_seen(req: Request<Incoming>, seen: &Mutex<Vec<Seen>>) -> (String, Bytes) {
     let (parts, body) = req.into_parts();
     let body = body
         .collect()
@@ -305,26 +329,7 @@ async fn origin_reply(
             .collect(),
         body_len: body.len(),
     });
-    let path = parts.uri.path().to_string();
-    let resp = if let Some(n) = path.strip_prefix("/bytes/") {
-        let n: usize = n.parse().unwrap_or(0);
-        Response::builder()
-            .header("content-length", n)
-            .header("connection", "keep-alive, x-hop")
-            .header("x-hop", "must-not-reach-the-client")
-            .header("keep-alive", "timeout=5")
-            .body(stream_body(n))
-    } else if let Some(n) = path.strip_prefix("/chunked/") {
-        let n: usize = n.parse().unwrap_or(0);
-        Response::builder().body(stream_body(n))
-    } else if path == "/echo" {
-        Response::builder().body(Full::new(body).boxed())
-    } else {
-        Response::builder()
-            .header("content-type", "text/plain")
-            .body(Full::new(Bytes::from_static(b"hello")).boxed())
-    };
-    Ok(resp.expect("response"))
+    (parts.uri.path().to_string(), body)
 }
 
 /// A body of `n` bytes in 64 KiB frames, generated as it is read.
@@ -400,18 +405,24 @@ pub fn self_signed(names: &[&str]) -> TestCert {
     }
 }
 
-/// What a TLS origin saw: the SNI of each handshake.
+/// What a TLS origin saw: the SNI of each handshake, and each request.
 pub struct TlsOrigin {
     pub addr: SocketAddr,
     pub cert: TestCert,
     pub snis: Arc<Mutex<Vec<Option<String>>>>,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
 }
 
 impl TlsOrigin {
     /// A TLS origin for `name` that answers each connection's HTTP/1.1 requests with "tls hello".
     pub async fn start(name: &str) -> TlsOrigin {
+        TlsOrigin::start_for(&[name]).await
+    }
+
+    /// Like [`TlsOrigin::start`], with a certificate naming all of `names`.
+    pub async fn start_for(names: &[&str]) -> TlsOrigin {
         crypto();
-        let cert = self_signed(&[name]);
+        let cert = self_signed(names);
         let config = rustls::ServerConfig::builder()
             .with_no_client_auth()
             .with_single_cert(vec![cert.cert_der.clone()], cert.key_der.clone_key())
@@ -420,21 +431,27 @@ impl TlsOrigin {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let snis = Arc::new(Mutex::new(Vec::new()));
-        let snis2 = Arc::clone(&snis);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (snis2, seen2) = (Arc::clone(&snis), Arc::clone(&seen));
         tokio::spawn(async move {
             while let Ok((s, _)) = listener.accept().await {
                 let acceptor = acceptor.clone();
                 let snis = Arc::clone(&snis2);
+                let seen = Arc::clone(&seen2);
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(s).await else {
                         return;
                     };
                     let sni = tls.get_ref().1.server_name().map(str::to_string);
                     snis.lock().expect("snis").push(sni);
-                    let svc = service_fn(|_req: Request<Incoming>| async {
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
-                            b"tls hello",
-                        ))))
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let seen = Arc::clone(&seen);
+                        async move {
+                            record_seen(req, &seen).await;
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
+                                b"tls hello",
+                            ))))
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(tls), svc)
@@ -442,7 +459,17 @@ impl TlsOrigin {
                 });
             }
         });
-        TlsOrigin { addr, cert, snis }
+        TlsOrigin {
+            addr,
+            cert,
+            snis,
+            seen,
+        }
+    }
+
+    /// The requests received so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("seen").clone()
     }
 
     /// A rustls client config that trusts this origin's certificate.
@@ -572,7 +599,7 @@ pub async fn send_with_body_while_reading(
 }
 
 /// Read an HTTP response head byte by byte (leaves the rest unread).
-pub async fn read_head(s: &mut TcpStream) -> String {
+pub async fn read_head(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> String {
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -744,7 +771,7 @@ pub fn dechunk(mut raw: &[u8]) -> Vec<u8> {
 
 /// Read exactly one response with a content-length body (or none) off a
 /// kept-alive stream, leaving the connection open; bounded by `WAIT`.
-pub async fn read_response(s: &mut TcpStream) -> RawResponse {
+pub async fn read_response(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> RawResponse {
     let head = read_head(s).await;
     let (status, headers) = parse_head(&head);
     let mut resp = RawResponse {

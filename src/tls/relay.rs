@@ -1,0 +1,448 @@
+//! The HTTP/1.1 inside an inspected tunnel: a hyper server on the
+//! terminated client stream, built like the proxy's own listener (head
+//! limits, time-outs), and one client connection to the re-originated
+//! upstream.
+//!
+//! Inner requests are requests: each is admitted as a plain one is (head
+//! size, the client's and the rule's rates, the policy for its method, a
+//! body on a body-less method) and must name the tunnel's host and nothing
+//! else. The upstream gets a `Host` the proxy writes, never the client's.
+//! Every inner transaction, a head hyper refuses included, gets exactly one
+//! record carrying the tunnel's user and upstream address.
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use hyper::body::{Body, Incoming};
+use hyper::client::conn::http1::SendRequest;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{watch, Mutex};
+
+use super::Inspected;
+use crate::audit::{Decided, Reason};
+use crate::policy::Verdict;
+use crate::proxy::body::{ProxyBody, RequestBody, ResponseBody, UpCount};
+use crate::proxy::error::Refusal;
+use crate::proxy::http::strip_hop_by_hop;
+use crate::proxy::txn::Txn;
+use crate::proxy::{head_len, parse_refusal, refuse, server_builder, truncate, ConnIo, Guards};
+use crate::target::{self, Host, Target};
+
+/// The upstream as the inner requests share it.
+type Sender = Arc<Mutex<SendRequest<RequestBody>>>;
+/// Set by the upstream connection task when it ends: `Some(true)` when it
+/// ended on a TLS error.
+type Failed = watch::Receiver<Option<bool>>;
+
+/// One inspected tunnel as its inner requests see it.
+pub(super) struct Tunnel<'a> {
+    pub t: &'a Inspected,
+    /// The rate limiters of the snapshot the tunnel started under.
+    pub guards: Arc<Guards>,
+    /// The vetted address the upstream connection goes to.
+    pub upstream: Option<SocketAddr>,
+    /// What the inner server has read, to tell a slow head from an idle
+    /// keep-alive connection at the head time-out.
+    pub io: Arc<ConnIo>,
+}
+
+impl Tunnel<'_> {
+    /// A record for an inner transaction, before its request is known.
+    fn txn(&self) -> Txn {
+        let t = self.t;
+        let mut txn = t.shared.txn(t.client);
+        txn.set_target(&t.target);
+        txn.set_rule(t.rule.and_then(|i| t.policy.rule_name(i)));
+        txn.set_decision(Decided::Inspect);
+        let rec = txn.rec();
+        rec.user.clone_from(&t.user);
+        rec.upstream = self.upstream;
+        txn
+    }
+
+    /// A record for `req`: its method and the URL the upstream is sent
+    /// (the tunnel's authority, never the client's spelling; no fragment).
+    fn request_txn(&self, req: &Request<Incoming>) -> Txn {
+        let mut txn = self.txn();
+        let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let url = format!("https://{}{pq}", host_value(&self.t.target));
+        let rec = txn.rec();
+        rec.method = Some(req.method().clone());
+        rec.url = Some(truncate(url, 4096));
+        txn
+    }
+
+    /// Record a head the inner server refused itself (bad framing, too
+    /// large, a head time-out); the reason is also the tunnel's.
+    fn record_conn_error(&self, e: &hyper::Error) -> Option<Reason> {
+        let Some((reason, status)) = parse_refusal(e, self.io.partial()) else {
+            tracing::debug!(error = %e, "inspected connection ended");
+            return None;
+        };
+        let mut txn = self.txn();
+        match status {
+            Some(s) => txn.refuse(s, reason),
+            None => {
+                txn.set_decision(Decided::Deny);
+                txn.finish(None, Some(reason));
+            }
+        }
+        Some(reason)
+    }
+}
+
+/// `host[:port]` of the tunnel's target, the port left out when 443: the
+/// `Host` the upstream gets, and the authority of the recorded URL.
+fn host_value(t: &Target) -> String {
+    let host = match &t.host {
+        Host::Ip(std::net::IpAddr::V6(v6)) => format!("[{v6}]"),
+        other => other.to_string(),
+    };
+    if t.port == 443 {
+        host
+    } else {
+        format!("{host}:{}", t.port)
+    }
+}
+
+/// Serve the inner requests with `svc` until the client goes, the head
+/// limits refuse it, or the proxy stops. Returns the tunnel's reason.
+async fn serve<I, S>(cx: &Tunnel<'_>, io: TokioIo<I>, svc: S) -> Option<Reason>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = ProxyBody>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let plain = Plain {
+        inner: io.into_inner(),
+        io: Arc::clone(&cx.io),
+    };
+    let served = server_builder(&cx.t.settings).serve_connection(TokioIo::new(plain), svc);
+    let hard = cx.t.shared.drain.hard.clone();
+    tokio::select! {
+        // Each inner request has its own record; the connection ending
+        // (idle time-out, client gone) is not a refusal of the tunnel.
+        r = served => r.err().and_then(|e| cx.record_conn_error(&e)),
+        () = hard.cancelled() => Some(Reason::Shutdown),
+    }
+}
+
+/// The upstream TLS failed: answer each request with the refusal.
+pub(super) async fn refuse_all<I>(cx: &Tunnel<'_>, io: TokioIo<I>, reason: Reason) -> Option<Reason>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let status = if reason == Reason::Timeout {
+        StatusCode::GATEWAY_TIMEOUT
+    } else {
+        StatusCode::BAD_GATEWAY
+    };
+    let svc = service_fn(|req: Request<Incoming>| {
+        cx.io.mark_idle();
+        let txn = cx.request_txn(&req);
+        let resp = refuse(txn, Refusal::with_status(reason, status), &cx.t.settings);
+        async move { Ok::<_, std::convert::Infallible>(resp) }
+    });
+    serve(cx, io, svc).await.or(Some(reason))
+}
+
+/// Relay HTTP/1.1 between the terminated client and the upstream.
+pub(super) async fn relay<I>(
+    cx: &Tunnel<'_>,
+    io: TokioIo<I>,
+    upstream: tokio_rustls::client::TlsStream<TcpStream>,
+) -> Option<Reason>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = match hyper::client::conn::http1::Builder::new()
+        .handshake::<_, RequestBody>(TokioIo::new(upstream))
+        .await
+    {
+        Ok(x) => x,
+        Err(_) => return Some(Reason::UpstreamReset),
+    };
+    // The connection task learns why the upstream failed; a request that
+    // fails with it asks here (TLS 1.3 reports a refused client
+    // certificate only when the first response is read).
+    let (failed_tx, failed_rx) = watch::channel::<Option<bool>>(None);
+    let conn_task = tokio::spawn(async move {
+        let tls = conn.await.err().is_some_and(|e| super::is_tls_error(&e));
+        let _ = failed_tx.send(Some(tls));
+    });
+    let sender = Arc::new(Mutex::new(sender));
+    let svc = service_fn(|req: Request<Incoming>| {
+        // A head is complete: what was read so far is not a partial head.
+        cx.io.mark_idle();
+        let sender = Arc::clone(&sender);
+        let failed = failed_rx.clone();
+        async move { Ok::<_, std::convert::Infallible>(inner(cx, req, sender, failed).await) }
+    });
+    let reason = serve(cx, io, svc).await;
+    conn_task.abort();
+    reason
+}
+
+/// One inner request: admit, forward with the proxy's `Host`, record.
+async fn inner(
+    cx: &Tunnel<'_>,
+    req: Request<Incoming>,
+    sender: Sender,
+    mut failed: Failed,
+) -> Response<ProxyBody> {
+    let settings = &cx.t.settings;
+    // Records are never dropped: wait here when the writer is behind.
+    cx.t.shared.audit.ready().await;
+    let txn = cx.request_txn(&req);
+    if let Err(r) = admit(cx, &req) {
+        return refuse(txn, r, settings);
+    }
+    let (mut parts, body) = req.into_parts();
+    let up = (!body.is_end_stream()).then(|| Arc::new(UpCount::default()));
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(header::HOST);
+    if let Ok(v) = HeaderValue::from_str(&host_value(&cx.t.target)) {
+        parts.headers.insert(header::HOST, v);
+    }
+    parts.uri = http::Uri::from(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    let body = RequestBody::new(body, up.clone()).marking(Arc::clone(&cx.io));
+    let out = Request::from_parts(parts, body);
+    // Until a response exists, a client that vanishes drops this future:
+    // the record must still count the body bytes that went upstream.
+    let open = Open {
+        txn: Some(txn),
+        up: up.clone(),
+    };
+    let sent = send(&sender, out, settings.limits.response_timeout).await;
+    let Some(txn) = open.into_txn() else {
+        // Not reached: `open` holds its transaction until this one take.
+        return Refusal::new(Reason::UpstreamReset).response(0, None);
+    };
+    match sent {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            let status = parts.status.as_u16();
+            let body = ResponseBody::new(body, txn, up, status);
+            Response::from_parts(parts, ProxyBody::Streamed(Box::new(body)))
+        }
+        Err(Sent::Timeout) => refuse_counted(cx, txn, Reason::Timeout, up.as_deref()),
+        Err(Sent::Failed(tls)) => {
+            let reason = match client_fault(up.as_deref()) {
+                Some(r) => r,
+                None => upstream_failure(tls, &mut failed).await,
+            };
+            refuse_counted(cx, txn, reason, up.as_deref())
+        }
+    }
+}
+
+/// Why an inner request was not answered by the upstream.
+enum Sent {
+    Timeout,
+    /// The upstream (or the client's body) failed; true for a TLS error.
+    Failed(bool),
+}
+
+async fn send(
+    sender: &Sender,
+    out: Request<RequestBody>,
+    timeout: std::time::Duration,
+) -> Result<Response<Incoming>, Sent> {
+    let mut s = sender.lock().await;
+    if s.ready().await.is_err() {
+        return Err(Sent::Failed(false));
+    }
+    match tokio::time::timeout(timeout, s.send_request(out)).await {
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "inner request failed");
+            Err(Sent::Failed(super::is_tls_error(&e)))
+        }
+        Err(_) => Err(Sent::Timeout),
+    }
+}
+
+/// Admit an inner request as the plain path admits a request, in its
+/// order: head size, the client's request rate, the tunnel's host, the
+/// policy for the method, a body on a body-less method, the rule's rate.
+fn admit(cx: &Tunnel<'_>, req: &Request<Incoming>) -> Result<(), Refusal> {
+    let t = cx.t;
+    // hyper bounds a head that arrives in pieces; one that arrives whole in
+    // a single read can pass its buffer check, so measure it here too.
+    if head_len(req) > t.settings.limits.max_header_bytes {
+        return Err(Refusal::new(Reason::HeaderTooLarge));
+    }
+    let limited = |l: crate::limits::Limited| Refusal::rate_limited(l.retry_after);
+    cx.guards.rates.request(t.client.ip()).map_err(limited)?;
+    check_host(&t.target, req)?;
+    let d = t.policy.decide(&t.target, req.method());
+    if d.verdict == Verdict::Deny {
+        return Err(Refusal::new(d.reason.unwrap_or(Reason::DenyRule)));
+    }
+    let rule = d.rule.and_then(|i| t.policy.rule(i));
+    if rule.is_some_and(|r| !r.allows_body(req.method())) && !req.body().is_end_stream() {
+        return Err(Refusal::new(Reason::BodyNotAllowed));
+    }
+    if let Some(i) = d.rule {
+        cx.guards.rates.rule(i).map_err(limited)?;
+    }
+    Ok(())
+}
+
+/// The inner request names the tunnel's host and nothing else: exactly one
+/// `Host`, equal to the CONNECT host and port once normalised, and, in
+/// absolute form, an `https://` URL with the same authority. Anything else
+/// would let a client reach another name with our certificate attached
+/// (domain fronting).
+///
+/// # Errors
+/// 403 `host_mismatch`; 400 `bad_request` for a target that is neither
+/// origin-form nor an `https://` URL.
+fn check_host(t: &Target, req: &Request<Incoming>) -> Result<(), Refusal> {
+    let uri = req.uri();
+    match (uri.scheme_str(), uri.authority()) {
+        (Some(s), Some(a)) if s.eq_ignore_ascii_case("https") => {
+            if !names(t, a.as_str()) {
+                return Err(Refusal::new(Reason::HostMismatch));
+            }
+        }
+        (None, None) => {}
+        _ => return Err(Refusal::new(Reason::BadRequest)),
+    }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(h), None) if h.to_str().is_ok_and(|h| names(t, h)) => Ok(()),
+        _ => Err(Refusal::new(Reason::HostMismatch)),
+    }
+}
+
+/// `raw` (a `Host` value or URL authority) names `t`; 443 when no port.
+fn names(t: &Target, raw: &str) -> bool {
+    target::parse_host_header(raw, 443).is_ok_and(|x| x == *t)
+}
+
+/// The client's part in a failed send: a malformed body is a 400, a client
+/// that went away mid-upload is `client_closed` (as on the plain path).
+fn client_fault(up: Option<&UpCount>) -> Option<Reason> {
+    let up = up?;
+    if up.malformed.load(Ordering::Relaxed) {
+        Some(Reason::BadRequest)
+    } else if up.client_error.load(Ordering::Relaxed) {
+        Some(Reason::ClientClosed)
+    } else {
+        None
+    }
+}
+
+/// A refusal after part of the body may have gone upstream: the record
+/// keeps the bytes that did.
+fn refuse_counted(
+    cx: &Tunnel<'_>,
+    mut txn: Txn,
+    reason: Reason,
+    up: Option<&UpCount>,
+) -> Response<ProxyBody> {
+    if let Some(u) = up {
+        txn.add_up(u.bytes.load(Ordering::Relaxed));
+    }
+    refuse(txn, Refusal::new(reason), &cx.t.settings)
+}
+
+/// `upstream_tls` when the request's error or the upstream connection's
+/// own error is a TLS one, else `upstream_reset`.
+async fn upstream_failure(tls: bool, failed: &mut Failed) -> Reason {
+    let from_conn = tokio::time::timeout(
+        std::time::Duration::from_millis(500),
+        failed.wait_for(Option::is_some),
+    )
+    .await
+    .ok()
+    .and_then(|r| r.ok().and_then(|v| *v));
+    if tls || from_conn == Some(true) {
+        Reason::UpstreamTls
+    } else {
+        Reason::UpstreamReset
+    }
+}
+
+/// An inner transaction whose request is on its way upstream. Dropped
+/// before [`Open::into_txn`] (hyper drops the request's future when the
+/// client goes), the record gets the body bytes sent so far and ends as
+/// `client_closed` ([`Txn`]'s drop).
+struct Open {
+    txn: Option<Txn>,
+    up: Option<Arc<UpCount>>,
+}
+
+impl Open {
+    /// The transaction, once the upstream has answered or failed.
+    fn into_txn(mut self) -> Option<Txn> {
+        self.txn.take()
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if let (Some(txn), Some(up)) = (self.txn.as_mut(), &self.up) {
+            txn.add_up(up.bytes.load(Ordering::Relaxed));
+        }
+    }
+}
+
+/// The terminated client stream as the inner server reads it: counts the
+/// plaintext read into [`ConnIo`], as [`crate::proxy::ClientIo`] does for
+/// the proxy's own listener.
+struct Plain<S> {
+    inner: S,
+    io: Arc<ConnIo>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Plain<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            self.io.add_read(n);
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Plain<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests;
