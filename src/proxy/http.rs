@@ -40,8 +40,8 @@ pub async fn forward(
         Err(r) => return refuse(txn, r, settings),
     };
     let (parts, body) = req.into_parts();
-    let up = (!hyper::body::Body::is_end_stream(&body)).then(|| Arc::new(UpCount::default()));
-    let body = RequestBody::new(body, up.clone()).marking(Arc::clone(&ctx.io));
+    let body = RequestBody::counted(body, &mut txn).marking(Arc::clone(&ctx.io));
+    let up = body.count();
     let mut out = Request::new(body);
     *out.method_mut() = parts.method;
     *out.uri_mut() = origin_form(&parts.uri);
@@ -79,31 +79,12 @@ pub async fn forward(
                 }
                 _ => {
                     tracing::debug!(error = %e.error(), "upstream request failed");
-                    let flag = |f: fn(&UpCount) -> &std::sync::atomic::AtomicBool| {
-                        up.as_ref()
-                            .is_some_and(|u| f(u).load(std::sync::atomic::Ordering::Relaxed))
-                    };
-                    let reason = if flag(|u| &u.malformed) {
-                        Reason::BadRequest
-                    } else if flag(|u| &u.client_error) {
-                        Reason::ClientClosed
-                    } else {
-                        Reason::UpstreamReset
-                    };
-                    return refuse_counted(txn, Refusal::new(reason), settings, up.as_deref());
+                    let reason = send_failure(up.as_deref());
+                    return refuse(txn, Refusal::new(reason), settings);
                 }
             },
-            Ok(Err(None)) => {
-                return refuse_counted(
-                    txn,
-                    Refusal::new(Reason::UpstreamReset),
-                    settings,
-                    up.as_deref(),
-                )
-            }
-            Err(_) => {
-                return refuse_counted(txn, Refusal::new(Reason::Timeout), settings, up.as_deref())
-            }
+            Ok(Err(None)) => return refuse(txn, Refusal::new(Reason::UpstreamReset), settings),
+            Err(_) => return refuse(txn, Refusal::new(Reason::Timeout), settings),
         }
     };
     let (mut parts, body) = resp.into_parts();
@@ -112,22 +93,20 @@ pub async fn forward(
         add_via(&mut parts.headers);
     }
     let status = parts.status.as_u16();
-    let body = ResponseBody::new(body, txn, up, status);
+    // The transaction counts the upload already (`RequestBody::counted`).
+    let body = ResponseBody::new(body, txn, None, status);
     Response::from_parts(parts, ProxyBody::Streamed(Box::new(body)))
 }
 
-/// A refusal after part of the request body may have gone upstream: the
-/// record keeps the bytes that did.
-fn refuse_counted(
-    mut txn: Txn,
-    r: Refusal,
-    settings: &Settings,
-    up: Option<&UpCount>,
-) -> Response<ProxyBody> {
-    if let Some(u) = up {
-        txn.add_up(u.bytes.load(std::sync::atomic::Ordering::Relaxed));
+/// Why sending failed: the client's body was malformed (400) or cut by
+/// the client, else the upstream went away.
+fn send_failure(up: Option<&UpCount>) -> Reason {
+    use std::sync::atomic::Ordering::Relaxed;
+    match up {
+        Some(u) if u.malformed.load(Relaxed) => Reason::BadRequest,
+        Some(u) if u.client_error.load(Relaxed) => Reason::ClientClosed,
+        _ => Reason::UpstreamReset,
     }
-    refuse(txn, r, settings)
 }
 
 fn take_pooled(ctx: &ConnCtx, addrs: &[SocketAddr]) -> Option<Pooled> {
