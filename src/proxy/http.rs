@@ -143,12 +143,24 @@ async fn connect(
     Ok(Pooled { addr, sender })
 }
 
+/// The origin-form target sent upstream: the path, `/` when the absolute
+/// URI has none (`http://h:p`, `http://h:p?q`, `http://h:p#f`), and the
+/// query. A fragment is never sent (`http::Uri` drops it when parsing).
 fn origin_form(uri: &Uri) -> Uri {
-    let pq = uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    Uri::from(pq)
+    let pq = match uri.query() {
+        // `path()` is `/` for an empty path.
+        Some(q) => PathAndQuery::try_from(format!("{}?{q}", uri.path())),
+        None => PathAndQuery::try_from(uri.path()),
+    };
+    // Both parts come from a parsed URI, so they parse again; `/` if not.
+    Uri::from(pq.unwrap_or_else(|_| PathAndQuery::from_static("/")))
+}
+
+/// The record's `url`: exactly what is forwarded, as a URL: the scheme,
+/// the `Host` sent upstream (the normalised target, the port unless 80),
+/// and the origin-form target.
+pub fn forwarded_url(target: &Target, uri: &Uri) -> String {
+    format!("http://{}{}", host_header(target), origin_form(uri))
 }
 
 /// Headers that belong to one hop and never cross the proxy.
@@ -187,7 +199,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 fn prepare_request_headers(headers: &mut HeaderMap, target: &Target, via: bool) {
     strip_hop_by_hop(headers);
-    let host = match (&target.host, target.port) {
+    if let Ok(v) = HeaderValue::from_str(&host_header(target)) {
+        headers.insert(header::HOST, v);
+    }
+    if via {
+        add_via(headers);
+    }
+}
+
+/// The `Host` sent upstream: the normalised target, the port unless 80.
+fn host_header(target: &Target) -> String {
+    match (&target.host, target.port) {
         (Host::Name(n), 80) => n.to_string(),
         (Host::Name(n), p) => {
             let mut h = String::with_capacity(n.len() + 6);
@@ -200,12 +222,6 @@ fn prepare_request_headers(headers: &mut HeaderMap, target: &Target, via: bool) 
         (Host::Ip(std::net::IpAddr::V6(ip)), p) => format!("[{ip}]:{p}"),
         (Host::Ip(ip), 80) => ip.to_string(),
         (Host::Ip(ip), p) => format!("{ip}:{p}"),
-    };
-    if let Ok(v) = HeaderValue::from_str(&host) {
-        headers.insert(header::HOST, v);
-    }
-    if via {
-        add_via(headers);
     }
 }
 

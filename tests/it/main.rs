@@ -12,6 +12,7 @@ mod inspect;
 mod limits;
 mod operator;
 mod proxy_protocol;
+mod records;
 mod refusals;
 mod splice;
 mod status;
