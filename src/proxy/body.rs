@@ -4,13 +4,13 @@
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use super::txn::Txn;
+use super::txn::{Ended, Txn};
 use crate::audit::Reason;
 
 /// What the proxy answers with: a small fixed body, or a streamed upstream one.
@@ -60,7 +60,9 @@ impl Body for ProxyBody {
 }
 
 /// Shared between the request body (read by the upstream connection task)
-/// and the transaction.
+/// and the transaction, which may end first (client gone, upstream reset,
+/// time-out): its record then waits here for the body to be done, so that
+/// `bytes_up` is what was handed upstream in the end.
 #[derive(Default)]
 pub struct UpCount {
     pub bytes: AtomicU64,
@@ -68,6 +70,42 @@ pub struct UpCount {
     pub client_error: AtomicBool,
     /// The client's body was malformed (bad chunked framing): a 400.
     pub malformed: AtomicBool,
+    ending: Mutex<Ending>,
+}
+
+/// Which of the two ends came first.
+#[derive(Default)]
+struct Ending {
+    /// The body is complete, failed, or dropped: no more bytes go up.
+    body_done: bool,
+    /// The transaction's record, when the transaction ended first.
+    parked: Option<Ended>,
+}
+
+impl UpCount {
+    /// The transaction has ended: send its record now if the body is done,
+    /// else when it is.
+    pub fn end_txn(&self, ended: Ended) {
+        let mut e = self.ending.lock().unwrap_or_else(PoisonError::into_inner);
+        if e.body_done {
+            drop(e);
+            ended.send(self.bytes.load(Ordering::Acquire));
+        } else {
+            e.parked = Some(ended);
+        }
+    }
+
+    /// The body is done: send the record if the transaction already ended.
+    fn end_body(&self) {
+        let parked = {
+            let mut e = self.ending.lock().unwrap_or_else(PoisonError::into_inner);
+            e.body_done = true;
+            e.parked.take()
+        };
+        if let Some(ended) = parked {
+            ended.send(self.bytes.load(Ordering::Acquire));
+        }
+    }
 }
 
 /// The client's request body on its way upstream, counted.
@@ -80,12 +118,30 @@ pub struct RequestBody {
 }
 
 impl RequestBody {
+    /// Wrap `inner`, counting into `count`. The transaction must be told
+    /// ([`Txn::count_upload`]) or its record misses these bytes; prefer
+    /// [`RequestBody::counted`].
     pub fn new(inner: Incoming, count: Option<Arc<UpCount>>) -> Self {
         RequestBody {
             inner,
             count,
             conn: None,
         }
+    }
+
+    /// Wrap `inner`, counted into `txn`'s record (nothing to count, and
+    /// nothing allocated, for a request without a body).
+    pub fn counted(inner: Incoming, txn: &mut Txn) -> Self {
+        let count = (!inner.is_end_stream()).then(|| Arc::new(UpCount::default()));
+        if let Some(c) = &count {
+            txn.count_upload(Arc::clone(c));
+        }
+        RequestBody::new(inner, count)
+    }
+
+    /// The counter, to tell why a send failed.
+    pub fn count(&self) -> Option<Arc<UpCount>> {
+        self.count.clone()
     }
 
     /// Mark the client connection idle when this body is complete.
@@ -118,12 +174,17 @@ impl Body for RequestBody {
                     &count.client_error
                 };
                 flag.store(true, Ordering::Relaxed);
+                count.end_body();
             }
+            (Poll::Ready(None), Some(count)) => count.end_body(),
             _ => {}
         }
         if this.inner.is_end_stream() {
             if let Some(c) = &this.conn {
                 c.mark_idle();
+            }
+            if let Some(count) = &this.count {
+                count.end_body();
             }
         }
         polled
@@ -135,6 +196,15 @@ impl Body for RequestBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl Drop for RequestBody {
+    /// Sent, failed or abandoned: nothing more of it goes upstream.
+    fn drop(&mut self) {
+        if let Some(count) = &self.count {
+            count.end_body();
+        }
     }
 }
 
@@ -160,26 +230,26 @@ fn is_malformed(e: &hyper::Error) -> bool {
 pub struct ResponseBody {
     inner: Incoming,
     txn: Option<Txn>,
-    up: Option<Arc<UpCount>>,
     status: u16,
 }
 
 impl ResponseBody {
-    pub fn new(inner: Incoming, txn: Txn, up: Option<Arc<UpCount>>, status: u16) -> Self {
+    /// `up`: the request body's counter, if the transaction does not
+    /// count it already (the record waits for that body to be done).
+    pub fn new(inner: Incoming, mut txn: Txn, up: Option<Arc<UpCount>>, status: u16) -> Self {
+        if let Some(up) = up {
+            txn.count_upload(up);
+        }
         ResponseBody {
             inner,
             txn: Some(txn),
-            up,
             status,
         }
     }
 
-    /// The transaction with its status and the request bytes sent so far.
+    /// The transaction with its status.
     fn take_txn(&mut self) -> Option<Txn> {
         let mut txn = self.txn.take()?;
-        if let Some(up) = &self.up {
-            txn.add_up(up.bytes.load(Ordering::Relaxed));
-        }
         txn.rec().status = Some(self.status);
         Some(txn)
     }

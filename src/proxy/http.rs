@@ -40,8 +40,8 @@ pub async fn forward(
         Err(r) => return refuse(txn, r, settings),
     };
     let (parts, body) = req.into_parts();
-    let up = (!hyper::body::Body::is_end_stream(&body)).then(|| Arc::new(UpCount::default()));
-    let body = RequestBody::new(body, up.clone()).marking(Arc::clone(&ctx.io));
+    let body = RequestBody::counted(body, &mut txn).marking(Arc::clone(&ctx.io));
+    let up = body.count();
     let mut out = Request::new(body);
     *out.method_mut() = parts.method;
     *out.uri_mut() = origin_form(&parts.uri);
@@ -79,31 +79,12 @@ pub async fn forward(
                 }
                 _ => {
                     tracing::debug!(error = %e.error(), "upstream request failed");
-                    let flag = |f: fn(&UpCount) -> &std::sync::atomic::AtomicBool| {
-                        up.as_ref()
-                            .is_some_and(|u| f(u).load(std::sync::atomic::Ordering::Relaxed))
-                    };
-                    let reason = if flag(|u| &u.malformed) {
-                        Reason::BadRequest
-                    } else if flag(|u| &u.client_error) {
-                        Reason::ClientClosed
-                    } else {
-                        Reason::UpstreamReset
-                    };
-                    return refuse_counted(txn, Refusal::new(reason), settings, up.as_deref());
+                    let reason = send_failure(up.as_deref());
+                    return refuse(txn, Refusal::new(reason), settings);
                 }
             },
-            Ok(Err(None)) => {
-                return refuse_counted(
-                    txn,
-                    Refusal::new(Reason::UpstreamReset),
-                    settings,
-                    up.as_deref(),
-                )
-            }
-            Err(_) => {
-                return refuse_counted(txn, Refusal::new(Reason::Timeout), settings, up.as_deref())
-            }
+            Ok(Err(None)) => return refuse(txn, Refusal::new(Reason::UpstreamReset), settings),
+            Err(_) => return refuse(txn, Refusal::new(Reason::Timeout), settings),
         }
     };
     let (mut parts, body) = resp.into_parts();
@@ -112,22 +93,20 @@ pub async fn forward(
         add_via(&mut parts.headers);
     }
     let status = parts.status.as_u16();
-    let body = ResponseBody::new(body, txn, up, status);
+    // The transaction counts the upload already (`RequestBody::counted`).
+    let body = ResponseBody::new(body, txn, None, status);
     Response::from_parts(parts, ProxyBody::Streamed(Box::new(body)))
 }
 
-/// A refusal after part of the request body may have gone upstream: the
-/// record keeps the bytes that did.
-fn refuse_counted(
-    mut txn: Txn,
-    r: Refusal,
-    settings: &Settings,
-    up: Option<&UpCount>,
-) -> Response<ProxyBody> {
-    if let Some(u) = up {
-        txn.add_up(u.bytes.load(std::sync::atomic::Ordering::Relaxed));
+/// Why sending failed: the client's body was malformed (400) or cut by
+/// the client, else the upstream went away.
+fn send_failure(up: Option<&UpCount>) -> Reason {
+    use std::sync::atomic::Ordering::Relaxed;
+    match up {
+        Some(u) if u.malformed.load(Relaxed) => Reason::BadRequest,
+        Some(u) if u.client_error.load(Relaxed) => Reason::ClientClosed,
+        _ => Reason::UpstreamReset,
     }
-    refuse(txn, r, settings)
 }
 
 fn take_pooled(ctx: &ConnCtx, addrs: &[SocketAddr]) -> Option<Pooled> {
@@ -164,12 +143,24 @@ async fn connect(
     Ok(Pooled { addr, sender })
 }
 
+/// The origin-form target sent upstream: the path, `/` when the absolute
+/// URI has none (`http://h:p`, `http://h:p?q`, `http://h:p#f`), and the
+/// query. A fragment is never sent (`http::Uri` drops it when parsing).
 fn origin_form(uri: &Uri) -> Uri {
-    let pq = uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    Uri::from(pq)
+    let pq = match uri.query() {
+        // `path()` is `/` for an empty path.
+        Some(q) => PathAndQuery::try_from(format!("{}?{q}", uri.path())),
+        None => PathAndQuery::try_from(uri.path()),
+    };
+    // Both parts come from a parsed URI, so they parse again; `/` if not.
+    Uri::from(pq.unwrap_or_else(|_| PathAndQuery::from_static("/")))
+}
+
+/// The record's `url`: exactly what is forwarded, as a URL: the scheme,
+/// the `Host` sent upstream (the normalised target, the port unless 80),
+/// and the origin-form target.
+pub fn forwarded_url(target: &Target, uri: &Uri) -> String {
+    format!("http://{}{}", host_header(target), origin_form(uri))
 }
 
 /// Headers that belong to one hop and never cross the proxy.
@@ -208,7 +199,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 fn prepare_request_headers(headers: &mut HeaderMap, target: &Target, via: bool) {
     strip_hop_by_hop(headers);
-    let host = match (&target.host, target.port) {
+    if let Ok(v) = HeaderValue::from_str(&host_header(target)) {
+        headers.insert(header::HOST, v);
+    }
+    if via {
+        add_via(headers);
+    }
+}
+
+/// The `Host` sent upstream: the normalised target, the port unless 80.
+fn host_header(target: &Target) -> String {
+    match (&target.host, target.port) {
         (Host::Name(n), 80) => n.to_string(),
         (Host::Name(n), p) => {
             let mut h = String::with_capacity(n.len() + 6);
@@ -221,12 +222,6 @@ fn prepare_request_headers(headers: &mut HeaderMap, target: &Target, via: bool) 
         (Host::Ip(std::net::IpAddr::V6(ip)), p) => format!("[{ip}]:{p}"),
         (Host::Ip(ip), 80) => ip.to_string(),
         (Host::Ip(ip), p) => format!("{ip}:{p}"),
-    };
-    if let Ok(v) = HeaderValue::from_str(&host) {
-        headers.insert(header::HOST, v);
-    }
-    if via {
-        add_via(headers);
     }
 }
 

@@ -360,7 +360,8 @@ async fn connection(
         let ctx = Arc::clone(&ctx);
         // A head is complete: what was read so far is not a partial head.
         ctx.io.mark_idle();
-        async move { Ok::<_, Infallible>(handle(ctx, req).await) }
+        let task = spawn_handle(ctx, req);
+        async move { Ok::<_, Infallible>(task.await.unwrap_or_else(|_| internal_error())) }
     });
     let builder = server_builder(&settings);
     let client_io = ClientIo {
@@ -602,76 +603,128 @@ pub(crate) fn parse_refusal(e: &hyper::Error, partial: bool) -> Option<(Reason, 
     Some(refusal)
 }
 
-/// One request: parse the target, decide, then forward or tunnel.
-async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<ProxyBody> {
+/// Handle one request on its own task, started now.
+///
+/// Not in the service future: hyper drops that future, wherever it is, when
+/// the client closes its connection (`half_close(false)`), and a request
+/// read whole would then go unrecorded, or be recorded without the dial it
+/// made. On its own task it is decided, dialled and recorded like any
+/// other, and its answer is dropped (recorded `client_closed`, with the
+/// status it would have had). Every step is bounded by a time-out; a hard
+/// shutdown cuts it (recorded `shutdown`).
+fn spawn_handle(
+    ctx: Arc<ConnCtx>,
+    req: Request<Incoming>,
+) -> tokio::task::JoinHandle<Response<ProxyBody>> {
+    let shared = Arc::clone(&ctx.shared);
+    let hard = shared.drain.hard.clone();
+    let txn = shared.txn(ctx.client);
+    shared.drain.tracker.spawn(async move {
+        tokio::select! {
+            resp = handle(ctx, txn, req) => resp,
+            () = hard.cancelled() => Refusal::new(Reason::Shutdown).response(0, None),
+        }
+    })
+}
+
+/// A handler task that panicked (its record was written as it unwound).
+fn internal_error() -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::empty());
+    *resp.status_mut() = ::http::StatusCode::INTERNAL_SERVER_ERROR;
+    resp.headers_mut().insert(
+        ::http::header::CONNECTION,
+        ::http::HeaderValue::from_static("close"),
+    );
+    resp
+}
+
+/// One request: check the head, parse the target, decide, then forward or
+/// tunnel. Each step refuses by returning its [`Refusal`]; the refusal is
+/// recorded and answered here, in one place.
+async fn handle(ctx: Arc<ConnCtx>, mut txn: Txn, req: Request<Incoming>) -> Response<ProxyBody> {
     let shared = &ctx.shared;
+    txn.rec().method = Some(req.method().clone());
+    let is_connect = req.method() == Method::CONNECT;
+    if !is_connect {
+        // The URI as received until the target is parsed (a refusal of a
+        // malformed one shows it); then what is forwarded.
+        txn.rec().url = Some(truncate(req.uri().to_string(), 4096));
+    }
     shared.audit.ready().await;
     // One load: the guards' per-rule vectors index this settings' rules.
     let snapshot = shared.settings.load_full();
     let (settings, guards) = (Arc::clone(&snapshot.settings), Arc::clone(&snapshot.guards));
-    let mut txn = shared.txn(ctx.client);
-    txn.rec().method = Some(req.method().clone());
-    let is_connect = req.method() == Method::CONNECT;
-    if !is_connect {
-        txn.rec().url = Some(truncate(req.uri().to_string(), 4096));
+    let step = admit(&ctx, &guards, &settings, &mut txn, &req).await;
+    let (target, index) = match step.and_then(|()| decide(&settings, &guards, &mut txn, &req)) {
+        Ok(t) => t,
+        Err(r) => return refuse(txn, r, &settings),
+    };
+    if is_connect {
+        connect::tunnel(&ctx, &settings, &guards, txn, req, target, index).await
+    } else {
+        let rule = index.and_then(|i| settings.policy.rule(i));
+        http::forward(&ctx, &settings, txn, req, target, rule).await
     }
+}
+
+/// The checks before the target is looked at: head size, rates, proxy auth.
+async fn admit(
+    ctx: &ConnCtx,
+    guards: &Guards,
+    settings: &Settings,
+    txn: &mut Txn,
+    req: &Request<Incoming>,
+) -> Result<(), Refusal> {
     // hyper bounds a head that arrives in pieces; one that arrives whole in
     // a single read can pass its buffer check, so measure it here too.
-    if head_len(&req) > settings.limits.max_header_bytes {
-        return refuse(txn, Refusal::new(Reason::HeaderTooLarge), &settings);
+    if head_len(req) > settings.limits.max_header_bytes {
+        return Err(Refusal::new(Reason::HeaderTooLarge));
     }
     // Rates first: a client over its rate gets 429 before any password is
     // verified, so guessing credentials is limited like everything else.
     let ip = ctx.client.ip();
-    let rate = guards.rates.request(ip).and_then(|()| {
-        if is_connect {
-            guards.rates.tunnel(ip)
-        } else {
-            Ok(())
-        }
-    });
-    if let Err(l) = rate {
-        return refuse(txn, Refusal::rate_limited(l.retry_after), &settings);
-    }
-    if let Some(auth) = &guards.auth {
-        match authenticate(auth, &req).await {
-            Ok(user) => txn.rec().user = Some(user),
-            Err(reason) => return refuse(txn, Refusal::new(reason), &settings),
-        }
-    }
-    let parsed = if is_connect && req.uri().scheme().is_some() {
-        // `CONNECT http://host:port/` is not authority-form.
-        Err(target::TargetError::NotAuthority)
-    } else if is_connect {
-        match req.uri().authority() {
-            Some(a)
-                if req
-                    .uri()
-                    .path_and_query()
-                    .is_none_or(|p| p.as_str().is_empty() || p.as_str() == "/") =>
-            {
-                target::parse_authority(a.as_str())
+    guards
+        .rates
+        .request(ip)
+        .and_then(|()| {
+            if req.method() == Method::CONNECT {
+                guards.rates.tunnel(ip)
+            } else {
+                Ok(())
             }
-            _ => target::parse_authority(&req.uri().to_string()),
-        }
-    } else {
-        target::parse_absolute(req.uri())
-    };
-    let target = match parsed {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::debug!(error = %e, client = %ctx.client, "bad request target");
-            return refuse(txn, Refusal::new(Reason::BadRequest), &settings);
-        }
-    };
+        })
+        .map_err(|l| Refusal::rate_limited(l.retry_after))?;
+    if let Some(auth) = &guards.auth {
+        let user = authenticate(auth, req).await.map_err(Refusal::new)?;
+        txn.rec().user = Some(user);
+    }
+    Ok(())
+}
+
+/// Parse the target and apply the policy: the target and the index of the
+/// matching rule, or the refusal.
+fn decide(
+    settings: &Settings,
+    guards: &Guards,
+    txn: &mut Txn,
+    req: &Request<Incoming>,
+) -> Result<(Target, Option<usize>), Refusal> {
+    let client = txn.rec().client;
+    let target = parse_target(req).map_err(|e| {
+        tracing::debug!(error = %e, %client, "bad request target");
+        Refusal::new(Reason::BadRequest)
+    })?;
     txn.set_target(&target);
-    let policy = Arc::clone(&settings.policy);
+    if req.method() != Method::CONNECT {
+        txn.rec().url = Some(truncate(http::forwarded_url(&target, req.uri()), 4096));
+    }
+    let policy = &settings.policy;
     let decision = policy.decide(&target, req.method());
     txn.set_rule(decision.rule.and_then(|i| policy.rule_name(i)));
     match decision.verdict {
         Verdict::Deny => {
             let reason = decision.reason.unwrap_or(Reason::NotInCatalog);
-            return refuse(txn, Refusal::new(reason), &settings);
+            return Err(Refusal::new(reason));
         }
         // Let through and recorded as `report`; like any clean success it
         // carries no reason (DESIGN.md), unless it ends abnormally.
@@ -679,15 +732,48 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<ProxyBody
         Verdict::Allow => txn.set_decision(Decided::Allow),
         Verdict::Bypass => txn.set_decision(Decided::Bypass),
     }
-    if let Some(Err(l)) = decision.rule.map(|i| guards.rates.rule(i)) {
-        return refuse(txn, Refusal::rate_limited(l.retry_after), &settings);
-    }
     let rule = decision.rule.and_then(|i| policy.rule(i));
-    if is_connect {
-        let index = decision.rule;
-        connect::tunnel(&ctx, &settings, &guards, txn, req, target, index).await
-    } else {
-        http::forward(&ctx, &settings, txn, req, target, rule).await
+    if rule.is_some_and(|r| body_refused(r, req)) {
+        // Before the rule's rate: a refused request takes no token.
+        return Err(Refusal::new(Reason::BodyNotAllowed));
+    }
+    if let Some(Err(l)) = decision.rule.map(|i| guards.rates.rule(i)) {
+        return Err(Refusal::rate_limited(l.retry_after));
+    }
+    Ok((target, decision.rule))
+}
+
+/// A body on a method the rule allows only without one (a `methods` rule's
+/// GET or HEAD): any `Transfer-Encoding`, or a `Content-Length` above 0.
+/// An update mirror allowed for downloads must not carry an upload.
+///
+/// Shared by every request path: plain HTTP here, inspected requests too.
+pub fn body_refused<B: hyper::body::Body>(rule: &crate::policy::Rule, req: &Request<B>) -> bool {
+    if rule.allows_body(req.method()) {
+        return false;
+    }
+    req.headers()
+        .contains_key(::http::header::TRANSFER_ENCODING)
+        || !req.body().is_end_stream()
+}
+
+/// The target of a CONNECT (authority-form) or of a plain request
+/// (absolute-form `http://`).
+fn parse_target(req: &Request<Incoming>) -> Result<Target, target::TargetError> {
+    let uri = req.uri();
+    if req.method() != Method::CONNECT {
+        return target::parse_absolute(uri);
+    }
+    if uri.scheme().is_some() {
+        // `CONNECT http://host:port/` is not authority-form.
+        return Err(target::TargetError::NotAuthority);
+    }
+    let bare = uri
+        .path_and_query()
+        .is_none_or(|p| p.as_str().is_empty() || p.as_str() == "/");
+    match uri.authority() {
+        Some(a) if bare => target::parse_authority(a.as_str()),
+        _ => target::parse_authority(&uri.to_string()),
     }
 }
 

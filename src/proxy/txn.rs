@@ -1,12 +1,19 @@
 //! One transaction's audit record from start to end. The record is sent
 //! exactly once: by [`Txn::finish`], or on drop (a client that vanished, or
 //! a task cut at shutdown).
+//!
+//! A transaction with a request body ends when both the transaction and
+//! the body going upstream have: `bytes_up` is read from the body's shared
+//! counter ([`UpCount`]) then, so whichever path ends the record (answer,
+//! refusal, client gone, upstream reset, time-out, shutdown) records what
+//! really went upstream, never a count taken before the body was done.
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
+use super::body::UpCount;
 use crate::audit::{AuditLog, Decided, Reason, Record};
 use crate::target::{Host, Target};
 
@@ -18,6 +25,25 @@ pub struct Txn {
     start: Instant,
     audit: AuditLog,
     hard: CancellationToken,
+    /// The request body's counter, once one is going upstream.
+    upload: Option<Arc<UpCount>>,
+}
+
+/// A record whose transaction has ended, ready to send once the request
+/// body (if any) is done too.
+pub struct Ended {
+    rec: Box<Record>,
+    start: Instant,
+    audit: AuditLog,
+}
+
+impl Ended {
+    /// Send the record with `bytes_up` more bytes sent upstream.
+    pub fn send(mut self, bytes_up: u64) {
+        self.rec.bytes_up += bytes_up;
+        self.rec.duration_ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.audit.send_boxed(self.rec);
+    }
 }
 
 impl Txn {
@@ -27,7 +53,14 @@ impl Txn {
             start: Instant::now(),
             audit,
             hard,
+            upload: None,
         }
+    }
+
+    /// Count the request body going upstream through `up` (see the module
+    /// docs): the record waits for that body to be done.
+    pub fn count_upload(&mut self, up: Arc<UpCount>) {
+        self.upload = Some(up);
     }
 
     pub fn id(&self) -> u64 {
@@ -104,9 +137,16 @@ impl Txn {
         }
     }
 
-    fn emit(&self, mut rec: Box<Record>) {
-        rec.duration_ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.audit.send_boxed(rec);
+    fn emit(&mut self, rec: Box<Record>) {
+        let ended = Ended {
+            rec,
+            start: self.start,
+            audit: self.audit.clone(),
+        };
+        match self.upload.take() {
+            Some(up) => up.end_txn(ended),
+            None => ended.send(0),
+        }
     }
 }
 

@@ -293,7 +293,7 @@ fn admit(cx: &Tunnel<'_>, req: &Request<Incoming>) -> Result<(), Refusal> {
         return Err(Refusal::new(d.reason.unwrap_or(Reason::DenyRule)));
     }
     let rule = d.rule.and_then(|i| t.policy.rule(i));
-    if rule.is_some_and(|r| !r.allows_body(req.method())) && !req.body().is_end_stream() {
+    if rule.is_some_and(|r| crate::proxy::body_refused(r, req)) {
         return Err(Refusal::new(Reason::BodyNotAllowed));
     }
     if let Some(i) = d.rule {

@@ -15,6 +15,7 @@ mod lenient_tls;
 mod limits;
 mod operator;
 mod proxy_protocol;
+mod records;
 mod refusals;
 mod reload;
 mod splice;

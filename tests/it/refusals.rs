@@ -32,7 +32,7 @@ fn repo_catalog(port: u16) -> String {
 }
 
 /// What a refusal must look like.
-struct Want {
+pub(crate) struct Want {
     status: u16,
     reason: Reason,
     decision: Decided,
@@ -41,7 +41,7 @@ struct Want {
 
 impl Want {
     /// A policy or client refusal: `deny`, no rule.
-    fn deny(status: u16, reason: Reason) -> Want {
+    pub(crate) fn deny(status: u16, reason: Reason) -> Want {
         Want {
             status,
             reason,
@@ -50,7 +50,7 @@ impl Want {
         }
     }
 
-    fn rule(mut self, rule: &'static str) -> Want {
+    pub(crate) fn rule(mut self, rule: &'static str) -> Want {
         self.rule = Some(rule);
         self
     }
@@ -71,7 +71,7 @@ fn body_id(body: &str) -> Option<String> {
 /// Assert a refusal made by the proxy (not by hyper's parser): status,
 /// reason header, `Connection: close`, body naming the reason and the
 /// record id, and that the record with that id is right and alone.
-async fn assert_refusal(proxy: &TestProxy, resp: &RawResponse, want: &Want) -> Record {
+pub(crate) async fn assert_refusal(proxy: &TestProxy, resp: &RawResponse, want: &Want) -> Record {
     let reason = want.reason.as_str();
     assert_eq!(
         resp.status,
