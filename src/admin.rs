@@ -3,8 +3,8 @@
 //! (`summary`, `denials`, `explain?target=`, and `suggest`, catalog TOML).
 //!
 //! Read-only: nothing here changes the proxy's behaviour. When
-//! `server.admin_token` is set, every path but `/healthz` needs
-//! `Authorization: Bearer <token>`. Every path but the probes (`/healthz`,
+//! `server.admin_token` is set, every path but the probes (`/healthz`,
+//! `/readyz`) needs `Authorization: Bearer <token>`. Every path but the probes (`/healthz`,
 //! `/readyz`) needs exactly one `Host` header, and without a token that
 //! header must be an IP literal or `localhost` (a DNS-rebinding guard:
 //! another site's page cannot read the metrics or the API through a name
@@ -111,17 +111,19 @@ fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
     }
+    // The probes answer a load balancer or an orchestrator, which reads
+    // nothing but the status: no token, no Host guard (DESIGN.md).
     if path == "/healthz" {
         return text(StatusCode::OK, "ok\n");
+    }
+    if path == "/readyz" {
+        return readiness(shared);
     }
     if !authorized(shared, &req) {
         let mut r = text(StatusCode::UNAUTHORIZED, "admin token required\n");
         r.headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return r;
-    }
-    if path == "/readyz" {
-        return readiness(shared);
     }
     if let Err(refusal) = host_guard(shared, &req) {
         return refusal.response();
@@ -142,7 +144,7 @@ fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
 /// for over a second (drain this replica before its audit queue fills and
 /// transactions start to wait; see `audit::UNHEALTHY_AFTER`).
 fn readiness(shared: &Shared) -> Response<Full<Bytes>> {
-    if shared.drain.graceful.is_cancelled() {
+    if shared.drain.leaving.is_cancelled() {
         text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
     } else if !shared.audit.healthy() {
         text(StatusCode::SERVICE_UNAVAILABLE, "audit writes failing\n")

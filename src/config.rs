@@ -78,6 +78,7 @@ struct RawServer {
     max_connections: u64,
     splice_pipes: Option<u64>,
     shutdown_grace: String,
+    shutdown_delay: String,
     proxy_protocol: bool,
     proxy_protocol_from: Vec<String>,
     via: bool,
@@ -94,6 +95,7 @@ impl Default for RawServer {
             max_connections: 0,
             splice_pipes: None,
             shutdown_grace: "30s".into(),
+            shutdown_delay: "0s".into(),
             proxy_protocol: false,
             proxy_protocol_from: Vec::new(),
             via: false,
@@ -298,6 +300,11 @@ pub struct ServerSettings {
     /// the file-descriptor limit at start, 0: never splice.
     pub splice_pipes: Option<usize>,
     pub shutdown_grace: Duration,
+    /// After SIGTERM, how long to keep accepting while `/readyz` answers
+    /// 503, so a load balancer takes the replica out of its pool before its
+    /// listener closes (a connection in a closed listener's backlog is
+    /// reset, and a TCP balancer cannot retry it). Then the grace begins.
+    pub shutdown_delay: Duration,
     pub proxy_protocol: bool,
     /// The peers (load balancers) trusted to send a PROXY header; required
     /// when `proxy_protocol` is on. Others are served as direct clients.
@@ -766,6 +773,7 @@ impl<'a> Validator<'a> {
                 .splice_pipes
                 .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
             shutdown_grace: self.duration("server.shutdown_grace", &raw.shutdown_grace),
+            shutdown_delay: self.duration("server.shutdown_delay", &raw.shutdown_delay),
             proxy_protocol: raw.proxy_protocol,
             proxy_protocol_from: self
                 .proxy_protocol_from(raw.proxy_protocol, &raw.proxy_protocol_from),

@@ -199,6 +199,12 @@ impl Proxy {
         };
         shutdown.await;
         sweeper.abort();
+        let delay = self.shared.settings.load().server.shutdown_delay;
+        if !delay.is_zero() {
+            tracing::info!(delay = ?delay, "shutting down: not ready, still accepting");
+            self.shared.drain.leaving.cancel();
+            tokio::time::sleep(delay).await;
+        }
         let grace = self.shared.settings.load().server.shutdown_grace;
         tracing::info!(grace = ?grace, "shutting down: no new connections");
         self.shared.drain.drain(grace).await;

@@ -1,7 +1,9 @@
-//! Drain: stop accepting, let in-flight work finish within the grace, then
-//! cut what is left. Two tokens: `graceful` (stop taking new requests;
-//! hyper connections finish their current one) and `hard` (the grace ran
-//! out: tunnels and streams close with reason `shutdown`).
+//! Drain: leave the load balancer's pool, stop accepting, let in-flight
+//! work finish within the grace, then cut what is left. Three tokens:
+//! `leaving` (`/readyz` answers 503; everything else goes on, for
+//! `server.shutdown_delay`), `graceful` (stop taking new requests; hyper
+//! connections finish their current one) and `hard` (the grace ran out:
+//! tunnels and streams close with reason `shutdown`).
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -10,6 +12,7 @@ use tokio_util::task::TaskTracker;
 /// Shared by the accept loop and every connection task.
 #[derive(Clone, Default)]
 pub struct Drain {
+    pub leaving: CancellationToken,
     pub graceful: CancellationToken,
     pub hard: CancellationToken,
     pub tracker: TaskTracker,
@@ -24,6 +27,7 @@ impl Drain {
     /// rest and wait for them to record and exit. Returns true when
     /// everything finished within the grace.
     pub async fn drain(&self, grace: Duration) -> bool {
+        self.leaving.cancel();
         self.graceful.cancel();
         self.tracker.close();
         let clean = tokio::time::timeout(grace, self.tracker.wait())

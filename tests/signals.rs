@@ -1061,3 +1061,285 @@ async fn memory_comes_back_after_a_storm_of_aborted_transactions() {
         "RSS stayed at {quiet} KiB after the storm (baseline {base} KiB, peak {peak} KiB)"
     );
 }
+
+// === SIGTERM with a shutdown delay, and scale-out behind HAProxy ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_shutdown_delay_is_not_ready_but_still_serves() {
+    let hello = hello_origin().await;
+    let cfg = config(&["hello.test"], "5s", false)
+        .replace("[server]\n", "[server]\nshutdown_delay = \"2s\"\n");
+    let mut p = Running::start(&cfg, &rule("Hello", "hello.test", hello)).await;
+    assert_eq!(p.admin_get("/readyz").await.0, 200);
+    p.signal("-TERM");
+    let deadline = Instant::now() + WAIT;
+    while p.admin_get("/readyz").await.0 != 503 {
+        assert!(Instant::now() < deadline, "/readyz never said 503");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Not ready, and still serving new connections until the delay ends.
+    assert_eq!(p.get("hello.test", hello).await, 200, "{}", p.stderr());
+    let status = p.wait_exit(WAIT).await.expect("exits after the delay");
+    assert_eq!(status.code(), Some(0), "{}", p.stderr());
+    assert!(
+        p.stderr().contains("not ready, still accepting"),
+        "{}",
+        p.stderr()
+    );
+}
+
+/// HAProxy from the `PATH` or /usr/sbin; `None` (a skip) outside CI.
+fn haproxy_bin() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|d| d.join("haproxy"))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "haproxy is not installed (.ci/run installs Debian's haproxy)"
+        );
+        eprintln!("SKIP: haproxy not installed");
+    }
+    found
+}
+
+/// A free loopback port: the replicas listen on fixed ports, so that a
+/// restarted one comes back where HAProxy expects it.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// One replica as the README's recipe has it: PROXY v2 from the balancer
+/// only, a shutdown delay above the balancer's check interval.
+fn replica_config(port: u16, admin: u16) -> String {
+    format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\nadmin_listen = \"127.0.0.1:{admin}\"\n\
+         shutdown_grace = \"5s\"\nshutdown_delay = \"1s\"\n\
+         proxy_protocol = true\nproxy_protocol_from = [\"127.0.0.1/32\"]\n\n\
+         [clients]\nallow = [\"127.0.0.0/8\"]\n\n\
+         [dns]\nstatic = {{ \"origin.test\" = [\"127.0.0.1\"] }}\nallow_private = [\"127.0.0.0/8\"]\n\n\
+         [policy]\ncatalog = \"catalog.toml\"\n\n[audit]\npath = \"audit.log\"\n"
+    )
+}
+
+/// HAProxy in TCP mode in front of two replicas, health-checking `/readyz`.
+struct Haproxy {
+    child: Child,
+    front: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Haproxy {
+    async fn start(bin: &PathBuf, replicas: [(u16, u16); 2]) -> Haproxy {
+        let front = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let [(p1, a1), (p2, a2)] = replicas;
+        let cfg = format!(
+            "global\n    maxconn 2000\n\
+             defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 30s\n    timeout server 30s\n    \
+             retries 3\n    option redispatch\n\
+             frontend egress\n    bind {front}\n    default_backend proxies\n\
+             backend proxies\n    balance roundrobin\n    option httpchk\n    \
+             http-check send meth GET uri /readyz ver HTTP/1.1 hdr Host localhost\n    \
+             http-check expect status 200\n    \
+             default-server inter 100ms fall 1 rise 1 send-proxy-v2\n    \
+             server p1 127.0.0.1:{p1} check port {a1}\n    server p2 127.0.0.1:{p2} check port {a2}\n"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("haproxy.cfg");
+        std::fs::write(&path, cfg).expect("write haproxy.cfg");
+        let child = Command::new(bin)
+            .arg("-db")
+            .arg("-f")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start haproxy");
+        let h = Haproxy {
+            child,
+            front,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + WAIT;
+        while TcpStream::connect(front).await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "haproxy did not listen on {front}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        h
+    }
+}
+
+/// A gateway on 127.0.0.2 (not HAProxy's 127.0.0.1) sending request `n`
+/// through the balancer; Ok on a 200.
+async fn gateway_get(front: SocketAddr, origin: u16, n: usize) -> Result<(), String> {
+    let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 2], 0)))
+        .map_err(|e| e.to_string())?;
+    let mut s = socket
+        .connect(front)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let req = format!(
+        "GET http://origin.test:{origin}/t/{n} HTTP/1.1\r\nHost: origin.test:{origin}\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes())
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .map_err(|_| "no answer".to_string())?
+        .map_err(|e| format!("read: {e}"))?;
+    if out.starts_with(b"HTTP/1.1 200") {
+        Ok(())
+    } else {
+        Err(format!(
+            "answer: {:?}",
+            String::from_utf8_lossy(&out[..out.len().min(200)])
+        ))
+    }
+}
+
+/// A request the load sent, and how it ended.
+type Sent = (usize, Result<(), String>);
+
+/// Gateways sending requests through the balancer until `stop`.
+fn start_load(
+    front: SocketAddr,
+    origin: u16,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Vec<Sent>>> {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    (0..4)
+        .map(|_| {
+            let (stop, next) = (Arc::clone(&stop), Arc::clone(&next));
+            tokio::spawn(async move {
+                let mut done = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    done.push((n, gateway_get(front, origin, n).await));
+                }
+                done
+            })
+        })
+        .collect()
+}
+
+/// SIGTERM a replica, let it drain and exit, start it again on its ports.
+async fn roll(old: &mut Running, config: &str, catalog: &str) -> Running {
+    old.signal("-TERM");
+    let status = old.wait_exit(WAIT).await.expect("the replica exits");
+    assert_eq!(status.code(), Some(0), "{}", old.stderr());
+    let new = Running::start(config, catalog).await;
+    // Back in the pool after a check or two.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    new
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_behind_haproxy_loses_and_repeats_nothing() {
+    let Some(bin) = haproxy_bin() else {
+        return;
+    };
+    let origin = hello_origin().await;
+    let catalog = rule("Origin", "origin.test", origin);
+    let ports = [(free_port(), free_port()), (free_port(), free_port())];
+    let configs = ports.map(|(p, a)| replica_config(p, a));
+    let mut first = Running::start(&configs[0], &catalog).await;
+    let mut second = Running::start(&configs[1], &catalog).await;
+    let lb = Haproxy::start(&bin, ports).await;
+    let deadline = Instant::now() + WAIT;
+    while gateway_get(lb.front, origin, usize::MAX).await.is_err() {
+        assert!(Instant::now() < deadline, "nothing through haproxy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = start_load(lb.front, origin, Arc::clone(&stop));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut first_again = roll(&mut first, &configs[0], &catalog).await;
+    let mut second_again = roll(&mut second, &configs[1], &catalog).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut sent = Vec::new();
+    for worker in load {
+        sent.extend(worker.await.expect("load worker"));
+    }
+    for r in [&mut first_again, &mut second_again] {
+        r.signal("-TERM");
+        r.wait_exit(WAIT).await.expect("the replica exits");
+    }
+
+    let failed: Vec<_> = sent.iter().filter(|(_, r)| r.is_err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:?}",
+        failed.len(),
+        sent.len()
+    );
+    // Every transaction exactly once in the union of the replicas' records,
+    // with the gateway's address as the client.
+    let mut seen = std::collections::BTreeMap::new();
+    let mut per_replica = Vec::new();
+    for r in [&first, &second, &first_again, &second_again] {
+        let records = r.audit("audit.log");
+        per_replica.push(records.len());
+        for rec in records {
+            let url = rec["url"].as_str().unwrap_or_default().to_string();
+            let Some(n) = url
+                .rsplit_once("/t/")
+                .and_then(|(_, n)| n.parse::<usize>().ok())
+            else {
+                continue;
+            };
+            assert!(
+                rec["client"]
+                    .as_str()
+                    .is_some_and(|c| c.starts_with("127.0.0.2:")),
+                "recorded as HAProxy, not the gateway: {rec}"
+            );
+            *seen.entry(n).or_insert(0) += 1;
+        }
+    }
+    // The request that waited for HAProxy to see the replicas up.
+    seen.remove(&usize::MAX);
+    assert!(
+        sent.len() > 100,
+        "too little load to mean anything: {}",
+        sent.len()
+    );
+    assert!(
+        per_replica.iter().all(|&n| n > 0),
+        "every replica took part: {per_replica:?}"
+    );
+    for (n, _) in &sent {
+        assert_eq!(
+            seen.get(n),
+            Some(&1),
+            "transaction {n}: records {:?}",
+            seen.get(n)
+        );
+    }
+    assert_eq!(
+        seen.len(),
+        sent.len(),
+        "records for transactions never sent"
+    );
+}

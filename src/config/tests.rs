@@ -724,6 +724,7 @@ fn an_empty_config_file_gets_the_defaults() {
         Some("127.0.0.1:9090".parse().unwrap())
     );
     assert_eq!(s.server.shutdown_grace, Duration::from_secs(30));
+    assert_eq!(s.server.shutdown_delay, Duration::ZERO);
     assert_eq!(s.server.splice_pipes, None, "derived at start");
     assert_eq!(s.clients.len(), 2);
     assert_eq!(s.limits.header_read_timeout, Duration::from_secs(10));
