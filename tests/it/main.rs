@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod abuse;
 mod admin;
+mod attacks;
 mod audit_faults;
 mod auth;
 mod catalog_seed;
