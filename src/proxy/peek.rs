@@ -157,6 +157,85 @@ pub fn peek(buf: &[u8]) -> Peek {
     }
 }
 
+/// What the upstream's first TLS record says about the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerFirst {
+    /// Not enough bytes yet to tell.
+    NeedMore,
+    /// A HelloRetryRequest: the client will send a second ClientHello,
+    /// which must be judged like the first.
+    HelloRetry,
+    /// Anything else (a ServerHello, an alert, not TLS): the client's next
+    /// bytes are no hello.
+    Other,
+}
+
+/// The `random` of a ServerHello that makes it a HelloRetryRequest
+/// (RFC 8446 section 4.1.3: SHA-256 of "HelloRetryRequest").
+pub const HELLO_RETRY_RANDOM: [u8; 32] = [
+    0xcf, 0x21, 0xad, 0x74, 0xe5, 0x9a, 0x61, 0x11, 0xbe, 0x1d, 0x8c, 0x02, 0x1e, 0x65, 0xb8, 0x91,
+    0xc2, 0xa2, 0x11, 0x16, 0x7a, 0xbb, 0x8c, 0x5e, 0x07, 0x9e, 0x09, 0xe2, 0xc8, 0xa8, 0x33, 0x9c,
+];
+
+/// Bytes of the upstream's first record [`server_first`] needs: the record
+/// header, the handshake header, `legacy_version` and `random`.
+pub const SERVER_FIRST_BYTES: usize = RECORD_HEADER_LEN + HANDSHAKE_HEADER_LEN + 2 + 32;
+
+const HANDSHAKE_SERVER_HELLO: u8 = 2;
+
+/// Judge the upstream's first bytes: is it asking for a second ClientHello?
+///
+/// A server's first record that is a handshake record too short to carry a
+/// ServerHello's `random` is judged a HelloRetryRequest (fail closed: the
+/// client's next bytes are then checked as a hello).
+pub fn server_first(buf: &[u8]) -> ServerFirst {
+    match buf {
+        [] => ServerFirst::NeedMore,
+        [first, ..] if *first != CONTENT_TYPE_HANDSHAKE => ServerFirst::Other,
+        [_, _, _, hi, lo, ..]
+            if usize::from(u16::from_be_bytes([*hi, *lo]))
+                < SERVER_FIRST_BYTES - RECORD_HEADER_LEN =>
+        {
+            ServerFirst::HelloRetry
+        }
+        [_, _, _, _, _, typ, ..] if *typ != HANDSHAKE_SERVER_HELLO => ServerFirst::Other,
+        _ => match buf.get(SERVER_FIRST_BYTES - 32..SERVER_FIRST_BYTES) {
+            None => ServerFirst::NeedMore,
+            Some(random) if random == HELLO_RETRY_RANDOM => ServerFirst::HelloRetry,
+            Some(_) => ServerFirst::Other,
+        },
+    }
+}
+
+/// A ChangeCipherSpec record as a TLS 1.3 client in middlebox
+/// compatibility mode sends it before its second ClientHello.
+const CHANGE_CIPHER_SPEC: [u8; 6] = [0x14, 0x03, 0x03, 0x00, 0x01, 0x01];
+
+/// Classify the client's bytes after a HelloRetryRequest: leading
+/// ChangeCipherSpec records (exactly as RFC 8446 appendix D.4 has them) are
+/// skipped, then the rest must be a ClientHello as [`peek`] judges one; bytes
+/// that are not TLS are [`Peek::Malformed`] here.
+pub fn peek_retry(buf: &[u8]) -> Peek {
+    let mut rest = buf;
+    while let Some(&first) = rest.first() {
+        if first != CHANGE_CIPHER_SPEC[0] {
+            break;
+        }
+        let n = rest.len().min(CHANGE_CIPHER_SPEC.len());
+        if rest.get(..n) != CHANGE_CIPHER_SPEC.get(..n) {
+            return Peek::Malformed("bad ChangeCipherSpec before the second ClientHello");
+        }
+        if n < CHANGE_CIPHER_SPEC.len() {
+            return Peek::NeedMore;
+        }
+        rest = rest.get(n..).unwrap_or_default();
+    }
+    match peek(rest) {
+        Peek::NotTls => Peek::Malformed("no second ClientHello after a HelloRetryRequest"),
+        other => other,
+    }
+}
+
 /// A first byte with the high bit set: an SSLv2 record header (two-byte
 /// length) carrying CLIENT-HELLO when its third byte is 1, which OpenSSL
 /// still negotiates TLS from. It carries no extensions, so no SNI to check:

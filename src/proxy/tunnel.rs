@@ -162,8 +162,16 @@ pub async fn run(
     let ended = {
         let (mut cr, mut cw) = client.split();
         let (mut ur, mut uw) = upstream.split();
+        // Only a checked tunnel watches the upstream's first record.
+        let (retry_tx, retry_rx) = match &check {
+            Some(_) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
         let up_fut = async {
-            let held = match &check {
+            let (held, hello) = match &check {
                 Some(c) => {
                     if early.is_empty() {
                         // Nothing is held (or allocated) while the client is
@@ -173,14 +181,15 @@ pub async fn run(
                     // Boxed: the gate's state is freed once the hello is judged.
                     Box::pin(gate(&cr, early, c, &seen)).await?
                 }
-                None => early.to_vec(),
+                None => (early.to_vec(), false),
             };
-            if !held.is_empty() {
-                uw.write_all(&held).await.map_err(|_| End::Upstream)?;
-                up.fetch_add(held.len() as u64, Ordering::Relaxed);
-                touch(&last, base);
+            forward_held(&mut uw, held, &up, &last, base).await?;
+            if let (true, Some(c), Some(rx)) = (hello, &check, retry_rx) {
+                // A HelloRetryRequest makes the client send a second hello,
+                // which a lenient server (OpenSSL) takes the name from.
+                let second = Box::pin(gate_retry(&cr, rx, c, &seen)).await?;
+                forward_held(&mut uw, second, &up, &last, base).await?;
             }
-            drop(held);
             relay(
                 Dir {
                     from: &mut cr,
@@ -195,8 +204,8 @@ pub async fn run(
             )
             .await
         };
-        let down_fut = relay(
-            Dir {
+        let down_fut = async {
+            let mut dir = Dir {
                 from: &mut ur,
                 from_side: Side::Upstream,
                 to: &mut cw,
@@ -204,9 +213,13 @@ pub async fn run(
                 count: &down,
                 last: &last,
                 base,
-            },
-            splicer,
-        );
+            };
+            if let Some(tx) = retry_tx {
+                // Boxed, like the gate: nothing of it stays for an idle tunnel.
+                Box::pin(watch_first(&mut dir, tx)).await?;
+            }
+            relay(dir, splicer).await
+        };
         tokio::pin!(up_fut, down_fut);
 
         let timer = tokio::time::sleep(idle);
@@ -272,28 +285,79 @@ fn touch(last: &AtomicU64, base: Instant) {
 }
 
 /// Hold the client's first bytes until the ClientHello is judged. Returns
-/// the bytes to replay upstream.
+/// the bytes to replay upstream, and whether they were a TLS hello.
 async fn gate(
     client: &ReadHalf<'_>,
     early: Bytes,
     check: &Check,
     seen: &Mutex<(Option<String>, bool)>,
-) -> Result<Vec<u8>, End> {
+) -> Result<(Vec<u8>, bool), End> {
     let mut buf = early.to_vec();
     if buf.is_empty() {
         // A client that sends nothing: nothing is forwarded until it does;
         // the idle time-out governs how long it may wait.
         read_more(client, &mut buf).await?;
         if buf.is_empty() {
-            return Ok(buf);
+            return Ok((buf, false));
         }
     }
-    let judged = tokio::time::timeout(check.hello_timeout, async {
+    let judged = judge(client, &mut buf, check.hello_timeout, peek::peek).await?;
+    let hello = matches!(judged, Peek::Hello(_));
+    verdict(judged, check, seen)?;
+    Ok((buf, hello))
+}
+
+/// After the first hello: wait for the upstream's first record (watched by
+/// [`watch_first`]); when it is a HelloRetryRequest, hold the client's
+/// second hello until it is judged like the first, naming the same host.
+/// Returns the bytes to replay (none when there is no retry).
+async fn gate_retry(
+    client: &ReadHalf<'_>,
+    retry: tokio::sync::oneshot::Receiver<bool>,
+    check: &Check,
+    seen: &Mutex<(Option<String>, bool)>,
+) -> Result<Vec<u8>, End> {
+    let first = seen.lock().map(|s| s.0.clone()).unwrap_or_default();
+    // The upstream answers a hello at once; one that does not within the
+    // hello time-out leaves the tunnel refused rather than unwatched.
+    match tokio::time::timeout(check.hello_timeout, retry).await {
+        Err(_) => return Err(End::Denied(Reason::Timeout, None)),
+        // No retry, or the upstream ended first (the relay sees that too).
+        Ok(Ok(false) | Err(_)) => return Ok(Vec::new()),
+        Ok(Ok(true)) => {}
+    }
+    let mut buf = Vec::new();
+    read_more(client, &mut buf).await?;
+    if buf.is_empty() {
+        return Ok(buf);
+    }
+    let judged = judge(client, &mut buf, check.hello_timeout, peek::peek_retry).await?;
+    if let Peek::Hello(info) = &judged {
+        if info.sni != first {
+            // RFC 8446 4.1.2: the second hello repeats the first's name.
+            return Err(End::Denied(
+                Reason::SniMismatch,
+                Some(peek::ALERT_UNRECOGNIZED_NAME),
+            ));
+        }
+    }
+    verdict(judged, check, seen)?;
+    Ok(buf)
+}
+
+/// Read into `buf` until `classify` decides (bounded by `timeout`).
+async fn judge(
+    client: &ReadHalf<'_>,
+    buf: &mut Vec<u8>,
+    timeout: Duration,
+    classify: fn(&[u8]) -> Peek,
+) -> Result<Peek, End> {
+    tokio::time::timeout(timeout, async {
         loop {
-            match peek::peek(&buf) {
+            match classify(buf) {
                 Peek::NeedMore => {
                     let before = buf.len();
-                    read_more(client, &mut buf).await?;
+                    read_more(client, buf).await?;
                     if buf.len() == before {
                         // EOF inside a ClientHello: nothing worth replaying.
                         return Err(End::Client);
@@ -304,9 +368,60 @@ async fn gate(
         }
     })
     .await
-    .map_err(|_| End::Denied(Reason::Timeout, None))??;
-    verdict(judged, check, seen)?;
-    Ok(buf)
+    .map_err(|_| End::Denied(Reason::Timeout, None))?
+}
+
+/// Replay held client bytes upstream, counted.
+async fn forward_held(
+    to: &mut WriteHalf<'_>,
+    held: Vec<u8>,
+    up: &AtomicU64,
+    last: &AtomicU64,
+    base: Instant,
+) -> Result<(), End> {
+    if !held.is_empty() {
+        to.write_all(&held).await.map_err(|_| End::Upstream)?;
+        up.fetch_add(held.len() as u64, Ordering::Relaxed);
+        touch(last, base);
+    }
+    Ok(())
+}
+
+/// Pass the upstream's first bytes to the client as they come (nothing is
+/// held back), and say whether its first record is a HelloRetryRequest.
+/// Keeps at most [`peek::SERVER_FIRST_BYTES`] of it.
+async fn watch_first(
+    dir: &mut Dir<'_, '_>,
+    retry: tokio::sync::oneshot::Sender<bool>,
+) -> Result<(), End> {
+    let mut first = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        dir.from.readable().await.map_err(|_| dir.from_side.end())?;
+        let n = match dir.from.try_read(&mut buf) {
+            // EOF: the relay reads it again and half-closes.
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(_) => return Err(dir.from_side.end()),
+        };
+        let read = buf.get(..n).unwrap_or_default();
+        dir.to
+            .write_all(read)
+            .await
+            .map_err(|_| dir.to_side.end())?;
+        dir.moved(n);
+        let want = peek::SERVER_FIRST_BYTES.saturating_sub(first.len());
+        first.extend_from_slice(read.get(..want.min(n)).unwrap_or_default());
+        let is_retry = match peek::server_first(&first) {
+            peek::ServerFirst::NeedMore => continue,
+            peek::ServerFirst::HelloRetry => true,
+            peek::ServerFirst::Other => false,
+        };
+        // The client side may have stopped waiting (not a hello): no matter.
+        let _ = retry.send(is_retry);
+        return Ok(());
+    }
 }
 
 fn verdict(judged: Peek, check: &Check, seen: &Mutex<(Option<String>, bool)>) -> Result<(), End> {

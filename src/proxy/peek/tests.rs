@@ -791,3 +791,78 @@ proptest! {
         prop_assert_eq!(peek(&bytes[..len - 1]), Peek::NeedMore);
     }
 }
+
+// ---------------------------------------------------------------- after a HelloRetryRequest
+
+/// A server's first record: a ServerHello with `random`.
+fn server_hello(random: &[u8; 32]) -> Vec<u8> {
+    let mut body = vec![0x03, 0x03];
+    body.extend_from_slice(random);
+    body.extend_from_slice(&[0, 0x13, 0x01, 0x00, 0x00, 0x00]);
+    let mut message = vec![2, 0, 0, u8::try_from(body.len()).unwrap()];
+    message.extend_from_slice(&body);
+    frame_one(&message)
+}
+
+#[test]
+fn a_hello_retry_request_is_told_from_a_server_hello() {
+    let hrr = server_hello(&HELLO_RETRY_RANDOM);
+    assert_eq!(server_first(&hrr), ServerFirst::HelloRetry);
+    assert_eq!(server_first(&server_hello(&[7; 32])), ServerFirst::Other);
+    // Decided only once the random is there, and the same from then on.
+    for n in 0..SERVER_FIRST_BYTES {
+        assert_eq!(server_first(&hrr[..n]), ServerFirst::NeedMore, "{n} bytes");
+    }
+    assert_eq!(
+        server_first(&hrr[..SERVER_FIRST_BYTES]),
+        ServerFirst::HelloRetry
+    );
+    // An alert, or bytes that are not TLS, ask for no second hello.
+    assert_eq!(
+        server_first(&tls_alert(ALERT_HANDSHAKE_FAILURE)),
+        ServerFirst::Other
+    );
+    assert_eq!(server_first(b"SSH-2.0-x\r\n"), ServerFirst::Other);
+    // Another handshake message first.
+    let mut other = server_hello(&HELLO_RETRY_RANDOM);
+    other[5] = 11;
+    assert_eq!(server_first(&other), ServerFirst::Other);
+    // A first handshake record too short to carry a random: fail closed.
+    assert_eq!(
+        server_first(&[0x16, 0x03, 0x03, 0x00, 0x04, 2, 0, 0, 0]),
+        ServerFirst::HelloRetry
+    );
+}
+
+#[test]
+fn the_retried_hello_is_judged_like_the_first() {
+    let hello = rustls_hello(HOST);
+    assert_eq!(peek_retry(&hello), peek(&hello));
+    // After the middlebox-compatibility ChangeCipherSpec records.
+    let mut bytes = CHANGE_CIPHER_SPEC.to_vec();
+    bytes.extend_from_slice(&hello);
+    assert_eq!(peek_retry(&bytes), hello_peek_of(HOST));
+    for n in 0..CHANGE_CIPHER_SPEC.len() + 5 {
+        assert_eq!(peek_retry(&bytes[..n]), Peek::NeedMore, "{n} bytes");
+    }
+    // Anything but a hello there is refused: not TLS, a bad CCS, other records.
+    assert_malformed_retry(b"GET / HTTP/1.1\r\n");
+    assert_malformed_retry(&[0x14, 0x03, 0x03, 0x00, 0x01, 0x02]);
+    assert_malformed_retry(&[0x17, 0x03, 0x03, 0x00, 0x01, 0x00]);
+    let mut ccs_then_data = CHANGE_CIPHER_SPEC.to_vec();
+    ccs_then_data.extend_from_slice(&[0x17, 0x03, 0x03, 0x00, 0x01, 0x00]);
+    assert_malformed_retry(&ccs_then_data);
+}
+
+fn hello_peek_of(name: &str) -> Peek {
+    hello(Some(name), false)
+}
+
+fn assert_malformed_retry(bytes: &[u8]) {
+    assert!(
+        matches!(peek_retry(bytes), Peek::Malformed(_)),
+        "{:?} for {:02x?}",
+        peek_retry(bytes),
+        bytes
+    );
+}
