@@ -157,6 +157,23 @@ pub fn peek(buf: &[u8]) -> Peek {
     }
 }
 
+/// Where the records that carry the ClientHello end in `buf`, once
+/// [`peek`] has judged it a [`Peek::Hello`]. Bytes past it belong to what
+/// comes after the hello (a second hello, early data) and are judged, if at
+/// all, only once the upstream has answered.
+pub fn hello_end(buf: &[u8]) -> Option<usize> {
+    let buf = buf.get(..buf.len().min(MAX_HELLO_BYTES))?;
+    let Scan::Complete { records } = scan_records(buf) else {
+        return None;
+    };
+    let mut end = 0usize;
+    for _ in 0..records {
+        let (&hi, &lo) = (buf.get(end + 3)?, buf.get(end + 4)?);
+        end += RECORD_HEADER_LEN + usize::from(u16::from_be_bytes([hi, lo]));
+    }
+    Some(end)
+}
+
 /// What the upstream's first TLS record says about the handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ServerFirst {

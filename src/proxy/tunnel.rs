@@ -171,7 +171,7 @@ pub async fn run(
             None => (None, None),
         };
         let up_fut = async {
-            let (held, hello) = match &check {
+            let (held, after, hello) = match &check {
                 Some(c) => {
                     if early.is_empty() {
                         // Nothing is held (or allocated) while the client is
@@ -181,15 +181,17 @@ pub async fn run(
                     // Boxed: the gate's state is freed once the hello is judged.
                     Box::pin(gate(&cr, early, c, &seen)).await?
                 }
-                None => (early.to_vec(), false),
+                None => (early.to_vec(), Vec::new(), false),
             };
             forward_held(&mut uw, held, &up, &last, base).await?;
-            if let (true, Some(c), Some(rx)) = (hello, &check, retry_rx) {
+            let after = match (hello, &check, retry_rx) {
                 // A HelloRetryRequest makes the client send a second hello,
-                // which a lenient server (OpenSSL) takes the name from.
-                let second = Box::pin(gate_retry(&cr, rx, c, &seen)).await?;
-                forward_held(&mut uw, second, &up, &last, base).await?;
-            }
+                // which a lenient server (OpenSSL) takes the name from; what
+                // came after the first hello waits for the upstream's answer.
+                (true, Some(c), Some(rx)) => Box::pin(gate_retry(&cr, rx, c, &seen, after)).await?,
+                _ => after,
+            };
+            forward_held(&mut uw, after, &up, &last, base).await?;
             relay(
                 Dir {
                     from: &mut cr,
@@ -285,37 +287,45 @@ fn touch(last: &AtomicU64, base: Instant) {
 }
 
 /// Hold the client's first bytes until the ClientHello is judged. Returns
-/// the bytes to replay upstream, and whether they were a TLS hello.
+/// the bytes to replay upstream now, the bytes read past the hello (held
+/// until the upstream has answered: they may be a second hello), and
+/// whether the first bytes were a TLS hello.
 async fn gate(
     client: &ReadHalf<'_>,
     early: Bytes,
     check: &Check,
     seen: &Mutex<(Option<String>, bool)>,
-) -> Result<(Vec<u8>, bool), End> {
+) -> Result<(Vec<u8>, Vec<u8>, bool), End> {
     let mut buf = early.to_vec();
     if buf.is_empty() {
         // A client that sends nothing: nothing is forwarded until it does;
         // the idle time-out governs how long it may wait.
         read_more(client, &mut buf).await?;
         if buf.is_empty() {
-            return Ok((buf, false));
+            return Ok((buf, Vec::new(), false));
         }
     }
     let judged = judge(client, &mut buf, check.hello_timeout, peek::peek).await?;
     let hello = matches!(judged, Peek::Hello(_));
     verdict(judged, check, seen)?;
-    Ok((buf, hello))
+    let after = match peek::hello_end(&buf) {
+        Some(end) if hello => buf.split_off(end.min(buf.len())),
+        _ => Vec::new(),
+    };
+    Ok((buf, after, hello))
 }
 
 /// After the first hello: wait for the upstream's first record (watched by
 /// [`watch_first`]); when it is a HelloRetryRequest, hold the client's
 /// second hello until it is judged like the first, naming the same host.
-/// Returns the bytes to replay (none when there is no retry).
+/// `buf` holds what the client sent past the first hello. Returns the bytes
+/// to replay.
 async fn gate_retry(
     client: &ReadHalf<'_>,
     retry: tokio::sync::oneshot::Receiver<bool>,
     check: &Check,
     seen: &Mutex<(Option<String>, bool)>,
+    mut buf: Vec<u8>,
 ) -> Result<Vec<u8>, End> {
     let first = seen.lock().map(|s| s.0.clone()).unwrap_or_default();
     // The upstream answers a hello at once; one that does not within the
@@ -323,13 +333,14 @@ async fn gate_retry(
     match tokio::time::timeout(check.hello_timeout, retry).await {
         Err(_) => return Err(End::Denied(Reason::Timeout, None)),
         // No retry, or the upstream ended first (the relay sees that too).
-        Ok(Ok(false) | Err(_)) => return Ok(Vec::new()),
+        Ok(Ok(false) | Err(_)) => return Ok(buf),
         Ok(Ok(true)) => {}
     }
-    let mut buf = Vec::new();
-    read_more(client, &mut buf).await?;
     if buf.is_empty() {
-        return Ok(buf);
+        read_more(client, &mut buf).await?;
+        if buf.is_empty() {
+            return Ok(buf);
+        }
     }
     let judged = judge(client, &mut buf, check.hello_timeout, peek::peek_retry).await?;
     if let Peek::Hello(info) = &judged {

@@ -264,6 +264,59 @@ async fn a_second_hello_after_hello_retry_is_checked_too() {
     assert_eq!(r.reason, Some(Reason::SniMismatch), "{r:#?}");
 }
 
+/// The retry dance with the second hello sent at once behind the first, in
+/// one write, before any HelloRetryRequest exists: what the proxy holds
+/// past the first hello must wait for the upstream's answer too.
+async fn pipelined_retry(s: &mut TcpStream, first: &str, second: &str) -> Vec<u8> {
+    let random = [7u8; 32];
+    let session_id = [9u8; 32];
+    let mut flight = tls13_hello(first, false, &random, &session_id);
+    flight.extend_from_slice(&[0x14, 0x03, 0x03, 0x00, 0x01, 0x01]);
+    flight.extend(tls13_hello(second, true, &random, &session_id));
+    s.write_all(&flight).await.unwrap();
+    read_for(s, Duration::from_millis(1500)).await
+}
+
+#[tokio::test]
+async fn a_second_hello_pipelined_behind_the_first_is_checked_too() {
+    let Some(origin) = OpensslOrigin::start() else {
+        return;
+    };
+    let proxy = bypass_proxy(origin.port).await;
+    let mut s = open_tunnel(proxy.addr, &format!("{ALLOWED}:{}", origin.port)).await;
+    let answer = pipelined_retry(&mut s, ALLOWED, EVIL).await;
+    drop(s);
+    let r = proxy.only_record().await;
+    assert!(
+        !origin.switched() && !origin.names_seen().iter().any(|n| n == EVIL),
+        "the origin took the pipelined hello for {EVIL}: {:?}; answer {:02x?}; {r:#?}",
+        origin.names_seen(),
+        &answer[..answer.len().min(16)]
+    );
+    assert_eq!(r.decision, Decided::Deny, "{r:#?}");
+    assert_eq!(r.reason, Some(Reason::SniMismatch), "{r:#?}");
+}
+
+#[tokio::test]
+async fn a_pipelined_retry_naming_the_same_host_goes_through() {
+    let Some(origin) = OpensslOrigin::start() else {
+        return;
+    };
+    let proxy = bypass_proxy(origin.port).await;
+    let mut s = open_tunnel(proxy.addr, &format!("{ALLOWED}:{}", origin.port)).await;
+    let answer = pipelined_retry(&mut s, ALLOWED, ALLOWED).await;
+    assert!(is_hrr(&answer), "{:02x?}", &answer[..answer.len().min(16)]);
+    assert!(
+        answer.windows(2).any(|w| w == [0x16, 0x03]) && answer.len() > 100,
+        "HelloRetryRequest then ServerHello: {} bytes",
+        answer.len()
+    );
+    assert_eq!(origin.names_seen(), [ALLOWED, ALLOWED]);
+    drop(s);
+    let r = proxy.only_record().await;
+    assert_eq!(r.decision, Decided::Bypass, "{r:#?}");
+}
+
 /// The same retried hello naming the same host still goes through (a fix
 /// must not break HelloRetryRequest).
 #[tokio::test]

@@ -866,3 +866,16 @@ fn assert_malformed_retry(bytes: &[u8]) {
         bytes
     );
 }
+
+#[test]
+fn the_hello_ends_where_its_records_end() {
+    let message = handshake_message(real_hello());
+    let framed = frame(&message, &[100, 50, 5000]);
+    let mut bytes = framed.clone();
+    bytes.extend_from_slice(&CHANGE_CIPHER_SPEC);
+    bytes.extend_from_slice(real_hello());
+    assert_eq!(hello_end(&bytes), Some(framed.len()));
+    assert_eq!(hello_end(&framed), Some(framed.len()));
+    assert_eq!(hello_end(&framed[..framed.len() - 1]), None);
+    assert_eq!(hello_end(b"GET / HTTP/1.1\r\n"), None);
+}
