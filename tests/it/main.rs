@@ -18,6 +18,7 @@ mod proxy_protocol;
 mod records;
 mod refusals;
 mod reload;
+mod schema;
 mod splice;
 mod status;
 mod support;
