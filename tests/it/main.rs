@@ -8,6 +8,7 @@ mod auth;
 mod catalog_seed;
 mod cli;
 mod connect;
+mod docs;
 mod http_forward;
 mod inspect;
 mod inspect_wall;
