@@ -939,7 +939,7 @@ fn systemd_analyze_accepts_the_unit() {
     )
     .expect("config/egress-proxy.service");
     for key in [
-        "ExecStart=/usr/local/bin/egress-proxy run --config /etc/egress-proxy/egress-proxy.toml",
+        "ExecStart=/usr/bin/egress-proxy run --config /etc/egress-proxy/egress-proxy.toml",
         "ExecReload=/bin/kill -HUP $MAINPID",
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
@@ -956,7 +956,7 @@ fn systemd_analyze_accepts_the_unit() {
     let bin = dir.path().join("egress-proxy");
     std::fs::copy(BIN, &bin).expect("copy the binary");
     let path = dir.path().join("egress-proxy.service");
-    let unit = unit.replace("/usr/local/bin/egress-proxy", bin.to_str().expect("utf-8"));
+    let unit = unit.replace("/usr/bin/egress-proxy", bin.to_str().expect("utf-8"));
     std::fs::write(&path, unit).expect("write unit");
     let out = Command::new("systemd-analyze")
         .arg("verify")
@@ -973,6 +973,57 @@ fn systemd_analyze_accepts_the_unit() {
     assert!(
         out.status.success() && complaints.is_empty(),
         "systemd-analyze verify:\n{stderr}"
+    );
+}
+
+/// The key lines of a TOML file: no comments, no blank lines.
+fn key_lines(text: &str) -> Vec<&str> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect()
+}
+
+#[test]
+fn the_packaged_config_is_the_shipped_one_but_for_the_audit_file() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let shipped = std::fs::read_to_string(root.join("config/egress-proxy.toml")).expect("shipped");
+    let packaged = std::fs::read_to_string(root.join("config/packaged/egress-proxy.toml"))
+        .expect("config/packaged/egress-proxy.toml");
+    let want: Vec<String> = key_lines(&shipped)
+        .into_iter()
+        .map(|l| {
+            if l == "path = \"-\"" {
+                "path = \"/var/log/egress-proxy/audit.log\"".to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    assert_eq!(
+        key_lines(&packaged),
+        want,
+        "config/packaged/egress-proxy.toml must set what config/egress-proxy.toml sets, \
+         except [audit] path (a file, not the journal)"
+    );
+    // It loads as /etc/egress-proxy would hold it: next to the vendor catalog.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("egress-proxy.toml");
+    std::fs::write(&cfg, &packaged).expect("config");
+    std::fs::copy(
+        root.join("config/catalog.toml"),
+        dir.path().join("catalog.toml"),
+    )
+    .expect("catalog");
+    let s = egress_proxy::config::Settings::load(Some(&cfg), Vec::new())
+        .unwrap_or_else(|e| panic!("the packaged config must load:\n{e}"));
+    assert_eq!(
+        s.audit.path,
+        AuditPath::File("/var/log/egress-proxy/audit.log".into())
+    );
+    assert_eq!(
+        s.policy_settings.catalog.as_deref(),
+        Some(dir.path().join("catalog.toml").as_path())
     );
 }
 
