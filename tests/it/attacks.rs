@@ -876,3 +876,90 @@ async fn early_data_records_do_not_hide_the_second_hello() {
         assert_eq!(r.reason, Some(Reason::SniMismatch), "{r:#?}");
     }
 }
+
+/// A TLS origin that takes its time over the first hello (a certificate
+/// fetched on demand, an overloaded box): it answers after the hello
+/// time-out. The client sent nothing past its hello, so nothing is held;
+/// the tunnel must carry on, and not be recorded as a refusal.
+#[tokio::test]
+async fn a_slow_origin_answering_after_the_hello_timeout_still_works() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (random, session_id) = ([7u8; 32], [9u8; 32]);
+    let hello = tls13_hello(ALLOWED, true, &random, &session_id);
+    let want = hello.len();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut got = vec![0u8; want];
+        s.read_exact(&mut got).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        // A ServerHello (not a retry), then echo.
+        let mut answer = vec![
+            0x16, 0x03, 0x03, 0x00, 0x26, 0x02, 0x00, 0x00, 0x22, 0x03, 0x03,
+        ];
+        answer.extend_from_slice(&[0x42; 32]);
+        answer.extend_from_slice(&[0x00, 0x13, 0x01]);
+        s.write_all(&answer).await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).await.unwrap();
+        s.write_all(&buf[..n]).await.unwrap();
+    });
+    let catalog = rule("Kaspersky KSN lookup", &[ALLOWED], port, "bypass", "");
+    let proxy = TestProxy::start(
+        &config(&[ALLOWED], "[limits]\nheader_read_timeout = \"1s\"\n"),
+        &catalog,
+    )
+    .await;
+    let mut s = open_tunnel(proxy.addr, &format!("{ALLOWED}:{port}")).await;
+    s.write_all(&hello).await.unwrap();
+    let answer = read_for(&mut s, Duration::from_millis(4000)).await;
+    assert!(is_server_hello(&answer), "{answer:02x?}");
+    s.write_all(b"\x17\x03\x03\x00\x01z").await.unwrap();
+    let echo = read_for(&mut s, Duration::from_millis(1500)).await;
+    assert_eq!(echo, b"\x17\x03\x03\x00\x01z");
+    drop(s);
+    let _ = server.await;
+    let r = proxy.only_record().await;
+    assert_eq!(r.decision, Decided::Bypass, "{r:#?}");
+    assert_ne!(r.reason, Some(Reason::Timeout), "{r:#?}");
+}
+
+/// The bound on what is held: a client that sends its hello and then 60 KiB
+/// more, to an origin that never answers. The bytes past the hello are
+/// never forwarded unjudged, and are held no longer than the hello
+/// time-out: the tunnel is refused then (a time-out), and the origin got
+/// the hello alone.
+#[tokio::test]
+async fn bytes_held_past_the_hello_are_bounded_in_time() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (random, session_id) = ([7u8; 32], [9u8; 32]);
+    let hello = tls13_hello(ALLOWED, false, &random, &session_id);
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(6), s.read_to_end(&mut got)).await;
+        got
+    });
+    let catalog = rule("Kaspersky KSN lookup", &[ALLOWED], port, "bypass", "");
+    let proxy = TestProxy::start(
+        &config(&[ALLOWED], "[limits]\nheader_read_timeout = \"1s\"\n"),
+        &catalog,
+    )
+    .await;
+    let mut s = open_tunnel(proxy.addr, &format!("{ALLOWED}:{port}")).await;
+    let mut flight = hello.clone();
+    flight.extend(std::iter::repeat_n(0x17u8, 60 * 1024));
+    let started = std::time::Instant::now();
+    s.write_all(&flight).await.unwrap();
+    let (_, _) = tokio::time::timeout(Duration::from_secs(5), read_until_close(&mut s))
+        .await
+        .expect("the tunnel is closed after the hello time-out");
+    assert!(started.elapsed() < Duration::from_secs(4));
+    drop(s);
+    let got = server.await.unwrap();
+    assert_eq!(got, hello, "only the hello reached the origin");
+    let r = proxy.only_record().await;
+    assert_eq!(r.reason, Some(Reason::Timeout), "{r:#?}");
+    assert_eq!(r.bytes_up, hello.len() as u64, "{r:#?}");
+}
