@@ -355,6 +355,10 @@ async fn gate_retry(
     if let Peek::Hello(info) = &judged {
         if info.sni != first {
             // RFC 8446 4.1.2: the second hello repeats the first's name.
+            // Recorded with the name it carried, as a refused first hello is.
+            if let Ok(mut s) = seen.lock() {
+                *s = (info.sni.clone(), info.ech);
+            }
             return Err(End::Denied(
                 Reason::SniMismatch,
                 Some(peek::ALERT_UNRECOGNIZED_NAME),

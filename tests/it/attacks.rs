@@ -963,3 +963,21 @@ async fn bytes_held_past_the_hello_are_bounded_in_time() {
     assert_eq!(r.reason, Some(Reason::Timeout), "{r:#?}");
     assert_eq!(r.bytes_up, hello.len() as u64, "{r:#?}");
 }
+
+/// A second hello refused for naming another host is recorded with the
+/// name it carried, as a refused first hello is: the record must show what
+/// the client asked for, not the name it fronted with.
+#[tokio::test]
+async fn a_refused_second_hello_is_recorded_with_its_name() {
+    let Some(origin) = OpensslOrigin::start() else {
+        return;
+    };
+    let proxy = bypass_proxy(origin.port).await;
+    let mut s = open_tunnel(proxy.addr, &format!("{ALLOWED}:{}", origin.port)).await;
+    let (hrr, _) = retry_dance(&mut s, ALLOWED, EVIL).await;
+    assert!(is_hrr(&hrr));
+    drop(s);
+    let r = proxy.only_record().await;
+    assert_eq!(r.reason, Some(Reason::SniMismatch), "{r:#?}");
+    assert_eq!(r.sni.as_deref(), Some(EVIL), "{r:#?}");
+}
