@@ -97,8 +97,10 @@ pub const ALERT_UNRECOGNIZED_NAME: u8 = 112;
 /// first takes the connection for TLS.
 const RECORD_TYPES: std::ops::RangeInclusive<u8> = 0x14..=0x18;
 const SSL2_MT_CLIENT_HELLO: u8 = 1;
+const CONTENT_TYPE_CHANGE_CIPHER_SPEC: u8 = 0x14;
 const CONTENT_TYPE_ALERT: u8 = 0x15;
 const CONTENT_TYPE_HANDSHAKE: u8 = 0x16;
+const CONTENT_TYPE_APPLICATION_DATA: u8 = 0x17;
 const HANDSHAKE_CLIENT_HELLO: u8 = 1;
 const RECORD_HEADER_LEN: usize = 5;
 const HANDSHAKE_HEADER_LEN: usize = 4;
@@ -229,23 +231,47 @@ pub fn server_first(buf: &[u8]) -> ServerFirst {
 const CHANGE_CIPHER_SPEC: [u8; 6] = [0x14, 0x03, 0x03, 0x00, 0x01, 0x01];
 
 /// Classify the client's bytes after a HelloRetryRequest: leading
-/// ChangeCipherSpec records (exactly as RFC 8446 appendix D.4 has them) are
-/// skipped, then the rest must be a ClientHello as [`peek`] judges one; bytes
-/// that are not TLS are [`Peek::Malformed`] here.
+/// ChangeCipherSpec records (exactly as RFC 8446 appendix D.4 has them) and
+/// application_data records (0-RTT early data sent with the first hello,
+/// which the server skips after a HelloRetryRequest, RFC 8446 section
+/// 4.2.10) are skipped, then the rest must be a ClientHello as [`peek`]
+/// judges one; bytes that are not TLS are [`Peek::Malformed`] here.
+///
+/// Skipping application_data records is safe: a server that did not offer
+/// to skip them (no `early_data` in the first hello) fails on them, so the
+/// hello behind them is the only one any server can act on.
 pub fn peek_retry(buf: &[u8]) -> Peek {
     let mut rest = buf;
-    while let Some(&first) = rest.first() {
-        if first != CHANGE_CIPHER_SPEC[0] {
-            break;
+    loop {
+        match rest.first() {
+            Some(&CONTENT_TYPE_CHANGE_CIPHER_SPEC) => {
+                let n = rest.len().min(CHANGE_CIPHER_SPEC.len());
+                if rest.get(..n) != CHANGE_CIPHER_SPEC.get(..n) {
+                    return Peek::Malformed("bad ChangeCipherSpec before the second ClientHello");
+                }
+                if n < CHANGE_CIPHER_SPEC.len() {
+                    return Peek::NeedMore;
+                }
+                rest = rest.get(n..).unwrap_or_default();
+            }
+            Some(&CONTENT_TYPE_APPLICATION_DATA) => {
+                if rest.get(1..3).is_some_and(|v| v != [0x03, 0x03]) {
+                    return Peek::Malformed("bad early data record before the second ClientHello");
+                }
+                let (Some(&hi), Some(&lo)) = (rest.get(3), rest.get(4)) else {
+                    return Peek::NeedMore;
+                };
+                let len = usize::from(u16::from_be_bytes([hi, lo]));
+                if len == 0 || len > MAX_RECORD_LEN {
+                    return Peek::Malformed("bad early data record before the second ClientHello");
+                }
+                match rest.get(RECORD_HEADER_LEN + len..) {
+                    Some(after) => rest = after,
+                    None => return Peek::NeedMore,
+                }
+            }
+            _ => break,
         }
-        let n = rest.len().min(CHANGE_CIPHER_SPEC.len());
-        if rest.get(..n) != CHANGE_CIPHER_SPEC.get(..n) {
-            return Peek::Malformed("bad ChangeCipherSpec before the second ClientHello");
-        }
-        if n < CHANGE_CIPHER_SPEC.len() {
-            return Peek::NeedMore;
-        }
-        rest = rest.get(n..).unwrap_or_default();
     }
     match peek(rest) {
         Peek::NotTls => Peek::Malformed("no second ClientHello after a HelloRetryRequest"),

@@ -328,13 +328,22 @@ async fn gate_retry(
     mut buf: Vec<u8>,
 ) -> Result<Vec<u8>, End> {
     let first = seen.lock().map(|s| s.0.clone()).unwrap_or_default();
-    // The upstream answers a hello at once; one that does not within the
-    // hello time-out leaves the tunnel refused rather than unwatched.
-    match tokio::time::timeout(check.hello_timeout, retry).await {
-        Err(_) => return Err(End::Denied(Reason::Timeout, None)),
+    // With nothing held, a slow upstream is waited for as long as the
+    // tunnel may idle (the client's next bytes stay unread meanwhile). Bytes
+    // held past the first hello (0-RTT early data, or a pipelined hello) are
+    // held no longer than the hello time-out: an upstream that has not
+    // answered by then leaves the tunnel refused rather than unwatched.
+    let answer = if buf.is_empty() {
+        retry.await
+    } else {
+        tokio::time::timeout(check.hello_timeout, retry)
+            .await
+            .map_err(|_| End::Denied(Reason::Timeout, None))?
+    };
+    match answer {
         // No retry, or the upstream ended first (the relay sees that too).
-        Ok(Ok(false) | Err(_)) => return Ok(buf),
-        Ok(Ok(true)) => {}
+        Ok(false) | Err(_) => return Ok(buf),
+        Ok(true) => {}
     }
     if buf.is_empty() {
         read_more(client, &mut buf).await?;
@@ -346,6 +355,10 @@ async fn gate_retry(
     if let Peek::Hello(info) = &judged {
         if info.sni != first {
             // RFC 8446 4.1.2: the second hello repeats the first's name.
+            // Recorded with the name it carried, as a refused first hello is.
+            if let Ok(mut s) = seen.lock() {
+                *s = (info.sni.clone(), info.ech);
+            }
             return Err(End::Denied(
                 Reason::SniMismatch,
                 Some(peek::ALERT_UNRECOGNIZED_NAME),

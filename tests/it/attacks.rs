@@ -667,3 +667,428 @@ async fn a_split_proxy_header_from_an_untrusted_peer_is_refused() {
     }
     assert!(origin.seen().is_empty(), "{:?}", origin.seen());
 }
+
+// ---------------------------------------------------------------- 6. the HRR gate against legitimate clients and servers
+
+/// `openssl s_server` (TLS 1.3 only, echo mode) that accepts 0-RTT early
+/// data and only P-256, so a client guessing X25519 first gets a
+/// HelloRetryRequest. Its stdin is held open (it would stop on EOF).
+struct EarlyDataOrigin {
+    child: Child,
+    _stdin: std::process::ChildStdin,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl EarlyDataOrigin {
+    fn start() -> Option<EarlyDataOrigin> {
+        if Command::new("openssl").arg("version").output().is_err() {
+            eprintln!("SKIP: openssl not installed");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let c = self_signed(&[ALLOWED]);
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&cert, &c.cert_pem).unwrap();
+        std::fs::write(&key, &c.key_pem).unwrap();
+        let log = dir.path().join("s_server.log");
+        for _ in 0..20 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut child = Command::new("openssl")
+                .args(["s_server", "-tls1_3", "-early_data", "-groups", "P-256"])
+                .arg("-accept")
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("-cert")
+                .arg(&cert)
+                .arg("-key")
+                .arg(&key)
+                .stdin(Stdio::piped())
+                .stdout(std::fs::File::create(&log).unwrap())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start openssl s_server");
+            let stdin = child.stdin.take().unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while std::time::Instant::now() < deadline {
+                if std::fs::read_to_string(&log).is_ok_and(|l| l.contains("ACCEPT")) {
+                    return Some(EarlyDataOrigin {
+                        child,
+                        _stdin: stdin,
+                        port,
+                        dir,
+                    });
+                }
+                if child.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("openssl s_server did not start");
+    }
+}
+
+/// Run `openssl s_client` to `connect` (X25519 first, so the origin asks
+/// again) with `args`, feeding `input` then holding stdin open a while;
+/// returns its output.
+fn s_client(connect: &str, args: &[&str], input: &[u8]) -> String {
+    {
+        use std::io::Write;
+        let mut child = Command::new("openssl")
+            .arg("s_client")
+            .arg("-connect")
+            .arg(connect)
+            .args(["-servername", ALLOWED, "-groups", "X25519:P-256"])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start openssl s_client");
+        let mut stdin = child.stdin.take().unwrap();
+        let _ = stdin.write_all(input);
+        std::thread::sleep(Duration::from_millis(1500));
+        drop(stdin);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while child.try_wait().ok().flatten().is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+}
+
+impl Drop for EarlyDataOrigin {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A legitimate 0-RTT client that gets a HelloRetryRequest: OpenSSL's
+/// `s_client` sends its hello, a ChangeCipherSpec and its early data (an
+/// application_data record) in one flight; the server asks again (it only
+/// takes P-256), skips the early data (RFC 8446 4.2.10) and completes the
+/// handshake on the second hello. The proxy must let the skipped early
+/// data through with the second hello rather than refuse the tunnel.
+#[tokio::test]
+async fn a_zero_rtt_client_that_gets_a_hello_retry_goes_through() {
+    let Some(origin) = EarlyDataOrigin::start() else {
+        return;
+    };
+    // A session to resume, straight from the origin.
+    let sess = origin.dir.path().join("sess.pem");
+    let (direct_to, sess_arg) = (
+        format!("127.0.0.1:{}", origin.port),
+        sess.to_str().unwrap().to_owned(),
+    );
+    let direct = tokio::task::spawn_blocking(move || {
+        s_client(&direct_to, &["-sess_out", &sess_arg], b"hello\n")
+    })
+    .await
+    .unwrap();
+    assert!(direct.contains("Max Early Data: 16384"), "{direct}");
+    let early = origin.dir.path().join("early.txt");
+    std::fs::write(&early, b"early data\n").unwrap();
+    let proxy = bypass_proxy(origin.port).await;
+    let out = {
+        let (addr, sess, early) = (proxy.addr.to_string(), sess.clone(), early.clone());
+        let to = format!("{ALLOWED}:{}", origin.port);
+        tokio::task::spawn_blocking(move || {
+            s_client(
+                &to,
+                &[
+                    "-proxy",
+                    &addr,
+                    "-sess_in",
+                    sess.to_str().unwrap(),
+                    "-early_data",
+                    early.to_str().unwrap(),
+                ],
+                b"after\n",
+            )
+        })
+        .await
+        .unwrap()
+    };
+    let r = proxy.only_record().await;
+    let served = std::fs::read_to_string(origin.dir.path().join("s_server.log")).unwrap();
+    assert!(
+        !out.contains("alert") && served.contains("after"),
+        "the handshake did not complete through the proxy: {out}\n{served}\n{r:#?}"
+    );
+    assert_eq!(r.decision, Decided::Bypass, "{r:#?}");
+    assert_eq!(r.sni.as_deref(), Some(ALLOWED), "{r:#?}");
+}
+
+/// The other side of skipping early data: application_data records between
+/// the HelloRetryRequest and the second hello do not hide that hello; it is
+/// judged, and one naming another host is refused before it reaches the
+/// origin (pipelined or sent after the HelloRetryRequest).
+#[tokio::test]
+async fn early_data_records_do_not_hide_the_second_hello() {
+    let Some(origin) = OpensslOrigin::start() else {
+        return;
+    };
+    let proxy = bypass_proxy(origin.port).await;
+    let (random, session_id) = ([7u8; 32], [9u8; 32]);
+    let early = [0x17, 0x03, 0x03, 0x00, 0x04, 1, 2, 3, 4];
+    let mut second = vec![0x14, 0x03, 0x03, 0x00, 0x01, 0x01];
+    second.extend_from_slice(&early);
+    second.extend_from_slice(&early);
+    second.extend(tls13_hello(EVIL, true, &random, &session_id));
+    // After the HelloRetryRequest.
+    let mut s = open_tunnel(proxy.addr, &format!("{ALLOWED}:{}", origin.port)).await;
+    s.write_all(&tls13_hello(ALLOWED, false, &random, &session_id))
+        .await
+        .unwrap();
+    let hrr = read_for(&mut s, Duration::from_millis(1500)).await;
+    assert!(is_hrr(&hrr), "{:02x?}", &hrr[..hrr.len().min(48)]);
+    let _ = s.write_all(&second).await;
+    let _ = read_for(&mut s, Duration::from_millis(1500)).await;
+    drop(s);
+    // Pipelined behind the first hello.
+    let mut s = open_tunnel(proxy.addr, &format!("{ALLOWED}:{}", origin.port)).await;
+    let mut flight = tls13_hello(ALLOWED, false, &random, &session_id);
+    flight.extend_from_slice(&second);
+    s.write_all(&flight).await.unwrap();
+    let _ = read_for(&mut s, Duration::from_millis(1500)).await;
+    drop(s);
+    let recs = proxy.records(2).await;
+    assert!(
+        !origin.switched() && !origin.names_seen().iter().any(|n| n == EVIL),
+        "the origin took the hello for {EVIL}: {:?}; {recs:#?}",
+        origin.names_seen()
+    );
+    for r in &recs {
+        assert_eq!(r.decision, Decided::Deny, "{r:#?}");
+        assert_eq!(r.reason, Some(Reason::SniMismatch), "{r:#?}");
+    }
+}
+
+/// A TLS origin that takes its time over the first hello (a certificate
+/// fetched on demand, an overloaded box): it answers after the hello
+/// time-out. The client sent nothing past its hello, so nothing is held;
+/// the tunnel must carry on, and not be recorded as a refusal.
+#[tokio::test]
+async fn a_slow_origin_answering_after_the_hello_timeout_still_works() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (random, session_id) = ([7u8; 32], [9u8; 32]);
+    let hello = tls13_hello(ALLOWED, true, &random, &session_id);
+    let want = hello.len();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut got = vec![0u8; want];
+        s.read_exact(&mut got).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        // A ServerHello (not a retry), then echo.
+        let mut answer = vec![
+            0x16, 0x03, 0x03, 0x00, 0x26, 0x02, 0x00, 0x00, 0x22, 0x03, 0x03,
+        ];
+        answer.extend_from_slice(&[0x42; 32]);
+        answer.extend_from_slice(&[0x00, 0x13, 0x01]);
+        s.write_all(&answer).await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).await.unwrap();
+        s.write_all(&buf[..n]).await.unwrap();
+    });
+    let catalog = rule("Kaspersky KSN lookup", &[ALLOWED], port, "bypass", "");
+    let proxy = TestProxy::start(
+        &config(&[ALLOWED], "[limits]\nheader_read_timeout = \"1s\"\n"),
+        &catalog,
+    )
+    .await;
+    let mut s = open_tunnel(proxy.addr, &format!("{ALLOWED}:{port}")).await;
+    s.write_all(&hello).await.unwrap();
+    let answer = read_for(&mut s, Duration::from_millis(4000)).await;
+    assert!(is_server_hello(&answer), "{answer:02x?}");
+    s.write_all(b"\x17\x03\x03\x00\x01z").await.unwrap();
+    let echo = read_for(&mut s, Duration::from_millis(1500)).await;
+    assert_eq!(echo, b"\x17\x03\x03\x00\x01z");
+    drop(s);
+    let _ = server.await;
+    let r = proxy.only_record().await;
+    assert_eq!(r.decision, Decided::Bypass, "{r:#?}");
+    assert_ne!(r.reason, Some(Reason::Timeout), "{r:#?}");
+}
+
+/// The bound on what is held: a client that sends its hello and then 60 KiB
+/// more, to an origin that never answers. The bytes past the hello are
+/// never forwarded unjudged, and are held no longer than the hello
+/// time-out: the tunnel is refused then (a time-out), and the origin got
+/// the hello alone.
+#[tokio::test]
+async fn bytes_held_past_the_hello_are_bounded_in_time() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (random, session_id) = ([7u8; 32], [9u8; 32]);
+    let hello = tls13_hello(ALLOWED, false, &random, &session_id);
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(6), s.read_to_end(&mut got)).await;
+        got
+    });
+    let catalog = rule("Kaspersky KSN lookup", &[ALLOWED], port, "bypass", "");
+    let proxy = TestProxy::start(
+        &config(&[ALLOWED], "[limits]\nheader_read_timeout = \"1s\"\n"),
+        &catalog,
+    )
+    .await;
+    let mut s = open_tunnel(proxy.addr, &format!("{ALLOWED}:{port}")).await;
+    let mut flight = hello.clone();
+    flight.extend(std::iter::repeat_n(0x17u8, 60 * 1024));
+    let started = std::time::Instant::now();
+    s.write_all(&flight).await.unwrap();
+    let (_, _) = tokio::time::timeout(Duration::from_secs(5), read_until_close(&mut s))
+        .await
+        .expect("the tunnel is closed after the hello time-out");
+    assert!(started.elapsed() < Duration::from_secs(4));
+    drop(s);
+    let got = server.await.unwrap();
+    assert_eq!(got, hello, "only the hello reached the origin");
+    let r = proxy.only_record().await;
+    assert_eq!(r.reason, Some(Reason::Timeout), "{r:#?}");
+    assert_eq!(r.bytes_up, hello.len() as u64, "{r:#?}");
+}
+
+/// A second hello refused for naming another host is recorded with the
+/// name it carried, as a refused first hello is: the record must show what
+/// the client asked for, not the name it fronted with.
+#[tokio::test]
+async fn a_refused_second_hello_is_recorded_with_its_name() {
+    let Some(origin) = OpensslOrigin::start() else {
+        return;
+    };
+    let proxy = bypass_proxy(origin.port).await;
+    let mut s = open_tunnel(proxy.addr, &format!("{ALLOWED}:{}", origin.port)).await;
+    let (hrr, _) = retry_dance(&mut s, ALLOWED, EVIL).await;
+    assert!(is_hrr(&hrr));
+    drop(s);
+    let r = proxy.only_record().await;
+    assert_eq!(r.reason, Some(Reason::SniMismatch), "{r:#?}");
+    assert_eq!(r.sni.as_deref(), Some(EVIL), "{r:#?}");
+}
+
+/// A third hello pipelined behind an accepted second one (same write): the
+/// origin has answered the second with a ServerHello by then and takes no
+/// plaintext hello any more, so the third name never reaches it.
+#[tokio::test]
+async fn a_third_hello_behind_the_second_is_not_taken() {
+    let Some(origin) = OpensslOrigin::start() else {
+        return;
+    };
+    let proxy = bypass_proxy(origin.port).await;
+    let (random, session_id) = ([7u8; 32], [9u8; 32]);
+    let mut s = open_tunnel(proxy.addr, &format!("{ALLOWED}:{}", origin.port)).await;
+    s.write_all(&tls13_hello(ALLOWED, false, &random, &session_id))
+        .await
+        .unwrap();
+    let hrr = read_for(&mut s, Duration::from_millis(1500)).await;
+    assert!(is_hrr(&hrr));
+    let mut flight = vec![0x14, 0x03, 0x03, 0x00, 0x01, 0x01];
+    flight.extend(tls13_hello(ALLOWED, true, &random, &session_id));
+    flight.extend(tls13_hello(EVIL, true, &random, &session_id));
+    let _ = s.write_all(&flight).await;
+    let _ = read_for(&mut s, Duration::from_millis(1500)).await;
+    drop(s);
+    let _ = proxy.only_record().await;
+    assert!(
+        !origin.switched() && !origin.names_seen().iter().any(|n| n == EVIL),
+        "{:?}",
+        origin.names_seen()
+    );
+}
+
+/// A client whose first bytes are not TLS is spliced whatever the upstream
+/// answers, even a record that looks like a HelloRetryRequest: nothing the
+/// client sends next is held or judged as a hello.
+#[tokio::test]
+async fn a_non_tls_tunnel_is_spliced_even_after_a_retry_lookalike() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut got = [0u8; 5];
+        s.read_exact(&mut got).await.unwrap();
+        let mut hrr = vec![
+            0x16, 0x03, 0x03, 0x00, 0x26, 0x02, 0x00, 0x00, 0x22, 0x03, 0x03,
+        ];
+        hrr.extend_from_slice(&HRR_RANDOM);
+        hrr.extend_from_slice(&[0x00, 0x13, 0x01]);
+        s.write_all(&hrr).await.unwrap();
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest)).await;
+        rest
+    });
+    let catalog = rule("Kaspersky KSN lookup", &[ALLOWED], port, "bypass", "");
+    let proxy = TestProxy::start(&config(&[ALLOWED], ""), &catalog).await;
+    let mut s = open_tunnel(proxy.addr, &format!("{ALLOWED}:{port}")).await;
+    s.write_all(b"PING\n").await.unwrap();
+    let answer = read_for(&mut s, Duration::from_millis(1000)).await;
+    assert!(is_hrr(&answer), "{answer:02x?}");
+    s.write_all(b"not a hello\n").await.unwrap();
+    s.shutdown().await.unwrap();
+    assert_eq!(server.await.unwrap(), b"not a hello\n");
+    drop(s);
+    let r = proxy.only_record().await;
+    assert_eq!(r.decision, Decided::Bypass, "{r:#?}");
+    assert_eq!(r.reason, None, "{r:#?}");
+}
+
+/// Finding (minor, mis-record): a legitimate client that cannot meet a
+/// HelloRetryRequest (say, the group asked for) aborts with a fatal alert.
+/// `peek_retry` takes any non-handshake record there as a malformed hello,
+/// so the alert never reaches the origin and the tunnel is recorded as a
+/// refusal (`deny`, `bad_request`) instead of a client that gave up.
+#[tokio::test]
+#[ignore = "finding: a client's fatal alert after a HelloRetryRequest is recorded as a refused tunnel (bad_request) and not forwarded"]
+async fn a_client_aborting_after_a_hello_retry_is_not_recorded_as_refused() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (random, session_id) = ([7u8; 32], [9u8; 32]);
+    let hello = tls13_hello(ALLOWED, false, &random, &session_id);
+    let want = hello.len();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut got = vec![0u8; want];
+        s.read_exact(&mut got).await.unwrap();
+        let mut hrr = vec![
+            0x16, 0x03, 0x03, 0x00, 0x26, 0x02, 0x00, 0x00, 0x22, 0x03, 0x03,
+        ];
+        hrr.extend_from_slice(&HRR_RANDOM);
+        hrr.extend_from_slice(&[0x00, 0x13, 0x01]);
+        s.write_all(&hrr).await.unwrap();
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest)).await;
+        rest
+    });
+    let catalog = rule("Kaspersky KSN lookup", &[ALLOWED], port, "bypass", "");
+    let proxy = TestProxy::start(&config(&[ALLOWED], ""), &catalog).await;
+    let mut s = open_tunnel(proxy.addr, &format!("{ALLOWED}:{port}")).await;
+    s.write_all(&hello).await.unwrap();
+    let hrr = read_for(&mut s, Duration::from_millis(1000)).await;
+    assert!(is_hrr(&hrr));
+    // illegal_parameter, fatal.
+    let alert = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 47];
+    s.write_all(&alert).await.unwrap();
+    let _ = s.shutdown().await;
+    let _ = read_for(&mut s, Duration::from_millis(1000)).await;
+    drop(s);
+    let got = server.await.unwrap();
+    let r = proxy.only_record().await;
+    assert_eq!(got, alert, "the client's alert reaches the origin; {r:#?}");
+    assert_ne!(r.decision, Decided::Deny, "{r:#?}");
+}

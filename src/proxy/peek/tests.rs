@@ -848,10 +848,46 @@ fn the_retried_hello_is_judged_like_the_first() {
     // Anything but a hello there is refused: not TLS, a bad CCS, other records.
     assert_malformed_retry(b"GET / HTTP/1.1\r\n");
     assert_malformed_retry(&[0x14, 0x03, 0x03, 0x00, 0x01, 0x02]);
-    assert_malformed_retry(&[0x17, 0x03, 0x03, 0x00, 0x01, 0x00]);
-    let mut ccs_then_data = CHANGE_CIPHER_SPEC.to_vec();
-    ccs_then_data.extend_from_slice(&[0x17, 0x03, 0x03, 0x00, 0x01, 0x00]);
-    assert_malformed_retry(&ccs_then_data);
+    assert_malformed_retry(&tls_alert(ALERT_HANDSHAKE_FAILURE));
+    let mut ccs_then_alert = CHANGE_CIPHER_SPEC.to_vec();
+    ccs_then_alert.extend_from_slice(&tls_alert(ALERT_HANDSHAKE_FAILURE));
+    ccs_then_alert.extend_from_slice(&hello);
+    assert_malformed_retry(&ccs_then_alert);
+}
+
+/// A 0-RTT client that gets a HelloRetryRequest has already sent a
+/// ChangeCipherSpec and its early data (application_data records); the
+/// server skips them (RFC 8446 4.2.10) and reads the second hello, which is
+/// judged as usual.
+#[test]
+fn early_data_before_the_retried_hello_is_skipped() {
+    let hello = rustls_hello(HOST);
+    let early = [0x17, 0x03, 0x03, 0x00, 0x03, 0xaa, 0xbb, 0xcc];
+    let mut bytes = CHANGE_CIPHER_SPEC.to_vec();
+    bytes.extend_from_slice(&early);
+    bytes.extend_from_slice(&early);
+    let before_hello = bytes.len();
+    bytes.extend_from_slice(&hello);
+    assert_eq!(peek_retry(&bytes), hello_peek_of(HOST));
+    for n in 0..before_hello + 5 {
+        assert_eq!(peek_retry(&bytes[..n]), Peek::NeedMore, "{n} bytes");
+    }
+    // Without a ChangeCipherSpec (no middlebox compatibility mode) too.
+    let mut bytes = early.to_vec();
+    bytes.extend_from_slice(&hello);
+    assert_eq!(peek_retry(&bytes), hello_peek_of(HOST));
+    // What follows must still be a clean hello for the same judgement.
+    let mut bytes = early.to_vec();
+    bytes.extend_from_slice(b"GET / HTTP/1.1\r\n");
+    assert_malformed_retry(&bytes);
+    let mut bytes = early.to_vec();
+    bytes.extend_from_slice(&tls_alert(ALERT_HANDSHAKE_FAILURE));
+    assert_malformed_retry(&bytes);
+    // Bad early data records: another version, empty, too long.
+    assert_malformed_retry(&[0x17, 0x03, 0x01, 0x00, 0x01, 0x00]);
+    assert_malformed_retry(&[0x17, 0x03, 0x03, 0x00, 0x00]);
+    let too_long = u16::try_from(MAX_RECORD_LEN + 1).unwrap().to_be_bytes();
+    assert_malformed_retry(&[0x17, 0x03, 0x03, too_long[0], too_long[1]]);
 }
 
 fn hello_peek_of(name: &str) -> Peek {
