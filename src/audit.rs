@@ -5,147 +5,6 @@
 //! behind, senders wait on the bounded channel (fail closed). This module owns
 //! the field names; nothing else formats a record.
 
-/// Why a transaction was refused or ended abnormally (the `reason` field).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Reason {
-    BadRequest,
-    NotInCatalog,
-    PortNotAllowed,
-    MethodNotAllowed,
-    BodyNotAllowed,
-    DenyRule,
-    IpLiteral,
-    PrivateAddress,
-    PinMismatch,
-    ClientNotAllowed,
-    HostMismatch,
-    AuthRequired,
-    AuthFailed,
-    RateLimited,
-    HeaderTooLarge,
-    DnsFailure,
-    UpstreamConnectFailed,
-    UpstreamTls,
-    UpstreamReset,
-    ConnectionLimit,
-    Shutdown,
-    Timeout,
-    SniMismatch,
-    SniRequired,
-    EchDenied,
-    AlpnUnsupported,
-    ClientClosed,
-}
-
-impl Reason {
-    /// Every reason, for metrics and documentation.
-    pub const ALL: [Reason; 27] = [
-        Reason::BadRequest,
-        Reason::NotInCatalog,
-        Reason::PortNotAllowed,
-        Reason::MethodNotAllowed,
-        Reason::BodyNotAllowed,
-        Reason::DenyRule,
-        Reason::IpLiteral,
-        Reason::PrivateAddress,
-        Reason::PinMismatch,
-        Reason::ClientNotAllowed,
-        Reason::HostMismatch,
-        Reason::AuthRequired,
-        Reason::AuthFailed,
-        Reason::RateLimited,
-        Reason::HeaderTooLarge,
-        Reason::DnsFailure,
-        Reason::UpstreamConnectFailed,
-        Reason::UpstreamTls,
-        Reason::UpstreamReset,
-        Reason::ConnectionLimit,
-        Reason::Shutdown,
-        Reason::Timeout,
-        Reason::SniMismatch,
-        Reason::SniRequired,
-        Reason::EchDenied,
-        Reason::AlpnUnsupported,
-        Reason::ClientClosed,
-    ];
-
-    /// The stable snake_case name used in records, headers and metrics.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Reason::BadRequest => "bad_request",
-            Reason::NotInCatalog => "not_in_catalog",
-            Reason::PortNotAllowed => "port_not_allowed",
-            Reason::MethodNotAllowed => "method_not_allowed",
-            Reason::BodyNotAllowed => "body_not_allowed",
-            Reason::DenyRule => "deny_rule",
-            Reason::IpLiteral => "ip_literal",
-            Reason::PrivateAddress => "private_address",
-            Reason::PinMismatch => "pin_mismatch",
-            Reason::ClientNotAllowed => "client_not_allowed",
-            Reason::HostMismatch => "host_mismatch",
-            Reason::AuthRequired => "auth_required",
-            Reason::AuthFailed => "auth_failed",
-            Reason::RateLimited => "rate_limited",
-            Reason::HeaderTooLarge => "header_too_large",
-            Reason::DnsFailure => "dns_failure",
-            Reason::UpstreamConnectFailed => "upstream_connect_failed",
-            Reason::UpstreamTls => "upstream_tls",
-            Reason::UpstreamReset => "upstream_reset",
-            Reason::ConnectionLimit => "connection_limit",
-            Reason::Shutdown => "shutdown",
-            Reason::Timeout => "timeout",
-            Reason::SniMismatch => "sni_mismatch",
-            Reason::SniRequired => "sni_required",
-            Reason::EchDenied => "ech_denied",
-            Reason::AlpnUnsupported => "alpn_unsupported",
-            Reason::ClientClosed => "client_closed",
-        }
-    }
-
-    /// A sentence for the refusal body and `explain`.
-    pub const fn describe(self) -> &'static str {
-        match self {
-            Reason::BadRequest => "the request target is malformed or not an http:// URL",
-            Reason::NotInCatalog => "the host is not in the catalog",
-            Reason::PortNotAllowed => "the host is in the catalog, but not on this port",
-            Reason::MethodNotAllowed => "the rule does not allow this method",
-            Reason::BodyNotAllowed => "the rule allows this method only without a request body",
-            Reason::DenyRule => "a deny rule matches",
-            Reason::IpLiteral => "IP-literal targets are refused unless a rule lists the address",
-            Reason::PrivateAddress => "the name resolves only to private or reserved addresses",
-            Reason::PinMismatch => "the name does not resolve to the rule's pinned addresses",
-            Reason::ClientNotAllowed => "this client address may not use the proxy",
-            Reason::HostMismatch => "the inner request's host differs from the tunnel's host",
-            Reason::AuthRequired => "proxy authentication is required",
-            Reason::AuthFailed => "proxy authentication failed",
-            Reason::RateLimited => "too many requests",
-            Reason::HeaderTooLarge => "the request head is too large",
-            Reason::DnsFailure => "the name could not be resolved",
-            Reason::UpstreamConnectFailed => "the upstream server could not be reached",
-            Reason::UpstreamTls => "the upstream server's TLS failed verification",
-            Reason::UpstreamReset => "the upstream server closed the connection early",
-            Reason::ConnectionLimit => "the proxy is at its connection limit",
-            Reason::Shutdown => "the proxy is shutting down",
-            Reason::Timeout => "the upstream server did not answer in time",
-            Reason::SniMismatch => "the TLS server name differs from the CONNECT host",
-            Reason::SniRequired => "this rule requires TLS with a server name",
-            Reason::EchDenied => "this rule refuses Encrypted ClientHello",
-            Reason::AlpnUnsupported => {
-                "the client offered only protocols other than HTTP/1.1, which inspected tunnels speak"
-            }
-            Reason::ClientClosed => "the client closed the connection early",
-        }
-    }
-}
-
-impl std::fmt::Display for Reason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-// === the record ===
-
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -158,6 +17,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, Notify};
 
 use crate::config::{AuditFormat, AuditPath};
+pub use crate::reason::Reason;
 
 /// The `decision` field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -721,16 +581,8 @@ fn squid_tag(r: &Record) -> &'static str {
     match r.reason {
         // A tunnel refused after its 200: the SNI/ECH check, or a malformed hello.
         Some(_) if connect && r.status == Some(200) => "TCP_DENIED",
-        Some(
-            Reason::BadRequest
-            | Reason::HeaderTooLarge
-            | Reason::ConnectionLimit
-            | Reason::Shutdown
-            | Reason::Timeout
-            | Reason::ClientClosed,
-        )
-        | None => "NONE_NONE",
-        Some(_) => "TCP_DENIED",
+        Some(reason) if reason.class().is_denial() => "TCP_DENIED",
+        _ => "NONE_NONE",
     }
 }
 

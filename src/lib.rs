@@ -5,7 +5,8 @@
 //! - [`config`]: raw configuration (file + environment) and its validation into [`config::Settings`].
 //! - [`target`]: the normalised target of a request; the only place hosts are normalised.
 //! - [`policy`]: the compiled catalog and the pure decision on (host, port, method); address vetting in [`policy::ip`].
-//! - [`audit`]: the audit record, its reasons, and the single writer task.
+//! - [`reason`]: why a transaction was refused or failed: the word, its status and its class (a leaf).
+//! - [`audit`]: the audit record and the single writer task.
 //! - [`dns`], [`upstream`]: resolution with static overrides, vetting of every address, dialing.
 //! - [`proxy`]: the accept loop, HTTP forwarding, CONNECT tunnels.
 //! - [`cli`]: the `check` and `explain` verbs.
@@ -21,6 +22,7 @@ pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod reason;
 pub mod reload;
 pub mod replay;
 pub mod shutdown;

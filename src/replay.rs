@@ -23,9 +23,10 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::SystemTime;
 
-use crate::audit::{Decided, Reason};
+use crate::audit::Decided;
 use crate::config::{self, Settings};
 use crate::policy::{Policy, Verdict};
+use crate::reason::{self, Reason};
 use crate::suggest::{self, Logged};
 
 /// A policy-level outcome class.
@@ -101,19 +102,6 @@ impl Change {
     }
 }
 
-/// Policy reasons: a `deny` record with one of these is re-decided.
-fn policy_reason(r: Reason) -> bool {
-    matches!(
-        r,
-        Reason::NotInCatalog
-            | Reason::PortNotAllowed
-            | Reason::MethodNotAllowed
-            | Reason::BodyNotAllowed
-            | Reason::DenyRule
-            | Reason::IpLiteral
-    )
-}
-
 /// The recorded policy outcome, or `Err(why)` when the record is not re-decided.
 fn recorded(l: &Logged) -> Result<Side, String> {
     let reason = l.reason_code();
@@ -122,7 +110,8 @@ fn recorded(l: &Logged) -> Result<Side, String> {
         Some(Decided::Bypass) => Class::Bypass,
         Some(Decided::Report) => Class::Report,
         Some(Decided::Deny) => match reason {
-            Some(r) if policy_reason(r) => Class::Deny,
+            // Policy reasons are re-decided; others need what the record lacks.
+            Some(r) if r.class() == reason::Class::Policy => Class::Deny,
             Some(r) => return Err(r.as_str().to_string()),
             None => {
                 return Err(l

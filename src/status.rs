@@ -18,8 +18,9 @@ use std::time::{Instant, SystemTime};
 
 use serde_json::{json, Value};
 
-use crate::audit::{AuditSink, Decided, Reason, Record};
+use crate::audit::{AuditSink, Decided, Record};
 use crate::config::{DefaultAction, Settings};
+use crate::reason::Reason;
 use crate::suggest::Evidence;
 
 /// How many one-minute buckets of recent traffic are kept.

@@ -30,8 +30,9 @@ use std::time::SystemTime;
 
 use serde::Deserialize;
 
-use crate::audit::{Decided, Reason};
+use crate::audit::Decided;
 use crate::policy::{Policy, Verdict};
+use crate::reason::Reason;
 use crate::target::{self, Host, Target};
 
 /// Second-level labels under a two-letter country code that are public

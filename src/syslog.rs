@@ -636,7 +636,7 @@ mod tests {
     use std::sync::Arc;
     use std::time::SystemTime;
 
-    use crate::audit::Reason;
+    use crate::reason::Reason;
 
     fn record() -> Record {
         let ts = SystemTime::UNIX_EPOCH + Duration::from_millis(1_767_323_045_678);

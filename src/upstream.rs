@@ -10,9 +10,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 use tokio::net::TcpStream;
 
-use crate::audit::Reason;
 use crate::dns::{ResolveError, Resolver};
 use crate::policy::{ip, Rule};
+use crate::reason::Reason;
 use crate::target::{Host, Target};
 
 /// Why no upstream connection could be made.

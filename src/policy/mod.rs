@@ -18,9 +18,28 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use crate::audit::Reason;
-use crate::config::{DefaultAction, Rate};
+use crate::reason::Reason;
 use crate::target::{Host, Target};
+
+/// What happens to a request that no rule matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DefaultAction {
+    Deny,
+    Report,
+}
+
+/// A rate such as `"50/s"`: `count` events per `per`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Rate {
+    pub count: u32,
+    pub per: std::time::Duration,
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.count, humantime::format_duration(self.per))
+    }
+}
 
 /// The index maps: read-only after compile, keyed by host names the
 /// catalog chose (not attacker-chosen insertions), so a fast seeded hasher

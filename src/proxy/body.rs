@@ -11,7 +11,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::txn::{Ended, Txn};
-use crate::audit::Reason;
+use crate::reason::Reason;
 
 /// What the proxy answers with: a small fixed body, or a streamed upstream one.
 pub enum ProxyBody {

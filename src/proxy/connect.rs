@@ -16,9 +16,10 @@ use super::tunnel::{self, Check};
 use super::txn::Txn;
 use super::Guards;
 use super::{dial_target, refuse, ConnCtx};
-use crate::audit::{Decided, Reason};
+use crate::audit::Decided;
 use crate::config::Settings;
 use crate::policy::{Action, SniMode};
+use crate::reason::Reason;
 use crate::target::Target;
 use crate::tls::Inspected;
 

@@ -15,9 +15,9 @@ use super::body::{ProxyBody, RequestBody, ResponseBody, UpCount};
 use super::error::Refusal;
 use super::txn::Txn;
 use super::{dial_target, refuse, ConnCtx};
-use crate::audit::Reason;
 use crate::config::Settings;
 use crate::policy::Rule;
+use crate::reason::Reason;
 use crate::target::{Host, Target};
 
 /// A kept-alive upstream connection.

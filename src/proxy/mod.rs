@@ -31,13 +31,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::audit::{AuditLog, Decided, IdGen, Reason};
+use crate::audit::{AuditLog, Decided, IdGen};
 use crate::auth::Auth;
 use crate::config::Settings;
 use crate::dns::Resolver;
 use crate::limits::{ClientConns, RateLimits};
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::policy::Verdict;
+use crate::reason::Reason;
 use crate::shutdown::Drain;
 use crate::target::{self, Target};
 use crate::tls::ca::Ca;

@@ -34,8 +34,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::peek::{self, Peek};
-use crate::audit::Reason;
 use crate::policy::{EchMode, SniMode};
+use crate::reason::Reason;
 use crate::target::{self, Host};
 
 /// Scratch buffer size: one per worker thread, never per tunnel.

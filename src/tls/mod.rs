@@ -24,10 +24,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::{LazyConfigAcceptor, StartHandshake, TlsConnector};
 
-use crate::audit::Reason;
 use crate::config::Settings;
 use crate::policy::Policy;
 use crate::proxy::Shared;
+use crate::reason::Reason;
 use crate::target::{Host, Target};
 
 /// What inspection needs: the CA and the upstream client configurations.

@@ -25,13 +25,14 @@ use tokio::net::TcpStream;
 use tokio::sync::{watch, Mutex};
 
 use super::Inspected;
-use crate::audit::{Decided, Reason};
+use crate::audit::Decided;
 use crate::policy::Verdict;
 use crate::proxy::body::{ProxyBody, RequestBody, ResponseBody, UpCount};
 use crate::proxy::error::Refusal;
 use crate::proxy::http::strip_hop_by_hop;
 use crate::proxy::txn::Txn;
 use crate::proxy::{head_len, parse_refusal, refuse, server_builder, truncate, ConnIo, Guards};
+use crate::reason::Reason;
 use crate::target::{self, Host, Target};
 
 /// The upstream as the inner requests share it.
