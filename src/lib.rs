@@ -2,33 +2,38 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: raw configuration (file + environment) and its validation into [`config::Settings`].
+//! The data path, from the leaves up:
+//!
+//! - [`reason`]: why a transaction was refused or failed: the word, its status and its class (a leaf).
 //! - [`target`]: the normalised target of a request; the only place hosts are normalised.
 //! - [`policy`]: the compiled catalog and the pure decision on (host, port, method); address vetting in [`policy::ip`].
-//! - [`reason`]: why a transaction was refused or failed: the word, its status and its class (a leaf).
-//! - [`audit`]: the audit record and the single writer task.
+//! - [`config`]: raw configuration (file + environment) and its validation into [`config::Settings`].
+//! - [`reload`]: load and validate again on SIGHUP or a file change.
+//! - [`audit`]: the audit record, its JSON and Squid lines, the sinks (syslog too), the single writer thread, and the log reader.
+//! - [`metrics`]: the Prometheus metrics and the status page's state, both fed from the audit records.
+//! - [`auth`], [`limits`]: proxy authentication; connection caps and rate limiters.
 //! - [`dns`], [`upstream`]: resolution with static overrides, vetting of every address, dialing.
-//! - [`proxy`]: the accept loop, HTTP forwarding, CONNECT tunnels.
-//! - [`cli`]: the `check` and `explain` verbs.
+//! - [`tls`]: TLS material for inspection: the CA and its leaf cache, the upstream client configurations.
+//! - [`proxy`]: the accept loop, the request pipeline, HTTP forwarding, CONNECT tunnels (spliced or inspected).
+//! - [`shutdown`]: the drain (stop accepting, cancel, wait under a deadline).
+//!
+//! The operator's face, [`operator`]: `check`/`explain` output, `suggest`,
+//! `replay`, and the admin listener with the status page. Nothing on the
+//! data path calls into it.
 #![forbid(unsafe_code)]
 
-pub mod admin;
 pub mod audit;
 pub mod auth;
-pub mod cli;
 pub mod config;
 pub mod dns;
 pub mod limits;
 pub mod metrics;
+pub mod operator;
 pub mod policy;
 pub mod proxy;
 pub mod reason;
 pub mod reload;
-pub mod replay;
 pub mod shutdown;
-pub mod status;
-pub mod suggest;
-pub mod syslog;
 pub mod target;
 pub mod tls;
 pub mod upstream;
@@ -72,7 +77,7 @@ pub fn start_audit(
 
 /// [`start_audit`], plus the RFC 5424 copy of every record to `syslog`
 /// (`audit.syslog`: `udp://host:port` or `tcp://host:port`) when set. The
-/// syslog sink never makes the writer wait (see [`syslog`]).
+/// syslog sink never makes the writer wait (see [`audit::syslog`]).
 ///
 /// # Errors
 /// `syslog` is not a syslog address, or a thread could not be started.
@@ -84,14 +89,16 @@ pub fn start_audit_with(
     let mut sinks: Vec<Box<dyn AuditSink>> = vec![
         sink,
         Box::new(MetricsSink::new(Arc::clone(&metrics))),
-        Box::new(status::StatusSink(Arc::clone(&metrics.status))),
+        Box::new(metrics::status::StatusSink(Arc::clone(&metrics.status))),
     ];
     if let Some(url) = syslog {
-        let counters = crate::syslog::Counters {
+        let counters = crate::audit::syslog::Counters {
             sent: metrics.syslog_sent.clone(),
             dropped: metrics.syslog_dropped.clone(),
         };
-        sinks.push(Box::new(crate::syslog::SyslogSink::start(url, counters)?));
+        sinks.push(Box::new(crate::audit::syslog::SyslogSink::start(
+            url, counters,
+        )?));
     }
     let (log, writer) = AuditLog::start(Box::new(Tee(sinks)))?;
     Ok((log, writer, metrics))
@@ -188,7 +195,7 @@ impl Proxy {
             if let Ok(a) = l.local_addr() {
                 tracing::info!(admin = %a, "admin endpoints");
             }
-            tokio::spawn(admin::serve(l, Arc::clone(&self.shared)));
+            tokio::spawn(operator::admin::serve(l, Arc::clone(&self.shared)));
         }
         let sweeper = {
             let shared = Arc::clone(&self.shared);

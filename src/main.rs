@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use egress_proxy::audit::LineSink;
 use egress_proxy::config::Settings;
-use egress_proxy::{cli, reload, Proxy};
+use egress_proxy::operator::cli;
+use egress_proxy::{reload, Proxy};
 use tokio::net::TcpListener;
 
 /// Egress allowlist forward proxy.
@@ -188,7 +189,7 @@ fn main() -> ExitCode {
         },
         Cmd::Run => serve(settings, cli.config),
         Cmd::Replay { audit, catalog } => {
-            match egress_proxy::replay::command(&settings, &audit, &catalog) {
+            match egress_proxy::operator::replay::command(&settings, &audit, &catalog) {
                 Ok(out) => {
                     for n in &out.notes {
                         eprintln!("egress-proxy: {n}");
@@ -227,7 +228,11 @@ fn suggest(
             return ExitCode::from(1);
         }
     };
-    match egress_proxy::suggest::command(audit, since, settings.as_ref().map(|s| &*s.policy)) {
+    match egress_proxy::operator::suggest::command(
+        audit,
+        since,
+        settings.as_ref().map(|s| &*s.policy),
+    ) {
         Ok(out) => {
             for n in &out.notes {
                 eprintln!("egress-proxy: {n}");
