@@ -217,6 +217,9 @@ pub struct Decision {
     pub rule: Option<usize>,
     /// Why refused, or for `report`, which miss was let through.
     pub reason: Option<Reason>,
+    /// The CONNECT is inspected: an `allow` rule's tunnel with a CA
+    /// configured (DESIGN.md: each inner request is decided again).
+    pub inspect: bool,
 }
 
 impl Decision {
@@ -225,6 +228,7 @@ impl Decision {
             verdict: Verdict::Deny,
             rule,
             reason: Some(reason),
+            inspect: false,
         }
     }
 }
@@ -410,11 +414,13 @@ impl Policy {
                 verdict: Verdict::Allow,
                 rule: index,
                 reason: None,
+                inspect: self.inspect && *method == http::Method::CONNECT,
             },
             Action::Bypass => Decision {
                 verdict: Verdict::Bypass,
                 rule: index,
                 reason: None,
+                inspect: false,
             },
         }
     }
@@ -437,6 +443,7 @@ impl Policy {
                 verdict: Verdict::Report,
                 rule: None,
                 reason: Some(reason),
+                inspect: false,
             },
         }
     }
