@@ -147,10 +147,7 @@ impl Proxy {
         };
         let guards = proxy::Guards::new(&settings, ca.as_ref())?;
         let shared = Arc::new(Shared {
-            settings: ArcSwap::from_pointee(Snapshot {
-                settings: Arc::new(settings),
-                guards: Arc::new(guards),
-            }),
+            settings: ArcSwap::from_pointee(Snapshot::new(settings, guards)),
             resolver,
             audit,
             ids: IdGen::new(),
@@ -238,15 +235,12 @@ impl Handle {
         let status = &self.shared.metrics.status;
         status.set_catalog(settings.policy.hash(), settings.policy.rules().len());
         status.set_denials_kept(settings.denials_kept);
-        self.shared
-            .resolver
-            .set_static(settings.dns.static_hosts.clone());
         self.shared.resolver.clear_cache();
-        // One store: requests see the old snapshot or the new one, whole.
-        self.shared.settings.store(Arc::new(Snapshot {
-            settings: Arc::new(settings),
-            guards: Arc::new(guards),
-        }));
+        // One store: requests see the old snapshot or the new one, whole
+        // (policy, guards and DNS overrides alike).
+        self.shared
+            .settings
+            .store(Arc::new(Snapshot::new(settings, guards)));
         Ok(())
     }
 

@@ -5,23 +5,24 @@ use std::net::SocketAddr;
 use tokio::net::TcpStream;
 
 use super::error::Refusal;
-use super::ConnCtx;
+use super::{ConnCtx, Snapshot};
 use crate::config::Settings;
 use crate::target::Target;
 
 /// Resolve and vet the target, then dial; refusals come back ready to send.
 pub(crate) async fn dial_target(
     ctx: &ConnCtx,
-    settings: &Settings,
+    snapshot: &Snapshot,
     target: &Target,
     rule: Option<&crate::policy::Rule>,
 ) -> Result<Vec<SocketAddr>, Refusal> {
     let hist = &ctx.shared.metrics.dns_seconds;
     let vetted = crate::upstream::vetted_addrs(
         &ctx.shared.resolver,
+        &snapshot.statics,
         target,
         rule,
-        &settings.dns.allow_private,
+        &snapshot.dns.allow_private,
         |took| hist.observe(took.as_secs_f64()),
     )
     .await;

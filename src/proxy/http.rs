@@ -35,7 +35,7 @@ pub async fn forward(ctx: &ConnCtx, x: Exchange, req: Request<Incoming>) -> Resp
     } = x;
     let settings: &Settings = &snapshot;
     let rule = decision.rule.and_then(|i| settings.policy.rule(i));
-    let addrs = match dial_target(ctx, settings, &target, rule).await {
+    let addrs = match dial_target(ctx, &snapshot, &target, rule).await {
         Ok(a) => a,
         Err(r) => return refuse(txn, r, settings),
     };

@@ -78,6 +78,18 @@ pub struct Shared {
 pub struct Snapshot {
     pub settings: Arc<Settings>,
     pub guards: Arc<Guards>,
+    /// `dns.static` of these settings, ready for lookups.
+    pub statics: crate::dns::Statics,
+}
+
+impl Snapshot {
+    pub fn new(settings: Settings, guards: Guards) -> Self {
+        Snapshot {
+            statics: crate::dns::statics(&settings.dns.static_hosts),
+            settings: Arc::new(settings),
+            guards: Arc::new(guards),
+        }
+    }
 }
 
 impl std::ops::Deref for Snapshot {
