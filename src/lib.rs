@@ -104,6 +104,29 @@ pub fn start_audit_with(
     Ok((log, writer, metrics))
 }
 
+/// The inspection CA of `settings`, when `[tls]` sets one.
+///
+/// # Errors
+/// The certificate or key cannot be read or used.
+pub fn load_ca(settings: &Settings) -> Result<Option<Arc<tls::ca::Ca>>, tls::ca::CaError> {
+    match (&settings.tls.ca_cert, &settings.tls.ca_key) {
+        (Some(cert), Some(key)) => Ok(Some(Arc::new(tls::ca::Ca::load(cert, key)?))),
+        _ => Ok(None),
+    }
+}
+
+/// Load the TLS material `run` would load at start (the CA, the rules'
+/// client certificates, extra roots), for `check`.
+///
+/// # Errors
+/// What is wrong with it, as `check` prints it.
+pub fn check_tls(settings: &Settings) -> Result<(), String> {
+    let ca = load_ca(settings).map_err(|e| format!("[tls] {e}"))?;
+    proxy::Guards::new(settings, ca.as_ref())
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
 /// A proxy ready to serve on bound listeners.
 pub struct Proxy {
     shared: Arc<Shared>,
@@ -141,10 +164,7 @@ impl Proxy {
             .status
             .set_catalog(settings.policy.hash(), settings.policy.rules().len());
         metrics.status.set_denials_kept(settings.denials_kept);
-        let ca = match (&settings.tls.ca_cert, &settings.tls.ca_key) {
-            (Some(cert), Some(key)) => Some(Arc::new(tls::ca::Ca::load(cert, key)?)),
-            _ => None,
-        };
+        let ca = load_ca(&settings)?;
         let guards = proxy::Guards::new(&settings, ca.as_ref())?;
         let shared = Arc::new(Shared {
             settings: ArcSwap::from_pointee(Snapshot::new(settings, guards)),

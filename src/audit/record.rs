@@ -111,6 +111,12 @@ impl IdGen {
         }
     }
 
+    /// The upper half every id of this process shares (8 hex digits as
+    /// written), for the connection spans of the log.
+    pub fn prefix(&self) -> u32 {
+        (self.prefix >> 32) as u32
+    }
+
     pub fn next(&self) -> u64 {
         self.prefix ^ self.next.fetch_add(1, Ordering::Relaxed)
     }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use tokio::net::{TcpListener, TcpStream};
+use tracing::Instrument;
 
 use super::conn::{connection, linger};
 use super::error::Refusal;
@@ -64,10 +65,17 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 // Boxed: the connection future is kilobytes (hyper's
                 // dispatcher and our service), and the task would otherwise
                 // be moved whole several times on its way into the runtime.
+                // One span a connection: its log lines name the client and
+                // the record ids' prefix, so they can be tied to its records.
+                let span = tracing::info_span!(
+                    "conn",
+                    ids = %format_args!("{:08x}", shared.ids.prefix()),
+                    client = %peer
+                );
                 shared
                     .drain
                     .tracker
-                    .spawn(Box::pin(connection(stream, peer, shared2, permit)));
+                    .spawn(Box::pin(connection(stream, peer, shared2, permit)).instrument(span));
             }
             None => {
                 shared.metrics.connection_limit.inc();

@@ -14,6 +14,7 @@ use hyper::upgrade::Upgraded;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tracing::Instrument;
 
 use super::body::ProxyBody;
 use super::inspect::{self, Inspected};
@@ -96,7 +97,8 @@ fn sni_check(
 /// (`None`: the client's socket could not be had, `client_closed`).
 ///
 /// The task keeps the connection's context, and with it the connection
-/// permits: an open tunnel counts against the caps. Boxed, like the
+/// permits: an open tunnel counts against the caps; and the connection's
+/// span. Boxed, like the
 /// connection: the tunnel task is moved into the runtime as a pointer, not
 /// as its whole state.
 fn spawn<F, Fut>(
@@ -112,30 +114,33 @@ where
     let on_upgrade = hyper::upgrade::on(req);
     let open_tunnels = ctx.shared.metrics.open_tunnels.clone();
     let held = Arc::clone(ctx);
-    ctx.shared.drain.tracker.spawn(Box::pin(async move {
-        let _held = held;
-        let _open = crate::metrics::GaugeGuard::new(&open_tunnels);
-        let stats = match on_upgrade.await {
-            Ok(upgraded) => run(upgraded).await,
-            Err(e) => {
-                tracing::debug!(error = %e, "CONNECT upgrade failed");
-                None
+    ctx.shared.drain.tracker.spawn(Box::pin(
+        async move {
+            let _held = held;
+            let _open = crate::metrics::GaugeGuard::new(&open_tunnels);
+            let stats = match on_upgrade.await {
+                Ok(upgraded) => run(upgraded).await,
+                Err(e) => {
+                    tracing::debug!(error = %e, "CONNECT upgrade failed");
+                    None
+                }
+            };
+            let Some(stats) = stats else {
+                txn.finish(Some(200), Some(Reason::ClientClosed));
+                return;
+            };
+            let rec = txn.rec();
+            rec.bytes_up = stats.up;
+            rec.bytes_down = stats.down;
+            rec.sni = stats.sni;
+            rec.ech = stats.ech;
+            if stats.denied {
+                txn.set_decision(Decided::Deny);
             }
-        };
-        let Some(stats) = stats else {
-            txn.finish(Some(200), Some(Reason::ClientClosed));
-            return;
-        };
-        let rec = txn.rec();
-        rec.bytes_up = stats.up;
-        rec.bytes_down = stats.down;
-        rec.sni = stats.sni;
-        rec.ech = stats.ech;
-        if stats.denied {
-            txn.set_decision(Decided::Deny);
+            txn.finish(Some(200), stats.reason);
         }
-        txn.finish(Some(200), stats.reason);
-    }));
+        .instrument(tracing::Span::current()),
+    ));
     let mut resp = Response::new(ProxyBody::empty());
     *resp.status_mut() = StatusCode::OK;
     resp

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response};
+use tracing::Instrument;
 
 use super::body::ProxyBody;
 use super::error::Refusal;
@@ -39,12 +40,15 @@ pub(super) fn spawn_handle(
     let shared = Arc::clone(&ctx.shared);
     let hard = shared.drain.hard.clone();
     let txn = shared.txn(ctx.client);
-    shared.drain.tracker.spawn(async move {
-        tokio::select! {
-            resp = handle(ctx, txn, req) => resp,
-            () = hard.cancelled() => Refusal::new(Reason::Shutdown).response(0, None),
+    shared.drain.tracker.spawn(
+        async move {
+            tokio::select! {
+                resp = handle(ctx, txn, req) => resp,
+                () = hard.cancelled() => Refusal::new(Reason::Shutdown).response(0, None),
+            }
         }
-    })
+        .instrument(tracing::Span::current()),
+    )
 }
 
 /// A handler task that panicked (its record was written as it unwound).
