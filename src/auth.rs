@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use argon2::{Argon2, PasswordHash, PasswordHasher, PasswordVerifier};
 use base64::Engine;
 
-use crate::audit::Reason;
 use crate::config::AuthSettings;
+use crate::reason::Reason;
 
 /// How long a verified credential is trusted without verifying again.
 pub const CACHE_TTL: Duration = Duration::from_secs(300);

@@ -16,6 +16,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::policy::{Action, EchMode, Policy, PortRange, RuleSpec, SniMode};
+pub use crate::policy::{DefaultAction, Rate};
 use crate::target::{self, Host};
 
 /// The shipped default configuration, used when no file is found.
@@ -324,19 +325,6 @@ pub struct Limits {
     pub response_timeout: Duration,
 }
 
-/// A rate such as `"50/s"`: `count` events per `per`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Rate {
-    pub count: u32,
-    pub per: Duration,
-}
-
-impl fmt::Display for Rate {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.count, humantime::format_duration(self.per))
-    }
-}
-
 /// `[rates]`: off unless set.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Rates {
@@ -359,13 +347,6 @@ pub struct DnsSettings {
     /// Normalised host name -> addresses, answered without asking DNS.
     pub static_hosts: HashMap<Box<str>, Vec<IpAddr>>,
     pub allow_private: Vec<IpNet>,
-}
-
-/// What happens to a request that no rule matches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DefaultAction {
-    Deny,
-    Report,
 }
 
 /// `[policy]`.

@@ -6,10 +6,8 @@
 //! decides whether an address is acceptable.
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use hickory_resolver::config::{
     ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolverConfig,
 };
@@ -38,17 +36,21 @@ impl ResolveError {
     }
 }
 
-type Statics = HashMap<Box<str>, Vec<IpAddr>, foldhash::fast::RandomState>;
+/// The `dns.static` overrides of one settings snapshot, answered without
+/// asking DNS. Looked up on every request: foldhash, not SipHash (the keys
+/// come from the config). They live in the proxy's reload snapshot, so a
+/// request resolves with the overrides of the settings it was decided
+/// under, never with those of a later reload.
+pub type Statics = HashMap<Box<str>, Vec<IpAddr>, foldhash::fast::RandomState>;
 
-fn fast(statics: HashMap<Box<str>, Vec<IpAddr>>) -> Statics {
-    statics.into_iter().collect()
+/// [`Statics`] from `dns.static`.
+pub fn statics(hosts: &HashMap<Box<str>, Vec<IpAddr>>) -> Statics {
+    hosts.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
 /// The resolver shared by every transaction.
 pub struct Resolver {
     hickory: TokioResolver,
-    /// Looked up on every request: foldhash, not SipHash (the keys come from the config).
-    statics: ArcSwap<Statics>,
     timeout: Duration,
 }
 
@@ -79,37 +81,22 @@ impl Resolver {
         opts.cache_size = 4096;
         opts.ndots = 0;
         let hickory = builder.build().map_err(|e| SetupError(e.to_string()))?;
-        Ok(Resolver {
-            hickory,
-            statics: ArcSwap::from_pointee(fast(settings.static_hosts.clone())),
-            timeout,
-        })
+        Ok(Resolver { hickory, timeout })
     }
 
-    /// Replace the static overrides (hot reload).
-    pub fn set_static(&self, statics: HashMap<Box<str>, Vec<IpAddr>>) {
-        self.statics.store(Arc::new(fast(statics)));
-    }
-
-    /// Every address of a normalised name (static overrides first).
+    /// Every address of a normalised name: from `statics` when listed
+    /// there, else from DNS; `timed` gets the time a real DNS query took
+    /// (static overrides are not timed).
     ///
     /// # Errors
     /// No such name, no addresses, a resolver failure, or the time-out.
-    pub async fn lookup(&self, name: &str) -> Result<Vec<IpAddr>, ResolveError> {
-        self.lookup_timed(name, |_| {}).await
-    }
-
-    /// [`Resolver::lookup`], calling `timed` with the time a real DNS query
-    /// took (static overrides are not timed).
-    ///
-    /// # Errors
-    /// As [`Resolver::lookup`].
     pub async fn lookup_timed(
         &self,
+        statics: &Statics,
         name: &str,
         timed: impl FnOnce(Duration),
     ) -> Result<Vec<IpAddr>, ResolveError> {
-        if let Some(ips) = self.statics.load().get(name) {
+        if let Some(ips) = statics.get(name) {
             return Ok(ips.clone());
         }
         let fqdn = format!("{name}.");

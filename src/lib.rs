@@ -2,31 +2,38 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: raw configuration (file + environment) and its validation into [`config::Settings`].
+//! The data path, from the leaves up:
+//!
+//! - [`reason`]: why a transaction was refused or failed: the word, its status and its class (a leaf).
 //! - [`target`]: the normalised target of a request; the only place hosts are normalised.
 //! - [`policy`]: the compiled catalog and the pure decision on (host, port, method); address vetting in [`policy::ip`].
-//! - [`audit`]: the audit record, its reasons, and the single writer task.
+//! - [`config`]: raw configuration (file + environment) and its validation into [`config::Settings`].
+//! - [`reload`]: load and validate again on SIGHUP or a file change.
+//! - [`audit`]: the audit record, its JSON and Squid lines, the sinks (syslog too), the single writer thread, and the log reader.
+//! - [`metrics`]: the Prometheus metrics and the status page's state, both fed from the audit records.
+//! - [`auth`], [`limits`]: proxy authentication; connection caps and rate limiters.
 //! - [`dns`], [`upstream`]: resolution with static overrides, vetting of every address, dialing.
-//! - [`proxy`]: the accept loop, HTTP forwarding, CONNECT tunnels.
-//! - [`cli`]: the `check` and `explain` verbs.
+//! - [`tls`]: TLS material for inspection: the CA and its leaf cache, the upstream client configurations.
+//! - [`proxy`]: the accept loop, the request pipeline, HTTP forwarding, CONNECT tunnels (spliced or inspected).
+//! - [`shutdown`]: the drain (stop accepting, cancel, wait under a deadline).
+//!
+//! The operator's face, [`operator`]: `check`/`explain` output, `suggest`,
+//! `replay`, and the admin listener with the status page. Nothing on the
+//! data path calls into it.
 #![forbid(unsafe_code)]
 
-pub mod admin;
 pub mod audit;
 pub mod auth;
-pub mod cli;
 pub mod config;
 pub mod dns;
 pub mod limits;
 pub mod metrics;
+pub mod operator;
 pub mod policy;
 pub mod proxy;
+pub mod reason;
 pub mod reload;
-pub mod replay;
 pub mod shutdown;
-pub mod status;
-pub mod suggest;
-pub mod syslog;
 pub mod target;
 pub mod tls;
 pub mod upstream;
@@ -70,7 +77,7 @@ pub fn start_audit(
 
 /// [`start_audit`], plus the RFC 5424 copy of every record to `syslog`
 /// (`audit.syslog`: `udp://host:port` or `tcp://host:port`) when set. The
-/// syslog sink never makes the writer wait (see [`syslog`]).
+/// syslog sink never makes the writer wait (see [`audit::syslog`]).
 ///
 /// # Errors
 /// `syslog` is not a syslog address, or a thread could not be started.
@@ -82,17 +89,42 @@ pub fn start_audit_with(
     let mut sinks: Vec<Box<dyn AuditSink>> = vec![
         sink,
         Box::new(MetricsSink::new(Arc::clone(&metrics))),
-        Box::new(status::StatusSink(Arc::clone(&metrics.status))),
+        Box::new(metrics::status::StatusSink(Arc::clone(&metrics.status))),
     ];
     if let Some(url) = syslog {
-        let counters = crate::syslog::Counters {
+        let counters = crate::audit::syslog::Counters {
             sent: metrics.syslog_sent.clone(),
             dropped: metrics.syslog_dropped.clone(),
         };
-        sinks.push(Box::new(crate::syslog::SyslogSink::start(url, counters)?));
+        sinks.push(Box::new(crate::audit::syslog::SyslogSink::start(
+            url, counters,
+        )?));
     }
     let (log, writer) = AuditLog::start(Box::new(Tee(sinks)))?;
     Ok((log, writer, metrics))
+}
+
+/// The inspection CA of `settings`, when `[tls]` sets one.
+///
+/// # Errors
+/// The certificate or key cannot be read or used.
+pub fn load_ca(settings: &Settings) -> Result<Option<Arc<tls::ca::Ca>>, tls::ca::CaError> {
+    match (&settings.tls.ca_cert, &settings.tls.ca_key) {
+        (Some(cert), Some(key)) => Ok(Some(Arc::new(tls::ca::Ca::load(cert, key)?))),
+        _ => Ok(None),
+    }
+}
+
+/// Load the TLS material `run` would load at start (the CA, the rules'
+/// client certificates, extra roots), for `check`.
+///
+/// # Errors
+/// What is wrong with it, as `check` prints it.
+pub fn check_tls(settings: &Settings) -> Result<(), String> {
+    let ca = load_ca(settings).map_err(|e| format!("[tls] {e}"))?;
+    proxy::Guards::new(settings, ca.as_ref())
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 /// A proxy ready to serve on bound listeners.
@@ -132,16 +164,10 @@ impl Proxy {
             .status
             .set_catalog(settings.policy.hash(), settings.policy.rules().len());
         metrics.status.set_denials_kept(settings.denials_kept);
-        let ca = match (&settings.tls.ca_cert, &settings.tls.ca_key) {
-            (Some(cert), Some(key)) => Some(Arc::new(tls::ca::Ca::load(cert, key)?)),
-            _ => None,
-        };
+        let ca = load_ca(&settings)?;
         let guards = proxy::Guards::new(&settings, ca.as_ref())?;
         let shared = Arc::new(Shared {
-            settings: ArcSwap::from_pointee(Snapshot {
-                settings: Arc::new(settings),
-                guards: Arc::new(guards),
-            }),
+            settings: ArcSwap::from_pointee(Snapshot::new(settings, guards)),
             resolver,
             audit,
             ids: IdGen::new(),
@@ -186,7 +212,7 @@ impl Proxy {
             if let Ok(a) = l.local_addr() {
                 tracing::info!(admin = %a, "admin endpoints");
             }
-            tokio::spawn(admin::serve(l, Arc::clone(&self.shared)));
+            tokio::spawn(operator::admin::serve(l, Arc::clone(&self.shared)));
         }
         let sweeper = {
             let shared = Arc::clone(&self.shared);
@@ -235,15 +261,12 @@ impl Handle {
         let status = &self.shared.metrics.status;
         status.set_catalog(settings.policy.hash(), settings.policy.rules().len());
         status.set_denials_kept(settings.denials_kept);
-        self.shared
-            .resolver
-            .set_static(settings.dns.static_hosts.clone());
         self.shared.resolver.clear_cache();
-        // One store: requests see the old snapshot or the new one, whole.
-        self.shared.settings.store(Arc::new(Snapshot {
-            settings: Arc::new(settings),
-            guards: Arc::new(guards),
-        }));
+        // One store: requests see the old snapshot or the new one, whole
+        // (policy, guards and DNS overrides alike).
+        self.shared
+            .settings
+            .store(Arc::new(Snapshot::new(settings, guards)));
         Ok(())
     }
 

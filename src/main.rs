@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use egress_proxy::audit::LineSink;
 use egress_proxy::config::Settings;
-use egress_proxy::{cli, reload, Proxy};
+use egress_proxy::operator::cli;
+use egress_proxy::{reload, Proxy};
 use tokio::net::TcpListener;
 
 /// Egress allowlist forward proxy.
@@ -132,6 +133,21 @@ fn purge_freed_memory_promptly() {
     eprintln!("egress-proxy: could not re-execute with the allocator options ({err}); freed memory returns lazily");
 }
 
+/// Why a command failed: printed once by `main` as `egress-proxy: {0}`,
+/// then exit 1.
+struct Fail(String);
+
+impl<E: std::fmt::Display> From<E> for Fail {
+    fn from(e: E) -> Self {
+        Fail(e.to_string())
+    }
+}
+
+/// A configuration that does not load or validate.
+fn invalid(e: impl std::fmt::Display) -> Fail {
+    Fail(format!("invalid configuration:\n{e}"))
+}
+
 fn main() -> ExitCode {
     // Usage errors exit 1 (DESIGN.md); --help and --version exit 0.
     let cli = match Cli::try_parse() {
@@ -149,165 +165,99 @@ fn main() -> ExitCode {
         purge_freed_memory_promptly();
     }
     init_tracing();
-    match &cli.cmd {
-        Some(Cmd::Auth { cmd: AuthCmd::Hash }) => return auth_hash(),
-        Some(Cmd::Ca {
-            cmd: CaCmd::Generate { out, force },
-        }) => return ca_generate(out, *force),
-        Some(Cmd::Suggest { audit, since }) => {
-            return suggest(audit, since.as_deref(), cli.config.as_deref())
+    match command(cli) {
+        Ok(code) => code,
+        Err(Fail(e)) => {
+            eprintln!("egress-proxy: {e}");
+            ExitCode::from(1)
         }
-        _ => {}
-    }
-    let settings = match Settings::load(cli.config.as_deref(), std::env::vars()) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("egress-proxy: invalid configuration:\n{e}");
-            return ExitCode::from(1);
-        }
-    };
-    match cli.cmd.unwrap_or(Cmd::Run) {
-        Cmd::Check => {
-            print!("{}", cli::summary(&settings));
-            if let Err(e) = check_tls(&settings) {
-                eprintln!("egress-proxy: invalid configuration:\n{e}");
-                return ExitCode::from(1);
-            }
-            println!("configuration OK");
-            ExitCode::SUCCESS
-        }
-        Cmd::Explain { target } => match cli::explain(&settings.policy, &target) {
-            Ok(ex) => {
-                print!("{ex}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("egress-proxy: {e}");
-                ExitCode::from(1)
-            }
-        },
-        Cmd::Run => serve(settings, cli.config),
-        Cmd::Replay { audit, catalog } => {
-            match egress_proxy::replay::command(&settings, &audit, &catalog) {
-                Ok(out) => {
-                    for n in &out.notes {
-                        eprintln!("egress-proxy: {n}");
-                    }
-                    print!("{}", out.report);
-                    if out.newly_denied > 0 {
-                        ExitCode::from(3)
-                    } else {
-                        ExitCode::SUCCESS
-                    }
-                }
-                Err(e) => {
-                    eprintln!("egress-proxy: {e}");
-                    ExitCode::from(1)
-                }
-            }
-        }
-        Cmd::Auth { .. } | Cmd::Ca { .. } | Cmd::Suggest { .. } => ExitCode::from(1),
     }
 }
 
-/// `suggest`: needs no configuration; with an explicit `--config`, the
-/// destinations its catalog already lets through are left out.
-fn suggest(
-    audit: &std::path::Path,
-    since: Option<&str>,
-    config: Option<&std::path::Path>,
-) -> ExitCode {
-    let settings = match config
-        .map(|c| Settings::load(Some(c), std::env::vars()))
-        .transpose()
-    {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("egress-proxy: invalid configuration:\n{e}");
-            return ExitCode::from(1);
-        }
+/// Run one command.
+fn command(cli: Cli) -> Result<ExitCode, Fail> {
+    let load = |config: Option<&std::path::Path>| {
+        Settings::load(config, std::env::vars()).map_err(invalid)
     };
-    match egress_proxy::suggest::command(audit, since, settings.as_ref().map(|s| &*s.policy)) {
-        Ok(out) => {
+    match cli.cmd.unwrap_or(Cmd::Run) {
+        Cmd::Auth { cmd: AuthCmd::Hash } => auth_hash(),
+        Cmd::Ca {
+            cmd: CaCmd::Generate { out, force },
+        } => ca_generate(&out, force),
+        Cmd::Suggest { audit, since } => {
+            // Needs no configuration; with an explicit `--config`, the
+            // destinations its catalog already lets through are left out.
+            let settings = cli.config.as_deref().map(|c| load(Some(c))).transpose()?;
+            let policy = settings.as_ref().map(|s| &*s.policy);
+            let out = egress_proxy::operator::suggest::command(&audit, since.as_deref(), policy)?;
             for n in &out.notes {
                 eprintln!("egress-proxy: {n}");
             }
             print!("{}", out.toml);
-            ExitCode::SUCCESS
+            Ok(ExitCode::SUCCESS)
         }
-        Err(e) => {
-            eprintln!("egress-proxy: {e}");
-            ExitCode::from(1)
+        Cmd::Check => {
+            let settings = load(cli.config.as_deref())?;
+            print!("{}", cli::summary(&settings));
+            egress_proxy::check_tls(&settings).map_err(invalid)?;
+            println!("configuration OK");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Explain { target } => {
+            let settings = load(cli.config.as_deref())?;
+            print!("{}", cli::explain(&settings.policy, &target)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Run => serve(load(cli.config.as_deref())?, cli.config),
+        Cmd::Replay { audit, catalog } => {
+            let settings = load(cli.config.as_deref())?;
+            let out = egress_proxy::operator::replay::command(&settings, &audit, &catalog)?;
+            for n in &out.notes {
+                eprintln!("egress-proxy: {n}");
+            }
+            print!("{}", out.report);
+            // 3: the new catalog would deny something the old one let through.
+            Ok(ExitCode::from(if out.newly_denied > 0 { 3 } else { 0 }))
         }
     }
-}
-
-/// The CA and client certificates load (what `run` would do at start).
-fn check_tls(settings: &Settings) -> Result<(), String> {
-    let ca = match (&settings.tls.ca_cert, &settings.tls.ca_key) {
-        (Some(c), Some(k)) => Some(std::sync::Arc::new(
-            egress_proxy::tls::ca::Ca::load(c, k).map_err(|e| format!("[tls] {e}"))?,
-        )),
-        _ => None,
-    };
-    egress_proxy::proxy::Guards::new(settings, ca.as_ref())
-        .map(|_| ())
-        .map_err(|e| e.to_string())
 }
 
 /// `ca generate`: write the CA and say how to trust it.
-fn ca_generate(out: &std::path::Path, force: bool) -> ExitCode {
-    match egress_proxy::tls::ca::generate(out, force) {
-        Ok((cert, key)) => {
-            println!(
-                "wrote {} and {} (mode 0600; never commit it)",
-                cert.display(),
-                key.display()
-            );
-            println!();
-            println!("To inspect `allow` tunnels, set in the config:");
-            println!("  [tls]");
-            println!("  ca_cert = \"{}\"", cert.display());
-            println!("  ca_key  = \"{}\"", key.display());
-            println!();
-            println!(
-                "and make the gateway trust {} as a root CA: import it into the",
-                cert.display()
-            );
-            println!("gateway's trusted certificate store (on Debian: copy it to");
-            println!("/usr/local/share/ca-certificates/egress-proxy.crt and run update-ca-certificates).");
-            println!("bypass rules are never inspected, whatever the CA.");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("egress-proxy: {e}");
-            ExitCode::from(1)
-        }
-    }
+fn ca_generate(out: &std::path::Path, force: bool) -> Result<ExitCode, Fail> {
+    let (cert, key) = egress_proxy::tls::ca::generate(out, force)?;
+    println!(
+        "wrote {} and {} (mode 0600; never commit it)",
+        cert.display(),
+        key.display()
+    );
+    println!();
+    println!("To inspect `allow` tunnels, set in the config:");
+    println!("  [tls]");
+    println!("  ca_cert = \"{}\"", cert.display());
+    println!("  ca_key  = \"{}\"", key.display());
+    println!();
+    println!(
+        "and make the gateway trust {} as a root CA: import it into the",
+        cert.display()
+    );
+    println!("gateway's trusted certificate store (on Debian: copy it to");
+    println!("/usr/local/share/ca-certificates/egress-proxy.crt and run update-ca-certificates).");
+    println!("bypass rules are never inspected, whatever the CA.");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `auth hash`: the first line of standard input (without its line end).
-fn auth_hash() -> ExitCode {
+fn auth_hash() -> Result<ExitCode, Fail> {
     let mut line = String::new();
     if std::io::stdin().read_line(&mut line).is_err() {
-        eprintln!("egress-proxy: cannot read the password from standard input");
-        return ExitCode::from(1);
+        return Err(Fail("cannot read the password from standard input".into()));
     }
     let password = line.trim_end_matches(['\r', '\n']);
     if password.is_empty() {
-        eprintln!("egress-proxy: empty password");
-        return ExitCode::from(1);
+        return Err(Fail("empty password".into()));
     }
-    match egress_proxy::auth::hash_password(password) {
-        Ok(phc) => {
-            println!("{phc}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("egress-proxy: {e}");
-            ExitCode::from(1)
-        }
-    }
+    println!("{}", egress_proxy::auth::hash_password(password)?);
+    Ok(ExitCode::SUCCESS)
 }
 
 fn init_tracing() {
@@ -320,7 +270,7 @@ fn init_tracing() {
         .init();
 }
 
-fn serve(settings: Settings, config: Option<PathBuf>) -> ExitCode {
+fn serve(settings: Settings, config: Option<PathBuf>) -> Result<ExitCode, Fail> {
     tracing::info!(config = %settings.source, rules = settings.policy.rules().len(), "configuration loaded");
     for w in &settings.warnings {
         tracing::warn!("{w}");
@@ -345,82 +295,57 @@ fn serve(settings: Settings, config: Option<PathBuf>) -> ExitCode {
             .build()
     };
     tracing::info!(cores, "runtime");
-    let runtime = match built {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("egress-proxy: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    runtime.block_on(async move {
-        let mut listeners = Vec::new();
-        for addr in &settings.server.listen {
-            match TcpListener::bind(addr).await {
-                Ok(l) => listeners.push(l),
-                Err(e) => {
-                    eprintln!("egress-proxy: cannot listen on {addr}: {e}");
-                    return ExitCode::from(1);
-                }
-            }
-        }
-        let sink = match LineSink::open(settings.audit.path.clone(), settings.audit.format) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("egress-proxy: cannot open the audit log: {e}");
-                return ExitCode::from(1);
-            }
-        };
-        let (audit, writer, metrics) = match egress_proxy::start_audit_with(
-            Box::new(sink),
-            settings.audit.syslog.as_deref(),
-        ) {
-            Ok(a) => a,
-            Err(e) => {
-                eprintln!("egress-proxy: cannot start the audit writer: {e}");
-                return ExitCode::from(1);
-            }
-        };
-        let admin = match settings.server.admin_listen {
-            Some(addr) => match TcpListener::bind(addr).await {
-                Ok(l) => Some(l),
-                Err(e) => {
-                    eprintln!("egress-proxy: cannot listen on {addr} (server.admin_listen): {e}");
-                    return ExitCode::from(1);
-                }
-            },
-            None => None,
-        };
-        let mut proxy = match Proxy::new(listeners, settings, audit, metrics) {
-            Ok(p) => p,
-            Err(e) => {
-                eprintln!("egress-proxy: {e}");
-                return ExitCode::from(1);
-            }
-        };
-        if let Some(l) = admin {
-            proxy = proxy.with_admin(l);
-        }
-        let handle = proxy.handle();
-        let hup = tokio::spawn(reload::on_hangup(
-            handle.clone(),
-            config.clone(),
-            reload::process_env,
-        ));
-        let watch = tokio::spawn(reload::watch(
-            handle,
-            config,
-            reload::process_env,
-            std::time::Duration::from_secs(1),
-        ));
-        proxy.run(signals::terminate()).await;
-        hup.abort();
-        watch.abort();
-        tokio::task::spawn_blocking(move || writer.join())
+    let runtime = built.map_err(|e| Fail(format!("cannot start the runtime: {e}")))?;
+    runtime.block_on(run(settings, config))
+}
+
+/// Bind, start the audit writer and the reload watchers, serve until a
+/// signal, then drain and let the writer finish.
+async fn run(settings: Settings, config: Option<PathBuf>) -> Result<ExitCode, Fail> {
+    let mut listeners = Vec::new();
+    for addr in &settings.server.listen {
+        let l = TcpListener::bind(addr)
             .await
-            .ok();
-        tracing::info!("stopped");
-        ExitCode::SUCCESS
-    })
+            .map_err(|e| Fail(format!("cannot listen on {addr}: {e}")))?;
+        listeners.push(l);
+    }
+    let sink = LineSink::open(settings.audit.path.clone(), settings.audit.format)
+        .map_err(|e| Fail(format!("cannot open the audit log: {e}")))?;
+    let (audit, writer, metrics) =
+        egress_proxy::start_audit_with(Box::new(sink), settings.audit.syslog.as_deref())
+            .map_err(|e| Fail(format!("cannot start the audit writer: {e}")))?;
+    let admin = match settings.server.admin_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+            Fail(format!(
+                "cannot listen on {addr} (server.admin_listen): {e}"
+            ))
+        })?),
+        None => None,
+    };
+    let mut proxy = Proxy::new(listeners, settings, audit, metrics)?;
+    if let Some(l) = admin {
+        proxy = proxy.with_admin(l);
+    }
+    let handle = proxy.handle();
+    let hup = tokio::spawn(reload::on_hangup(
+        handle.clone(),
+        config.clone(),
+        reload::process_env,
+    ));
+    let watch = tokio::spawn(reload::watch(
+        handle,
+        config,
+        reload::process_env,
+        std::time::Duration::from_secs(1),
+    ));
+    proxy.run(signals::terminate()).await;
+    hup.abort();
+    watch.abort();
+    tokio::task::spawn_blocking(move || writer.join())
+        .await
+        .ok();
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
 }
 
 mod signals {

@@ -149,6 +149,30 @@ impl fmt::Display for Target {
 
 // === parsing ===
 
+/// The target of a proxy request: the authority of a CONNECT
+/// (authority-form), or the absolute-form `http://` URI of any other method.
+///
+/// # Errors
+/// Anything else: origin-form, another scheme, a `CONNECT` with a scheme or
+/// a path, a malformed or non-normalisable host, port 0.
+pub fn from_request<B>(req: &http::Request<B>) -> Result<Target, TargetError> {
+    let uri = req.uri();
+    if req.method() != http::Method::CONNECT {
+        return parse_absolute(uri);
+    }
+    if uri.scheme().is_some() {
+        // `CONNECT http://host:port/` is not authority-form.
+        return Err(TargetError::NotAuthority);
+    }
+    let bare = uri
+        .path_and_query()
+        .is_none_or(|p| p.as_str().is_empty() || p.as_str() == "/");
+    match uri.authority() {
+        Some(a) if bare => parse_authority(a.as_str()),
+        _ => parse_authority(&uri.to_string()),
+    }
+}
+
 /// Parse the absolute-form request target of a plain HTTP proxy request
 /// (`http://host[:port]/path`); the port defaults to 80.
 ///

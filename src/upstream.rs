@@ -10,9 +10,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 use tokio::net::TcpStream;
 
-use crate::audit::Reason;
-use crate::dns::{ResolveError, Resolver};
+use crate::dns::{ResolveError, Resolver, Statics};
 use crate::policy::{ip, Rule};
+use crate::reason::Reason;
 use crate::target::{Host, Target};
 
 /// Why no upstream connection could be made.
@@ -58,6 +58,7 @@ impl UpstreamError {
 /// DNS failure, or every address refused (private, or outside the pin).
 pub async fn vetted_addrs(
     resolver: &Resolver,
+    statics: &Statics,
     target: &Target,
     rule: Option<&Rule>,
     allow_private: &[IpNet],
@@ -65,7 +66,7 @@ pub async fn vetted_addrs(
 ) -> Result<Vec<SocketAddr>, UpstreamError> {
     let ips = match &target.host {
         Host::Ip(ip) => vec![*ip],
-        Host::Name(name) => resolver.lookup_timed(name, timed).await?,
+        Host::Name(name) => resolver.lookup_timed(statics, name, timed).await?,
     };
     vet(&ips, target.port, rule, allow_private)
 }

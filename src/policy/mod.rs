@@ -18,9 +18,28 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use crate::audit::Reason;
-use crate::config::{DefaultAction, Rate};
+use crate::reason::Reason;
 use crate::target::{Host, Target};
+
+/// What happens to a request that no rule matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DefaultAction {
+    Deny,
+    Report,
+}
+
+/// A rate such as `"50/s"`: `count` events per `per`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Rate {
+    pub count: u32,
+    pub per: std::time::Duration,
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.count, humantime::format_duration(self.per))
+    }
+}
 
 /// The index maps: read-only after compile, keyed by host names the
 /// catalog chose (not attacker-chosen insertions), so a fast seeded hasher
@@ -198,6 +217,9 @@ pub struct Decision {
     pub rule: Option<usize>,
     /// Why refused, or for `report`, which miss was let through.
     pub reason: Option<Reason>,
+    /// The CONNECT is inspected: an `allow` rule's tunnel with a CA
+    /// configured (DESIGN.md: each inner request is decided again).
+    pub inspect: bool,
 }
 
 impl Decision {
@@ -206,6 +228,7 @@ impl Decision {
             verdict: Verdict::Deny,
             rule,
             reason: Some(reason),
+            inspect: false,
         }
     }
 }
@@ -391,11 +414,13 @@ impl Policy {
                 verdict: Verdict::Allow,
                 rule: index,
                 reason: None,
+                inspect: self.inspect && *method == http::Method::CONNECT,
             },
             Action::Bypass => Decision {
                 verdict: Verdict::Bypass,
                 rule: index,
                 reason: None,
+                inspect: false,
             },
         }
     }
@@ -418,6 +443,7 @@ impl Policy {
                 verdict: Verdict::Report,
                 rule: None,
                 reason: Some(reason),
+                inspect: false,
             },
         }
     }

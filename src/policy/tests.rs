@@ -12,8 +12,8 @@ use http::Method;
 use proptest::prelude::*;
 
 use super::*;
-use crate::audit::Reason;
 use crate::config::{parse_catalog, DefaultAction, BUILTIN_CATALOG};
+use crate::reason::Reason;
 use crate::target::{self, Host, Target};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/policy");

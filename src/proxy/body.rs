@@ -11,7 +11,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::txn::{Ended, Txn};
-use crate::audit::Reason;
+use crate::reason::Reason;
 
 /// What the proxy answers with: a small fixed body, or a streamed upstream one.
 pub enum ProxyBody {
@@ -92,6 +92,19 @@ impl UpCount {
             ended.send(self.bytes.load(Ordering::Acquire));
         } else {
             e.parked = Some(ended);
+        }
+    }
+
+    /// The client's part in a failed send: a malformed body is a 400
+    /// (`bad_request`), a client that went away mid-upload `client_closed`;
+    /// `None` when the body is not to blame.
+    pub fn client_fault(&self) -> Option<Reason> {
+        if self.malformed.load(Ordering::Relaxed) {
+            Some(Reason::BadRequest)
+        } else if self.client_error.load(Ordering::Relaxed) {
+            Some(Reason::ClientClosed)
+        } else {
+            None
         }
     }
 
@@ -234,12 +247,9 @@ pub struct ResponseBody {
 }
 
 impl ResponseBody {
-    /// `up`: the request body's counter, if the transaction does not
-    /// count it already (the record waits for that body to be done).
-    pub fn new(inner: Incoming, mut txn: Txn, up: Option<Arc<UpCount>>, status: u16) -> Self {
-        if let Some(up) = up {
-            txn.count_upload(up);
-        }
+    /// The transaction counts the upload already
+    /// ([`RequestBody::counted`]).
+    pub fn new(inner: Incoming, txn: Txn, status: u16) -> Self {
         ResponseBody {
             inner,
             txn: Some(txn),

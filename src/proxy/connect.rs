@@ -1,173 +1,165 @@
-//! CONNECT: decide (done by the caller), resolve, vet and dial first; answer
-//! `200` only once the upstream connection is up; then take the client's
-//! socket back from hyper and hand both sockets to [`super::tunnel`].
+//! CONNECT: decide (done by the pipeline), resolve, vet and dial first;
+//! answer `200` only once the upstream connection is up; then take the
+//! client's socket back from hyper and run the tunnel on its own task.
 //!
 //! This is the one place where a tunnel becomes "splice" (with the SNI
-//! check of [`super::peek`]) or, once inspection exists, "inspect".
+//! check of [`super::peek`]) or "inspect" (the policy's
+//! `Decision::inspect`, [`super::inspect`]). Both end the same way: one
+//! [`TunnelStats`] completes the tunnel's record.
+use std::future::Future;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
+use hyper::upgrade::Upgraded;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tracing::Instrument;
 
 use super::body::ProxyBody;
-use super::tunnel::{self, Check};
+use super::inspect::{self, Inspected};
+use super::pipeline::Exchange;
+use super::tunnel::{self, Check, TunnelStats};
 use super::txn::Txn;
-use super::Guards;
-use super::{dial_target, refuse, ConnCtx};
-use crate::audit::{Decided, Reason};
-use crate::config::Settings;
-use crate::policy::{Action, SniMode};
+use super::{dial_target, ConnCtx};
+use crate::audit::Decided;
+use crate::policy::{EchMode, Rule, SniMode};
+use crate::reason::Reason;
 use crate::target::Target;
-use crate::tls::Inspected;
 
 /// Open a tunnel for an allowed CONNECT.
 pub async fn tunnel(
     ctx: &Arc<ConnCtx>,
-    settings: &Arc<Settings>,
-    guards: &Arc<Guards>,
-    mut txn: Txn,
+    mut x: Exchange,
     mut req: Request<Incoming>,
-    target: Target,
-    index: Option<usize>,
 ) -> Response<ProxyBody> {
-    let rule = index.and_then(|i| settings.policy.rule(i));
-    let addrs = match dial_target(ctx, settings, &target, rule).await {
+    let addrs = match dial_target(ctx, &x.snapshot, &x.target, x.rule()).await {
         Ok(a) => a,
-        Err(r) => return refuse(txn, r, settings),
+        Err(r) => return x.refuse(r),
     };
-    let (upstream, addr) = match super::dial(ctx, &addrs, settings).await {
+    let (upstream, addr) = match super::dial(ctx, &addrs, &x.snapshot).await {
         Ok(c) => c,
-        Err(r) => return refuse(txn, r, settings),
+        Err(r) => return x.refuse(r),
     };
-    txn.rec().upstream = Some(addr);
-    let inspect = match (&guards.inspector, rule) {
-        (Some(i), Some(r)) if r.action == Action::Allow => Some(Arc::clone(i)),
-        _ => None,
-    };
-    if let Some(inspector) = inspect {
-        txn.set_decision(Decided::Inspect);
-        let t = Inspected {
-            shared: Arc::clone(&ctx.shared),
-            settings: Arc::clone(settings),
-            policy: Arc::clone(&settings.policy),
-            inspector,
-            client: ctx.client,
-            target,
-            rule: index,
-            user: txn.rec().user.clone(),
-            guards: Arc::clone(guards),
-        };
-        return inspect_tunnel(ctx, txn, req, t, upstream);
-    }
-    let check = match rule {
-        Some(r) if r.sni != SniMode::Off => Some(Check {
-            mode: r.sni,
-            ech: r.ech,
-            host: target.host.clone(),
-            hello_timeout: settings.limits.header_read_timeout,
-        }),
-        // A `report` pass (no rule) is still checked: the SNI must match.
-        None => Some(Check {
-            mode: SniMode::MatchIfTls,
-            ech: crate::policy::EchMode::Allow,
-            host: target.host.clone(),
-            hello_timeout: settings.limits.header_read_timeout,
-        }),
-        Some(_) => None,
-    };
-    let idle = settings.limits.tunnel_idle_timeout;
-    let hard = ctx.shared.drain.hard.clone();
-    let splicer = ctx.shared.splicer.clone();
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    let open_tunnels = ctx.shared.metrics.open_tunnels.clone();
-    // The tunnel keeps the connection's context, and with it the connection
-    // permits: an open tunnel counts against the caps.
-    let held = Arc::clone(ctx);
-    // Boxed, like the connection: the tunnel task is moved into the runtime
-    // as a pointer, not as its whole state.
-    ctx.shared.drain.tracker.spawn(Box::pin(async move {
-        let _held = held;
-        let _open = crate::metrics::GaugeGuard::new(&open_tunnels);
-        let upgraded = match on_upgrade.await {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::debug!(error = %e, "CONNECT upgrade failed");
-                txn.finish(Some(200), Some(Reason::ClientClosed));
-                return;
-            }
-        };
-        let parts = match upgraded.downcast::<TokioIo<super::ClientIo>>() {
-            Ok(p) => p,
-            Err(_) => {
-                tracing::error!("upgraded connection is not a TCP stream");
-                txn.finish(Some(200), Some(Reason::ClientClosed));
-                return;
-            }
-        };
-        let Some(client) = parts.io.into_inner().into_stream() else {
-            txn.finish(Some(200), Some(Reason::ClientClosed));
-            return;
-        };
-        // Copy what hyper read past the head (usually nothing): its buffer
-        // must not stay alive for the life of an idle tunnel.
-        let early = if parts.read_buf.is_empty() {
-            bytes::Bytes::new()
-        } else {
-            bytes::Bytes::copy_from_slice(&parts.read_buf)
-        };
-        drop(parts.read_buf);
-        let stats = tunnel::run(client, early, upstream, check, idle, hard, &splicer).await;
-        let rec = txn.rec();
-        rec.bytes_up = stats.up;
-        rec.bytes_down = stats.down;
-        rec.sni = stats.sni;
-        rec.ech = stats.ech;
-        if stats.denied {
-            txn.set_decision(crate::audit::Decided::Deny);
+    x.txn.rec().upstream = Some(addr);
+    let inspector = x.snapshot.guards.inspector.clone();
+    match inspector {
+        Some(inspector) if x.decision.inspect => {
+            x.txn.set_decision(Decided::Inspect);
+            let t = Inspected {
+                shared: Arc::clone(&ctx.shared),
+                snapshot: Arc::clone(&x.snapshot),
+                inspector,
+                client: ctx.client,
+                target: x.target,
+                rule: x.decision.rule,
+                user: x.txn.rec().user.clone(),
+            };
+            spawn(ctx, x.txn, &mut req, move |upgraded| async move {
+                Some(inspect::intercept(t, TokioIo::new(upgraded), upstream).await)
+            })
         }
-        txn.finish(Some(200), stats.reason);
-    }));
-    ok()
+        _ => {
+            let check = sni_check(x.rule(), &x.target, &x.snapshot.limits);
+            let idle = x.snapshot.limits.tunnel_idle_timeout;
+            let hard = ctx.shared.drain.hard.clone();
+            let splicer = ctx.shared.splicer.clone();
+            spawn(ctx, x.txn, &mut req, move |upgraded| async move {
+                let (client, early) = take_socket(upgraded)?;
+                Some(tunnel::run(client, early, upstream, check, idle, hard, &splicer).await)
+            })
+        }
+    }
 }
 
-fn ok() -> Response<ProxyBody> {
+/// The SNI check of a spliced tunnel: the rule's, and for a `report` pass
+/// (no rule) still a match of the SNI, when TLS.
+fn sni_check(
+    rule: Option<&Rule>,
+    target: &Target,
+    limits: &crate::config::Limits,
+) -> Option<Check> {
+    let (mode, ech) = match rule {
+        Some(r) if r.sni == SniMode::Off => return None,
+        Some(r) => (r.sni, r.ech),
+        None => (SniMode::MatchIfTls, EchMode::Allow),
+    };
+    Some(Check {
+        mode,
+        ech,
+        host: target.host.clone(),
+        hello_timeout: limits.header_read_timeout,
+    })
+}
+
+/// Answer 200, and on a task of its own wait for hyper's upgrade, run the
+/// tunnel with `run`, and complete the record from its [`TunnelStats`]
+/// (`None`: the client's socket could not be had, `client_closed`).
+///
+/// The task keeps the connection's context, and with it the connection
+/// permits: an open tunnel counts against the caps; and the connection's
+/// span. Boxed, like the
+/// connection: the tunnel task is moved into the runtime as a pointer, not
+/// as its whole state.
+fn spawn<F, Fut>(
+    ctx: &Arc<ConnCtx>,
+    mut txn: Txn,
+    req: &mut Request<Incoming>,
+    run: F,
+) -> Response<ProxyBody>
+where
+    F: FnOnce(Upgraded) -> Fut + Send + 'static,
+    Fut: Future<Output = Option<TunnelStats>> + Send,
+{
+    let on_upgrade = hyper::upgrade::on(req);
+    let open_tunnels = ctx.shared.metrics.open_tunnels.clone();
+    let held = Arc::clone(ctx);
+    ctx.shared.drain.tracker.spawn(Box::pin(
+        async move {
+            let _held = held;
+            let _open = crate::metrics::GaugeGuard::new(&open_tunnels);
+            let stats = match on_upgrade.await {
+                Ok(upgraded) => run(upgraded).await,
+                Err(e) => {
+                    tracing::debug!(error = %e, "CONNECT upgrade failed");
+                    None
+                }
+            };
+            let Some(stats) = stats else {
+                txn.finish(Some(200), Some(Reason::ClientClosed));
+                return;
+            };
+            let rec = txn.rec();
+            rec.bytes_up = stats.up;
+            rec.bytes_down = stats.down;
+            rec.sni = stats.sni;
+            rec.ech = stats.ech;
+            if stats.denied {
+                txn.set_decision(Decided::Deny);
+            }
+            txn.finish(Some(200), stats.reason);
+        }
+        .instrument(tracing::Span::current()),
+    ));
     let mut resp = Response::new(ProxyBody::empty());
     *resp.status_mut() = StatusCode::OK;
     resp
 }
 
-/// Answer 200, then terminate TLS with our CA and relay request by request.
-fn inspect_tunnel(
-    ctx: &Arc<ConnCtx>,
-    mut txn: Txn,
-    mut req: Request<Incoming>,
-    t: Inspected,
-    upstream: TcpStream,
-) -> Response<ProxyBody> {
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    let open_tunnels = ctx.shared.metrics.open_tunnels.clone();
-    let held = Arc::clone(ctx);
-    ctx.shared.drain.tracker.spawn(async move {
-        let _held = held;
-        let _open = crate::metrics::GaugeGuard::new(&open_tunnels);
-        let upgraded = match on_upgrade.await {
-            Ok(u) => u,
-            Err(_) => {
-                txn.finish(Some(200), Some(Reason::ClientClosed));
-                return;
-            }
-        };
-        let stats = crate::tls::intercept(t, TokioIo::new(upgraded), upstream).await;
-        let rec = txn.rec();
-        rec.bytes_up = stats.up;
-        rec.bytes_down = stats.down;
-        rec.sni = stats.sni;
-        if stats.denied {
-            txn.set_decision(Decided::Deny);
-        }
-        txn.finish(Some(200), stats.reason);
-    });
-    ok()
+/// The client's TCP socket back from hyper, with what hyper read past the
+/// head (usually nothing), copied: hyper's buffer must not stay alive for
+/// the life of an idle tunnel.
+fn take_socket(upgraded: Upgraded) -> Option<(TcpStream, bytes::Bytes)> {
+    let Ok(parts) = upgraded.downcast::<TokioIo<super::ClientIo>>() else {
+        tracing::error!("upgraded connection is not a TCP stream");
+        return None;
+    };
+    let client = parts.io.into_inner().into_stream()?;
+    let early = if parts.read_buf.is_empty() {
+        bytes::Bytes::new()
+    } else {
+        bytes::Bytes::copy_from_slice(&parts.read_buf)
+    };
+    drop(parts.read_buf);
+    Some((client, early))
 }

@@ -1,4 +1,5 @@
-//! Refusals: the only mapping from a reason to an HTTP status and response.
+//! Refusals: the only mapping from a reason to an HTTP response (the
+//! status itself is the reason's, [`Reason::status`]).
 //!
 //! Every refusal before a response carries `Connection: close`, an
 //! `X-Egress-Error: <reason>` header and a short text body naming the reason
@@ -7,7 +8,8 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
 use super::body::ProxyBody;
-use crate::audit::{format_id, Reason};
+use crate::audit::format_id;
+use crate::reason::Reason;
 
 /// The header naming the reason of a refusal.
 pub const X_EGRESS_ERROR: &str = "x-egress-error";
@@ -25,7 +27,7 @@ impl Refusal {
     /// A refusal with the reason's usual status.
     pub fn new(reason: Reason) -> Self {
         Refusal {
-            status: status_for(reason),
+            status: reason.status(),
             reason,
             retry_after: None,
         }
@@ -101,37 +103,5 @@ impl Refusal {
             body
         )
         .into_bytes()
-    }
-}
-
-/// DESIGN.md's table of reasons and statuses.
-pub const fn status_for(reason: Reason) -> StatusCode {
-    match reason {
-        // A client that offers only HTTP/2 inside an inspected tunnel: a
-        // client capability, not policy (the tunnel record keeps 200).
-        Reason::BadRequest | Reason::AlpnUnsupported => StatusCode::BAD_REQUEST,
-        Reason::NotInCatalog
-        | Reason::PortNotAllowed
-        | Reason::MethodNotAllowed
-        | Reason::BodyNotAllowed
-        | Reason::DenyRule
-        | Reason::IpLiteral
-        | Reason::PrivateAddress
-        | Reason::PinMismatch
-        | Reason::ClientNotAllowed
-        | Reason::HostMismatch
-        | Reason::SniMismatch
-        | Reason::SniRequired
-        | Reason::EchDenied => StatusCode::FORBIDDEN,
-        Reason::AuthRequired | Reason::AuthFailed => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
-        Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-        Reason::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-        Reason::DnsFailure
-        | Reason::UpstreamConnectFailed
-        | Reason::UpstreamTls
-        | Reason::UpstreamReset
-        | Reason::ClientClosed => StatusCode::BAD_GATEWAY,
-        Reason::ConnectionLimit | Reason::Shutdown => StatusCode::SERVICE_UNAVAILABLE,
-        Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
     }
 }

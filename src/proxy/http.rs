@@ -13,11 +13,10 @@ use hyper_util::rt::TokioIo;
 
 use super::body::{ProxyBody, RequestBody, ResponseBody, UpCount};
 use super::error::Refusal;
-use super::txn::Txn;
+use super::pipeline::Exchange;
 use super::{dial_target, refuse, ConnCtx};
-use crate::audit::Reason;
 use crate::config::Settings;
-use crate::policy::Rule;
+use crate::reason::Reason;
 use crate::target::{Host, Target};
 
 /// A kept-alive upstream connection.
@@ -27,15 +26,16 @@ pub struct Pooled {
 }
 
 /// Forward one request and stream the response back.
-pub async fn forward(
-    ctx: &ConnCtx,
-    settings: &Settings,
-    mut txn: Txn,
-    req: Request<Incoming>,
-    target: Target,
-    rule: Option<&Rule>,
-) -> Response<ProxyBody> {
-    let addrs = match dial_target(ctx, settings, &target, rule).await {
+pub async fn forward(ctx: &ConnCtx, x: Exchange, req: Request<Incoming>) -> Response<ProxyBody> {
+    let Exchange {
+        snapshot,
+        mut txn,
+        target,
+        decision,
+    } = x;
+    let settings: &Settings = &snapshot;
+    let rule = decision.rule.and_then(|i| settings.policy.rule(i));
+    let addrs = match dial_target(ctx, &snapshot, &target, rule).await {
         Ok(a) => a,
         Err(r) => return refuse(txn, r, settings),
     };
@@ -94,19 +94,15 @@ pub async fn forward(
     }
     let status = parts.status.as_u16();
     // The transaction counts the upload already (`RequestBody::counted`).
-    let body = ResponseBody::new(body, txn, None, status);
+    let body = ResponseBody::new(body, txn, status);
     Response::from_parts(parts, ProxyBody::Streamed(Box::new(body)))
 }
 
 /// Why sending failed: the client's body was malformed (400) or cut by
 /// the client, else the upstream went away.
 fn send_failure(up: Option<&UpCount>) -> Reason {
-    use std::sync::atomic::Ordering::Relaxed;
-    match up {
-        Some(u) if u.malformed.load(Relaxed) => Reason::BadRequest,
-        Some(u) if u.client_error.load(Relaxed) => Reason::ClientClosed,
-        _ => Reason::UpstreamReset,
-    }
+    up.and_then(UpCount::client_fault)
+        .unwrap_or(Reason::UpstreamReset)
 }
 
 fn take_pooled(ctx: &ConnCtx, addrs: &[SocketAddr]) -> Option<Pooled> {

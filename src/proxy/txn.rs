@@ -14,7 +14,8 @@ use std::time::{Instant, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 use super::body::UpCount;
-use crate::audit::{AuditLog, Decided, Reason, Record};
+use crate::audit::{AuditLog, Decided, Record};
+use crate::reason::{Class, Reason};
 use crate::target::{Host, Target};
 
 /// An open transaction.
@@ -119,16 +120,7 @@ impl Txn {
     /// what was allowed and why it still failed.
     pub fn refuse(mut self, status: u16, reason: Reason) {
         if let Some(mut rec) = self.rec.take() {
-            let upstream_failure = matches!(
-                reason,
-                Reason::DnsFailure
-                    | Reason::UpstreamConnectFailed
-                    | Reason::UpstreamTls
-                    | Reason::UpstreamReset
-                    | Reason::Timeout
-                    | Reason::ClientClosed
-            );
-            if !upstream_failure {
+            if reason.class() != Class::Failure {
                 rec.decision = Decided::Deny;
             }
             rec.status = Some(status);

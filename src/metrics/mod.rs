@@ -5,6 +5,8 @@
 //! metric or takes a lock for them; the request path only touches plain
 //! atomic gauges and the two dial-time histograms. Labels are a small fixed
 //! set (decision, rule name, reason, result), never a raw host.
+pub mod status;
+
 use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -72,8 +74,8 @@ pub struct Metrics {
     pub syslog_sent: Counter,
     /// Syslog messages dropped: queue full or server unreachable.
     pub syslog_dropped: Counter,
-    /// The status page's state, fed from the same records (see [`crate::status`]).
-    pub status: Arc<crate::status::Status>,
+    /// The status page's state, fed from the same records (see [`status`]).
+    pub status: Arc<status::Status>,
 }
 
 impl Metrics {

@@ -26,6 +26,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+use super::suggest::Evidence;
 use crate::proxy::Shared;
 
 /// OpenMetrics text content type.
@@ -203,11 +204,7 @@ fn status_route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes
     let status = &shared.metrics.status;
     match req.uri().path() {
         "/" => {
-            let mut r = respond(
-                StatusCode::OK,
-                "text/html; charset=utf-8",
-                crate::status::PAGE.as_bytes(),
-            );
+            let mut r = respond(StatusCode::OK, "text/html; charset=utf-8", PAGE.as_bytes());
             let h = r.headers_mut();
             h.insert(
                 header::CONTENT_SECURITY_POLICY,
@@ -230,7 +227,7 @@ fn status_route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes
         "/api/summary" => json(StatusCode::OK, &status.summary_json(&settings)),
         "/api/denials" => json(StatusCode::OK, &status.denials_json()),
         "/api/suggest" => {
-            let mut ev = status.evidence();
+            let mut ev = Evidence::from_status(status);
             ev.drop_permitted(&settings.policy);
             let body = ev.to_toml("the denials the status page remembers");
             let mut r = respond(StatusCode::OK, TEXT, body);
@@ -250,7 +247,7 @@ fn status_route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes
                     &serde_json::json!({"error": "give a target: /api/explain?target=http://host/path or host:port"}),
                 );
             };
-            match crate::cli::explain(&settings.policy, &target) {
+            match super::cli::explain(&settings.policy, &target) {
                 Ok(ex) => json(
                     StatusCode::OK,
                     &serde_json::json!({
@@ -342,3 +339,8 @@ fn respond(
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
 }
+
+/// The status page: one self-contained document (inline CSS and script, no
+/// external assets) that polls `/api/summary`, `/api/denials` and
+/// `/api/suggest` every 2 s and runs `/api/explain` from a form.
+pub const PAGE: &str = include_str!("status.html");

@@ -11,12 +11,11 @@
 //! record carrying the tunnel's user and upstream address.
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{header, HeaderValue, Request, Response, StatusCode};
-use hyper::body::{Body, Incoming};
+use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -25,13 +24,14 @@ use tokio::net::TcpStream;
 use tokio::sync::{watch, Mutex};
 
 use super::Inspected;
-use crate::audit::{Decided, Reason};
-use crate::policy::Verdict;
+use crate::audit::Decided;
 use crate::proxy::body::{ProxyBody, RequestBody, ResponseBody, UpCount};
 use crate::proxy::error::Refusal;
 use crate::proxy::http::strip_hop_by_hop;
+use crate::proxy::pipeline::{check_head, client_rates, decide};
 use crate::proxy::txn::Txn;
-use crate::proxy::{head_len, parse_refusal, refuse, server_builder, truncate, ConnIo, Guards};
+use crate::proxy::{parse_refusal, refuse, server_builder, truncate, ConnIo};
+use crate::reason::Reason;
 use crate::target::{self, Host, Target};
 
 /// The upstream as the inner requests share it.
@@ -43,8 +43,6 @@ type Failed = watch::Receiver<Option<bool>>;
 /// One inspected tunnel as its inner requests see it.
 pub(super) struct Tunnel<'a> {
     pub t: &'a Inspected,
-    /// The rate limiters of the snapshot the tunnel started under.
-    pub guards: Arc<Guards>,
     /// The vetted address the upstream connection goes to.
     pub upstream: Option<SocketAddr>,
     /// What the inner server has read, to tell a slow head from an idle
@@ -58,7 +56,7 @@ impl Tunnel<'_> {
         let t = self.t;
         let mut txn = t.shared.txn(t.client);
         txn.set_target(&t.target);
-        txn.set_rule(t.rule.and_then(|i| t.policy.rule_name(i)));
+        txn.set_rule(t.rule.and_then(|i| t.snapshot.policy.rule_name(i)));
         txn.set_decision(Decided::Inspect);
         let rec = txn.rec();
         rec.user.clone_from(&t.user);
@@ -123,7 +121,7 @@ where
         inner: io.into_inner(),
         io: Arc::clone(&cx.io),
     };
-    let served = server_builder(&cx.t.settings).serve_connection(TokioIo::new(plain), svc);
+    let served = server_builder(&cx.t.snapshot).serve_connection(TokioIo::new(plain), svc);
     let hard = cx.t.shared.drain.hard.clone();
     tokio::select! {
         // Each inner request has its own record; the connection ending
@@ -146,7 +144,7 @@ where
     let svc = service_fn(|req: Request<Incoming>| {
         cx.io.mark_idle();
         let txn = cx.request_txn(&req);
-        let resp = refuse(txn, Refusal::with_status(reason, status), &cx.t.settings);
+        let resp = refuse(txn, Refusal::with_status(reason, status), &cx.t.snapshot);
         async move { Ok::<_, std::convert::Infallible>(resp) }
     });
     serve(cx, io, svc).await.or(Some(reason))
@@ -173,7 +171,10 @@ where
     // certificate only when the first response is read).
     let (failed_tx, failed_rx) = watch::channel::<Option<bool>>(None);
     let conn_task = tokio::spawn(async move {
-        let tls = conn.await.err().is_some_and(|e| super::is_tls_error(&e));
+        let tls = conn
+            .await
+            .err()
+            .is_some_and(|e| crate::tls::is_tls_error(&e));
         let _ = failed_tx.send(Some(tls));
     });
     let sender = Arc::new(Mutex::new(sender));
@@ -196,15 +197,14 @@ async fn inner(
     sender: Sender,
     mut failed: Failed,
 ) -> Response<ProxyBody> {
-    let settings = &cx.t.settings;
+    let snapshot = &cx.t.snapshot;
     // Records are never dropped: wait here when the writer is behind.
     cx.t.shared.audit.ready().await;
-    let txn = cx.request_txn(&req);
-    if let Err(r) = admit(cx, &req) {
-        return refuse(txn, r, settings);
+    let mut txn = cx.request_txn(&req);
+    if let Err(r) = admit(cx, &mut txn, &req) {
+        return refuse(txn, r, snapshot);
     }
     let (mut parts, body) = req.into_parts();
-    let up = (!body.is_end_stream()).then(|| Arc::new(UpCount::default()));
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::HOST);
     if let Ok(v) = HeaderValue::from_str(&host_value(&cx.t.target)) {
@@ -217,34 +217,28 @@ async fn inner(
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
     );
-    let body = RequestBody::new(body, up.clone()).marking(Arc::clone(&cx.io));
+    // Counted as on the plain path: whichever way the transaction ends (a
+    // client that vanishes drops this future with it), its record waits
+    // for the body and counts what went upstream.
+    let body = RequestBody::counted(body, &mut txn).marking(Arc::clone(&cx.io));
+    let up = body.count();
     let out = Request::from_parts(parts, body);
-    // Until a response exists, a client that vanishes drops this future:
-    // the record must still count the body bytes that went upstream.
-    let open = Open {
-        txn: Some(txn),
-        up: up.clone(),
-    };
-    let sent = send(&sender, out, settings.limits.response_timeout).await;
-    let Some(txn) = open.into_txn() else {
-        // Not reached: `open` holds its transaction until this one take.
-        return Refusal::new(Reason::UpstreamReset).response(0, None);
-    };
+    let sent = send(&sender, out, snapshot.limits.response_timeout).await;
     match sent {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             let status = parts.status.as_u16();
-            let body = ResponseBody::new(body, txn, up, status);
+            let body = ResponseBody::new(body, txn, status);
             Response::from_parts(parts, ProxyBody::Streamed(Box::new(body)))
         }
-        Err(Sent::Timeout) => refuse_counted(cx, txn, Reason::Timeout, up.as_deref()),
+        Err(Sent::Timeout) => refuse(txn, Refusal::new(Reason::Timeout), snapshot),
         Err(Sent::Failed(tls)) => {
-            let reason = match client_fault(up.as_deref()) {
+            let reason = match up.as_deref().and_then(UpCount::client_fault) {
                 Some(r) => r,
                 None => upstream_failure(tls, &mut failed).await,
             };
-            refuse_counted(cx, txn, reason, up.as_deref())
+            refuse(txn, Refusal::new(reason), snapshot)
         }
     }
 }
@@ -269,37 +263,21 @@ async fn send(
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "inner request failed");
-            Err(Sent::Failed(super::is_tls_error(&e)))
+            Err(Sent::Failed(crate::tls::is_tls_error(&e)))
         }
         Err(_) => Err(Sent::Timeout),
     }
 }
 
-/// Admit an inner request as the plain path admits a request, in its
-/// order: head size, the client's request rate, the tunnel's host, the
-/// policy for the method, a body on a body-less method, the rule's rate.
-fn admit(cx: &Tunnel<'_>, req: &Request<Incoming>) -> Result<(), Refusal> {
+/// Admit an inner request through the plain pipeline's steps, in its
+/// order: head size, the client's request rate, then (for the target step)
+/// the tunnel's host, then the decision for the method.
+fn admit(cx: &Tunnel<'_>, txn: &mut Txn, req: &Request<Incoming>) -> Result<(), Refusal> {
     let t = cx.t;
-    // hyper bounds a head that arrives in pieces; one that arrives whole in
-    // a single read can pass its buffer check, so measure it here too.
-    if head_len(req) > t.settings.limits.max_header_bytes {
-        return Err(Refusal::new(Reason::HeaderTooLarge));
-    }
-    let limited = |l: crate::limits::Limited| Refusal::rate_limited(l.retry_after);
-    cx.guards.rates.request(t.client.ip()).map_err(limited)?;
+    check_head(req, &t.snapshot)?;
+    client_rates(&t.snapshot.guards, t.client.ip(), false)?;
     check_host(&t.target, req)?;
-    let d = t.policy.decide(&t.target, req.method());
-    if d.verdict == Verdict::Deny {
-        return Err(Refusal::new(d.reason.unwrap_or(Reason::DenyRule)));
-    }
-    let rule = d.rule.and_then(|i| t.policy.rule(i));
-    if rule.is_some_and(|r| crate::proxy::body_refused(r, req)) {
-        return Err(Refusal::new(Reason::BodyNotAllowed));
-    }
-    if let Some(i) = d.rule {
-        cx.guards.rates.rule(i).map_err(limited)?;
-    }
-    Ok(())
+    decide(&t.snapshot, txn, &t.target, req).map(drop)
 }
 
 /// The inner request names the tunnel's host and nothing else: exactly one
@@ -334,33 +312,6 @@ fn names(t: &Target, raw: &str) -> bool {
     target::parse_host_header(raw, 443).is_ok_and(|x| x == *t)
 }
 
-/// The client's part in a failed send: a malformed body is a 400, a client
-/// that went away mid-upload is `client_closed` (as on the plain path).
-fn client_fault(up: Option<&UpCount>) -> Option<Reason> {
-    let up = up?;
-    if up.malformed.load(Ordering::Relaxed) {
-        Some(Reason::BadRequest)
-    } else if up.client_error.load(Ordering::Relaxed) {
-        Some(Reason::ClientClosed)
-    } else {
-        None
-    }
-}
-
-/// A refusal after part of the body may have gone upstream: the record
-/// keeps the bytes that did.
-fn refuse_counted(
-    cx: &Tunnel<'_>,
-    mut txn: Txn,
-    reason: Reason,
-    up: Option<&UpCount>,
-) -> Response<ProxyBody> {
-    if let Some(u) = up {
-        txn.add_up(u.bytes.load(Ordering::Relaxed));
-    }
-    refuse(txn, Refusal::new(reason), &cx.t.settings)
-}
-
 /// `upstream_tls` when the request's error or the upstream connection's
 /// own error is a TLS one, else `upstream_reset`.
 async fn upstream_failure(tls: bool, failed: &mut Failed) -> Reason {
@@ -375,30 +326,6 @@ async fn upstream_failure(tls: bool, failed: &mut Failed) -> Reason {
         Reason::UpstreamTls
     } else {
         Reason::UpstreamReset
-    }
-}
-
-/// An inner transaction whose request is on its way upstream. Dropped
-/// before [`Open::into_txn`] (hyper drops the request's future when the
-/// client goes), the record gets the body bytes sent so far and ends as
-/// `client_closed` ([`Txn`]'s drop).
-struct Open {
-    txn: Option<Txn>,
-    up: Option<Arc<UpCount>>,
-}
-
-impl Open {
-    /// The transaction, once the upstream has answered or failed.
-    fn into_txn(mut self) -> Option<Txn> {
-        self.txn.take()
-    }
-}
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        if let (Some(txn), Some(up)) = (self.txn.as_mut(), &self.up) {
-            txn.add_up(up.bytes.load(Ordering::Relaxed));
-        }
     }
 }
 

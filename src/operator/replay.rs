@@ -23,10 +23,11 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::SystemTime;
 
-use crate::audit::{Decided, Reason};
+use crate::audit::read::{self, Logged};
+use crate::audit::Decided;
 use crate::config::{self, Settings};
 use crate::policy::{Policy, Verdict};
-use crate::suggest::{self, Logged};
+use crate::reason::{self, Reason};
 
 /// A policy-level outcome class.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -101,19 +102,6 @@ impl Change {
     }
 }
 
-/// Policy reasons: a `deny` record with one of these is re-decided.
-fn policy_reason(r: Reason) -> bool {
-    matches!(
-        r,
-        Reason::NotInCatalog
-            | Reason::PortNotAllowed
-            | Reason::MethodNotAllowed
-            | Reason::BodyNotAllowed
-            | Reason::DenyRule
-            | Reason::IpLiteral
-    )
-}
-
 /// The recorded policy outcome, or `Err(why)` when the record is not re-decided.
 fn recorded(l: &Logged) -> Result<Side, String> {
     let reason = l.reason_code();
@@ -122,7 +110,8 @@ fn recorded(l: &Logged) -> Result<Side, String> {
         Some(Decided::Bypass) => Class::Bypass,
         Some(Decided::Report) => Class::Report,
         Some(Decided::Deny) => match reason {
-            Some(r) if policy_reason(r) => Class::Deny,
+            // Policy reasons are re-decided; others need what the record lacks.
+            Some(r) if r.class() == reason::Class::Policy => Class::Deny,
             Some(r) => return Err(r.as_str().to_string()),
             None => {
                 return Err(l
@@ -392,9 +381,9 @@ pub fn compile_catalog(settings: &Settings, catalog: &Path) -> Result<Policy, St
 pub fn command(settings: &Settings, audit: &Path, catalog: &Path) -> Result<Outcome, String> {
     let policy = compile_catalog(settings, catalog)?;
     let source = audit.display().to_string();
-    let reader = suggest::open_log(audit).map_err(|e| format!("cannot read {source}: {e}"))?;
+    let reader = read::open_log(audit).map_err(|e| format!("cannot read {source}: {e}"))?;
     let mut replay = Replay::default();
-    let stats = suggest::read_log(reader, None, |l| replay.add(&policy, &l))
+    let stats = read::read_log(reader, None, |l| replay.add(&policy, &l))
         .map_err(|e| format!("cannot read {source}: {e}"))?;
     let notes: Vec<String> = stats.skipped_note(&source).into_iter().collect();
     if stats.records == 0 && stats.skipped > 0 {
@@ -434,7 +423,7 @@ mod tests {
 
     fn line(json: &str) -> Logged {
         let mut got = Vec::new();
-        suggest::read_log(json.as_bytes(), None, |l| got.push(l)).unwrap();
+        read::read_log(json.as_bytes(), None, |l| got.push(l)).unwrap();
         got.pop().unwrap()
     }
 

@@ -1,7 +1,6 @@
 //! `egress-proxy suggest`: catalog rules (TOML, ready to paste) for the
 //! destinations an audit log shows denied; the status page offers the same
-//! for the denials it remembers. Also the reader of JSON-lines audit logs
-//! that `replay` uses.
+//! for the denials it remembers. Logs are read with [`crate::audit::read`].
 //!
 //! Evidence: records with `decision: "deny"` and `reason` `not_in_catalog`
 //! or `port_not_allowed`, plus `ip_literal` for IP-literal targets, and every
@@ -23,15 +22,15 @@
 //! exactly, so a wrong guess costs an extra or a merged rule, never access.
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::io::{self, BufRead};
 use std::net::IpAddr;
 use std::path::Path;
 use std::time::SystemTime;
 
-use serde::Deserialize;
-
-use crate::audit::{Decided, Reason};
+use crate::audit::read::{open_log, parse_since, read_log, Logged};
+use crate::audit::Decided;
+use crate::metrics::status::Status;
 use crate::policy::{Policy, Verdict};
+use crate::reason::Reason;
 use crate::target::{self, Host, Target};
 
 /// Second-level labels under a two-letter country code that are public
@@ -64,190 +63,6 @@ pub fn registrable_domain(host: &str) -> &str {
         }
     }
     &host[cut + 1..]
-}
-
-// === reading audit logs ===
-
-/// One line of a JSON-lines audit log, as written by the proxy. Fields this
-/// version does not know are ignored.
-#[derive(Clone, Debug, Deserialize)]
-pub struct Logged {
-    pub ts: String,
-    #[serde(default)]
-    pub client: Option<String>,
-    #[serde(default)]
-    pub method: Option<String>,
-    #[serde(default)]
-    pub host: Option<String>,
-    #[serde(default)]
-    pub port: Option<u16>,
-    #[serde(default)]
-    pub url: Option<String>,
-    pub decision: String,
-    #[serde(default)]
-    pub rule: Option<String>,
-    #[serde(default)]
-    pub reason: Option<String>,
-    #[serde(skip)]
-    pub time: Option<SystemTime>,
-    /// The line number in the file (from 1).
-    #[serde(skip)]
-    pub line: u64,
-}
-
-impl Logged {
-    /// The `decision` field, if it is one this version knows.
-    pub fn decided(&self) -> Option<Decided> {
-        Some(match self.decision.as_str() {
-            "allow" => Decided::Allow,
-            "bypass" => Decided::Bypass,
-            "inspect" => Decided::Inspect,
-            "deny" => Decided::Deny,
-            "report" => Decided::Report,
-            _ => return None,
-        })
-    }
-
-    /// The `reason` field, if present and known.
-    pub fn reason_code(&self) -> Option<Reason> {
-        let r = self.reason.as_deref()?;
-        Reason::ALL.into_iter().find(|x| x.as_str() == r)
-    }
-
-    /// The client address without its port.
-    pub fn client_ip(&self) -> Option<IpAddr> {
-        let c = self.client.as_deref()?;
-        c.parse::<std::net::SocketAddr>()
-            .map(|s| s.ip())
-            .or_else(|_| c.parse::<IpAddr>())
-            .ok()
-    }
-
-    /// The target: `host` and `port`, else the `url` of a plain HTTP request.
-    pub fn target(&self) -> Option<Target> {
-        if let (Some(h), Some(port)) = (self.host.as_deref(), self.port) {
-            let host = match h.parse::<IpAddr>() {
-                Ok(ip) => Host::Ip(ip),
-                Err(_) => target::normalize_host(h).ok()?,
-            };
-            return (port != 0).then_some(Target { host, port });
-        }
-        let uri: http::Uri = self.url.as_deref()?.parse().ok()?;
-        target::parse_absolute(&uri).ok()
-    }
-
-    /// The method, `CONNECT` for a tunnel; a record without one is a
-    /// `GET` when it has a URL, else a tunnel.
-    pub fn method(&self) -> http::Method {
-        match self
-            .method
-            .as_deref()
-            .map(|m| http::Method::from_bytes(m.as_bytes()))
-        {
-            Some(Ok(m)) => m,
-            _ if self.url.is_some() => http::Method::GET,
-            _ => http::Method::CONNECT,
-        }
-    }
-}
-
-/// What reading a log found.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct LogStats {
-    /// Records read (and passed to the caller, unless before `since`).
-    pub records: u64,
-    /// Lines that are not audit records in JSON (blank lines aside).
-    pub skipped: u64,
-    /// The first such line's number.
-    pub first_skipped: Option<u64>,
-    /// Records older than `since`, left out.
-    pub before_since: u64,
-}
-
-impl LogStats {
-    /// A line for standard error when lines were skipped.
-    pub fn skipped_note(&self, source: &str) -> Option<String> {
-        (self.skipped > 0).then(|| {
-            format!(
-                "skipped {} unparsable line{} in {source} (first: line {}); only JSON audit records (audit.format = \"json\") are read",
-                self.skipped,
-                if self.skipped == 1 { "" } else { "s" },
-                self.first_skipped.unwrap_or(0)
-            )
-        })
-    }
-}
-
-/// Open `path` for reading (`-`: standard input).
-///
-/// # Errors
-/// The file cannot be opened.
-pub fn open_log(path: &Path) -> io::Result<Box<dyn BufRead>> {
-    if path == Path::new("-") {
-        return Ok(Box::new(io::BufReader::new(io::stdin())));
-    }
-    let f = std::fs::File::open(path)?;
-    Ok(Box::new(io::BufReader::with_capacity(256 * 1024, f)))
-}
-
-/// Read a JSON-lines audit log, calling `f` with each record at or after
-/// `since`. Lines that are not records are counted, not fatal.
-///
-/// # Errors
-/// An I/O error reading.
-pub fn read_log(
-    mut r: impl BufRead,
-    since: Option<SystemTime>,
-    mut f: impl FnMut(Logged),
-) -> io::Result<LogStats> {
-    let mut stats = LogStats::default();
-    let mut buf = Vec::with_capacity(1024);
-    let mut n = 0u64;
-    loop {
-        buf.clear();
-        if r.read_until(b'\n', &mut buf)? == 0 {
-            break;
-        }
-        n += 1;
-        let line = buf.trim_ascii();
-        if line.is_empty() {
-            continue;
-        }
-        let parsed = serde_json::from_slice::<Logged>(line)
-            .ok()
-            .and_then(|mut l| {
-                l.time = Some(humantime::parse_rfc3339_weak(&l.ts).ok()?);
-                l.decided()?;
-                l.line = n;
-                Some(l)
-            });
-        let Some(l) = parsed else {
-            stats.skipped += 1;
-            stats.first_skipped.get_or_insert(n);
-            continue;
-        };
-        if since.is_some_and(|s| l.time.is_some_and(|t| t < s)) {
-            stats.before_since += 1;
-            continue;
-        }
-        stats.records += 1;
-        f(l);
-    }
-    Ok(stats)
-}
-
-/// `--since`: a duration back from `now` (`"1h"`, `"30m"`) or an RFC 3339 time.
-///
-/// # Errors
-/// Neither.
-pub fn parse_since(value: &str, now: SystemTime) -> Result<SystemTime, String> {
-    let v = value.trim();
-    if let Ok(t) = humantime::parse_rfc3339_weak(v) {
-        return Ok(t);
-    }
-    let d = humantime::parse_duration(v)
-        .map_err(|_| format!("--since {value:?}: write a duration such as \"1h\" or \"30m\", or a time such as \"2025-01-31T08:00:00Z\""))?;
-    Ok(now.checked_sub(d).unwrap_or(SystemTime::UNIX_EPOCH))
 }
 
 // === evidence ===
@@ -283,6 +98,26 @@ fn wanted(decision: Decided, reason: Option<Reason>, is_ip: bool) -> Option<&'st
 }
 
 impl Evidence {
+    /// The evidence for `/api/suggest`: the denied destinations the status
+    /// page's table holds now.
+    pub fn from_status(status: &Status) -> Evidence {
+        let (list, _) = status.denials();
+        let mut ev = Evidence::default();
+        for d in list {
+            ev.add(
+                &d.host,
+                d.port,
+                d.reason,
+                d.decision,
+                &d.clients,
+                d.first_seen,
+                d.last_seen,
+                d.count,
+            );
+        }
+        ev
+    }
+
     /// Add `count` sightings of (host, port); false (and nothing added) when
     /// the record is not evidence for a rule (see the module docs).
     #[allow(clippy::too_many_arguments)]
@@ -736,107 +571,4 @@ pub fn command(
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn registrable_domains() {
-        assert_eq!(registrable_domain("a.b.example.com"), "example.com");
-        assert_eq!(registrable_domain("example.com"), "example.com");
-        assert_eq!(registrable_domain("localhost"), "localhost");
-        assert_eq!(registrable_domain("www.bbc.co.uk"), "bbc.co.uk");
-        assert_eq!(registrable_domain("bbc.co.uk"), "bbc.co.uk");
-        assert_eq!(registrable_domain("co.uk"), "co.uk");
-        assert_eq!(registrable_domain("x.y.example.com.au"), "example.com.au");
-        assert_eq!(
-            registrable_domain("ksn1.kaspersky-labs.com"),
-            "kaspersky-labs.com"
-        );
-        // Only under a two-letter country code.
-        assert_eq!(registrable_domain("a.co.example"), "co.example");
-        assert_eq!(registrable_domain("a.net.com"), "net.com");
-    }
-
-    fn t(s: u64) -> SystemTime {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + s)
-    }
-
-    #[test]
-    fn groups_by_domain_and_port_with_exact_hosts() {
-        let mut ev = Evidence::default();
-        let ip: IpAddr = "10.0.0.5".parse().unwrap();
-        let c: &[(IpAddr, u64)] = &[(ip, 1)];
-        for h in ["a.example.com", "b.example.com", "c.example.com"] {
-            assert!(ev.add(
-                h,
-                443,
-                Some(Reason::NotInCatalog),
-                Decided::Deny,
-                c,
-                t(0),
-                t(5),
-                2
-            ));
-        }
-        // (host, port, reason, kept as evidence?)
-        let once = [
-            ("a.example.com", 8443, Reason::PortNotAllowed, true),
-            ("203.0.113.7", 443, Reason::IpLiteral, true),
-            ("x.example.com", 443, Reason::DenyRule, false),
-            ("x.example.com", 443, Reason::PrivateAddress, false),
-            ("Bad Host", 443, Reason::NotInCatalog, false),
-        ];
-        for (host, port, reason, kept) in once {
-            assert_eq!(
-                ev.add(host, port, Some(reason), Decided::Deny, c, t(1), t(1), 1),
-                kept,
-                "{host}:{port} {reason:?}"
-            );
-        }
-        let toml = ev.to_toml("test");
-        assert!(
-            toml.contains("hosts = [\"*.example.com\"] covers them"),
-            "{toml}"
-        );
-        assert!(
-            !toml
-                .lines()
-                .any(|l| l.starts_with("hosts") && l.contains('*')),
-            "{toml}"
-        );
-        assert!(toml.contains("#     \"203.0.113.7/32\""), "{toml}");
-        let specs = crate::config::parse_catalog("suggestion", &toml, Path::new(".")).unwrap();
-        assert_eq!(specs.len(), 2);
-        assert_eq!(
-            specs[0].hosts,
-            ["a.example.com", "b.example.com", "c.example.com"]
-        );
-        assert_eq!(specs[0].ports[0].lo, 443);
-        assert_eq!(specs[1].hosts, ["a.example.com"]);
-        assert_eq!(specs[1].ports[0].lo, 8443);
-        assert!(specs
-            .iter()
-            .all(|s| s.action == crate::policy::Action::Allow));
-    }
-
-    #[test]
-    fn reads_logs_and_counts_bad_lines() {
-        let log = concat!(
-            r#"{"ts":"2025-03-01T10:00:00.000Z","id":"1","client":"10.0.0.5:5000","method":"CONNECT","host":"new.example.org","port":443,"decision":"deny","reason":"not_in_catalog","status":403,"bytes_up":0,"bytes_down":0,"duration_ms":0}"#,
-            "\n\nnot json\n",
-            r#"{"ts":"2025-03-01T11:00:00.000Z","id":"2","client":"10.0.0.5:5001","method":"GET","host":"new.example.org","port":80,"url":"http://new.example.org/x","decision":"deny","reason":"not_in_catalog","status":403,"bytes_up":0,"bytes_down":0,"duration_ms":0}"#,
-            "\n"
-        );
-        let mut got = Vec::new();
-        let since = humantime::parse_rfc3339("2025-03-01T10:30:00Z").unwrap();
-        let stats = read_log(log.as_bytes(), Some(since), |l| got.push(l)).unwrap();
-        assert_eq!(stats.records, 1);
-        assert_eq!(stats.skipped, 1);
-        assert_eq!(stats.first_skipped, Some(3));
-        assert_eq!(stats.before_since, 1);
-        assert_eq!(got[0].line, 4);
-        assert_eq!(got[0].method(), http::Method::GET);
-        assert_eq!(got[0].target().unwrap().to_string(), "new.example.org:80");
-    }
-}
+mod tests;

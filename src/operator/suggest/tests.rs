@@ -1,0 +1,102 @@
+use super::*;
+use std::time::Duration;
+
+#[test]
+fn registrable_domains() {
+    assert_eq!(registrable_domain("a.b.example.com"), "example.com");
+    assert_eq!(registrable_domain("example.com"), "example.com");
+    assert_eq!(registrable_domain("localhost"), "localhost");
+    assert_eq!(registrable_domain("www.bbc.co.uk"), "bbc.co.uk");
+    assert_eq!(registrable_domain("bbc.co.uk"), "bbc.co.uk");
+    assert_eq!(registrable_domain("co.uk"), "co.uk");
+    assert_eq!(registrable_domain("x.y.example.com.au"), "example.com.au");
+    assert_eq!(
+        registrable_domain("ksn1.kaspersky-labs.com"),
+        "kaspersky-labs.com"
+    );
+    // Only under a two-letter country code.
+    assert_eq!(registrable_domain("a.co.example"), "co.example");
+    assert_eq!(registrable_domain("a.net.com"), "net.com");
+}
+
+fn t(s: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + s)
+}
+
+#[test]
+fn groups_by_domain_and_port_with_exact_hosts() {
+    let mut ev = Evidence::default();
+    let ip: IpAddr = "10.0.0.5".parse().unwrap();
+    let c: &[(IpAddr, u64)] = &[(ip, 1)];
+    for h in ["a.example.com", "b.example.com", "c.example.com"] {
+        assert!(ev.add(
+            h,
+            443,
+            Some(Reason::NotInCatalog),
+            Decided::Deny,
+            c,
+            t(0),
+            t(5),
+            2
+        ));
+    }
+    // (host, port, reason, kept as evidence?)
+    let once = [
+        ("a.example.com", 8443, Reason::PortNotAllowed, true),
+        ("203.0.113.7", 443, Reason::IpLiteral, true),
+        ("x.example.com", 443, Reason::DenyRule, false),
+        ("x.example.com", 443, Reason::PrivateAddress, false),
+        ("Bad Host", 443, Reason::NotInCatalog, false),
+    ];
+    for (host, port, reason, kept) in once {
+        assert_eq!(
+            ev.add(host, port, Some(reason), Decided::Deny, c, t(1), t(1), 1),
+            kept,
+            "{host}:{port} {reason:?}"
+        );
+    }
+    let toml = ev.to_toml("test");
+    assert!(
+        toml.contains("hosts = [\"*.example.com\"] covers them"),
+        "{toml}"
+    );
+    assert!(
+        !toml
+            .lines()
+            .any(|l| l.starts_with("hosts") && l.contains('*')),
+        "{toml}"
+    );
+    assert!(toml.contains("#     \"203.0.113.7/32\""), "{toml}");
+    let specs = crate::config::parse_catalog("suggestion", &toml, Path::new(".")).unwrap();
+    assert_eq!(specs.len(), 2);
+    assert_eq!(
+        specs[0].hosts,
+        ["a.example.com", "b.example.com", "c.example.com"]
+    );
+    assert_eq!(specs[0].ports[0].lo, 443);
+    assert_eq!(specs[1].hosts, ["a.example.com"]);
+    assert_eq!(specs[1].ports[0].lo, 8443);
+    assert!(specs
+        .iter()
+        .all(|s| s.action == crate::policy::Action::Allow));
+}
+
+#[test]
+fn reads_logs_and_counts_bad_lines() {
+    let log = concat!(
+        r#"{"ts":"2025-03-01T10:00:00.000Z","id":"1","client":"10.0.0.5:5000","method":"CONNECT","host":"new.example.org","port":443,"decision":"deny","reason":"not_in_catalog","status":403,"bytes_up":0,"bytes_down":0,"duration_ms":0}"#,
+        "\n\nnot json\n",
+        r#"{"ts":"2025-03-01T11:00:00.000Z","id":"2","client":"10.0.0.5:5001","method":"GET","host":"new.example.org","port":80,"url":"http://new.example.org/x","decision":"deny","reason":"not_in_catalog","status":403,"bytes_up":0,"bytes_down":0,"duration_ms":0}"#,
+        "\n"
+    );
+    let mut got = Vec::new();
+    let since = humantime::parse_rfc3339("2025-03-01T10:30:00Z").unwrap();
+    let stats = read_log(log.as_bytes(), Some(since), |l| got.push(l)).unwrap();
+    assert_eq!(stats.records, 1);
+    assert_eq!(stats.skipped, 1);
+    assert_eq!(stats.first_skipped, Some(3));
+    assert_eq!(stats.before_since, 1);
+    assert_eq!(got[0].line, 4);
+    assert_eq!(got[0].method(), http::Method::GET);
+    assert_eq!(got[0].target().unwrap().to_string(), "new.example.org:80");
+}

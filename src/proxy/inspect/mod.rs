@@ -1,0 +1,243 @@
+//! Inspected tunnels (`allow` rules when a CA is configured): terminate the
+//! client's TLS with a leaf minted for the CONNECT host, re-originate TLS to
+//! the upstream (verified; with the rule's client certificate), and relay
+//! HTTP/1.1 request by request, each with its own audit record.
+//!
+//! `bypass` rules never come here. The client must speak HTTP/1.1 (ALPN);
+//! every inner request is admitted as a plain one and must name the CONNECT
+//! host ([`relay`]).
+mod relay;
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use rustls::server::{Acceptor, ClientHello};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::{LazyConfigAcceptor, StartHandshake, TlsConnector};
+
+use super::tunnel::TunnelStats;
+use super::{Shared, Snapshot};
+use crate::reason::Reason;
+use crate::target::{Host, Target};
+use crate::tls::{self, Inspector};
+
+/// The tunnel being inspected.
+pub struct Inspected {
+    pub shared: Arc<Shared>,
+    /// The snapshot the CONNECT was decided under, loaded once: every inner
+    /// request is decided with its policy, and `rule` indexes its guards'
+    /// per-rule limiters and upstream configurations.
+    pub snapshot: Arc<Snapshot>,
+    pub inspector: Arc<Inspector>,
+    pub client: std::net::SocketAddr,
+    pub target: Target,
+    pub rule: Option<usize>,
+    /// The proxy-auth user of the CONNECT, for the inner records.
+    pub user: Option<Arc<str>>,
+}
+
+/// Terminate, re-originate, relay. `client` is the upgraded CONNECT stream.
+pub async fn intercept<C>(t: Inspected, client: C, upstream: TcpStream) -> TunnelStats
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let up = Arc::new(AtomicU64::new(0));
+    let down = Arc::new(AtomicU64::new(0));
+    let counted = Counted {
+        inner: client,
+        read: Arc::clone(&up),
+        written: Arc::clone(&down),
+    };
+    let ended = inspect(&t, counted, upstream).await;
+    TunnelStats {
+        up: up.load(Ordering::Relaxed),
+        down: down.load(Ordering::Relaxed),
+        sni: ended.sni,
+        ech: false,
+        reason: ended.reason,
+        denied: ended.denied,
+    }
+}
+
+/// How the inspection ended, for the tunnel's record.
+struct Ended {
+    sni: Option<String>,
+    reason: Option<Reason>,
+    /// Refused inside the tunnel (the record's decision becomes `deny`).
+    denied: bool,
+}
+
+impl Ended {
+    fn failed(sni: Option<String>, reason: Reason) -> Self {
+        Ended {
+            sni,
+            reason: Some(reason),
+            denied: false,
+        }
+    }
+}
+
+/// The ClientHello, within the head time-out: not TLS is a refusal.
+async fn read_hello<C>(t: &Inspected, client: C) -> Result<StartHandshake<C>, Ended>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let hello = LazyConfigAcceptor::new(Acceptor::default(), client);
+    match tokio::time::timeout(t.snapshot.limits.header_read_timeout, hello).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(_)) => Err(Ended {
+            denied: true,
+            ..Ended::failed(None, Reason::BadRequest)
+        }),
+        Err(_) => Err(Ended::failed(None, Reason::Timeout)),
+    }
+}
+
+/// Check the hello, terminate with our leaf, re-originate, then relay.
+async fn inspect<C>(t: &Inspected, client: C, upstream: TcpStream) -> Ended
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = &t.snapshot.limits;
+    let start = match read_hello(t, client).await {
+        Ok(s) => s,
+        Err(ended) => return ended,
+    };
+    let sni = start.client_hello().server_name().map(str::to_string);
+    let refused = hello_refusal(&t.target, &start.client_hello());
+    if refused == Some(Reason::SniMismatch) {
+        return Ended {
+            sni,
+            reason: refused,
+            denied: true,
+        };
+    }
+    let server = match tls::server_config(&t.inspector.ca, &t.target.host.to_string()) {
+        Ok(c) => c,
+        Err(r) => return Ended::failed(sni, r),
+    };
+    let handshake =
+        |server| tokio::time::timeout(limits.header_read_timeout, start.into_stream(server));
+    if refused.is_some() {
+        // Complete the handshake so that rustls tells the client why (a
+        // `no_application_protocol` alert); it cannot succeed.
+        let _ = handshake(server).await;
+        return Ended {
+            sni,
+            reason: refused,
+            denied: true,
+        };
+    }
+    // Re-originate first, so a failure can be told to the client over HTTP.
+    let upstream_addr = upstream.peer_addr().ok();
+    let upstream_tls = connect_upstream(t, upstream).await;
+    let Ok(Ok(client_tls)) = handshake(server).await else {
+        return Ended::failed(sni, Reason::ClientClosed);
+    };
+    let cx = relay::Tunnel {
+        t,
+        upstream: upstream_addr,
+        io: Arc::default(),
+    };
+    let io = TokioIo::new(client_tls);
+    let reason = match upstream_tls {
+        Ok(tls) => relay::relay(&cx, io, tls).await,
+        Err(reason) => relay::refuse_all(&cx, io, reason).await,
+    };
+    Ended {
+        sni,
+        reason,
+        denied: false,
+    }
+}
+
+/// Why a ClientHello is refused before any certificate is shown: an SNI
+/// that is not the CONNECT host, or ALPN that offers only protocols other
+/// than HTTP/1.1 (an HTTP/2-only client: inspected tunnels speak HTTP/1.1).
+fn hello_refusal(target: &Target, hello: &ClientHello<'_>) -> Option<Reason> {
+    if let (Some(sni), Host::Name(name)) = (hello.server_name(), &target.host) {
+        if !super::tunnel::sni_matches(sni, name) {
+            return Some(Reason::SniMismatch);
+        }
+    }
+    let others_only = hello
+        .alpn()
+        .is_some_and(|mut offered| !offered.any(|p| p == tls::HTTP_11));
+    others_only.then_some(Reason::AlpnUnsupported)
+}
+
+/// TLS to the upstream: verified for the CONNECT host, with the rule's
+/// client certificate when it has one.
+async fn connect_upstream(
+    t: &Inspected,
+    upstream: TcpStream,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, Reason> {
+    let host = t.target.host.to_string();
+    let name = match &t.target.host {
+        Host::Ip(ip) => ServerName::IpAddress((*ip).into()),
+        Host::Name(_) => ServerName::try_from(host.clone()).map_err(|_| Reason::UpstreamTls)?,
+    };
+    let connector = TlsConnector::from(t.inspector.upstreams.for_rule(t.rule));
+    match tokio::time::timeout(
+        t.snapshot.limits.connect_timeout,
+        connector.connect(name, upstream),
+    )
+    .await
+    {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, host, "upstream TLS failed");
+            Err(Reason::UpstreamTls)
+        }
+        Err(_) => Err(Reason::Timeout),
+    }
+}
+
+/// Counts plaintext bytes through the client side of an inspected tunnel.
+struct Counted<C> {
+    inner: C,
+    read: Arc<AtomicU64>,
+    written: Arc<AtomicU64>,
+}
+
+impl<C: AsyncRead + Unpin> AsyncRead for Counted<C> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+impl<C: AsyncWrite + Unpin> AsyncWrite for Counted<C> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.written.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
