@@ -1,4 +1,3 @@
-
 use super::*;
 
 /// An idle tunnel's memory is mostly this future (its task), so its size
