@@ -47,29 +47,37 @@ CLIENT_CPUS=0 PROXY_CPUS=1 PIN=1 KEEP=0
 TMPBASE=/dev/shm
 
 while (($#)); do
-  case $1 in
+  opt=$1
+  shift
+  case $opt in
     -h | --help) usage; exit 0 ;;
-    --no-pin) PIN=0; shift; continue ;;
-    --keep) KEEP=1; shift; continue ;;
+    --no-pin) PIN=0; continue ;;
+    --keep) KEEP=1; continue ;;
+    --duration | --scenarios | --systems | --egress-bin | --http-conns | --rr-conns | --bulk-conns | \
+      --rate-conns | --idle-tunnels | --origin-ports | --client-cpus | --proxy-cpus | --tmpdir) ;;
+    *) echo "unknown option: $opt" >&2; usage >&2; exit 2 ;;
   esac
-  (($# >= 2)) || { echo "$1 needs a value (see --help)" >&2; exit 2; }
-  case $1 in
-    --duration) DURATION=$2 ;;
-    --scenarios) SCENARIOS=$2 ;;
-    --systems) SYSTEMS=$2 ;;
-    --egress-bin) EGRESS_BIN=$2 ;;
-    --http-conns) HTTP_CONNS=$2 ;;
-    --rr-conns) RR_CONNS=$2 ;;
-    --bulk-conns) BULK_CONNS=$2 ;;
-    --rate-conns) RATE_CONNS=$2 ;;
-    --idle-tunnels) IDLE_TUNNELS=$2 ;;
-    --origin-ports) ORIGIN_PORTS=$2 ;;
-    --client-cpus) CLIENT_CPUS=$2 ;;
-    --proxy-cpus) PROXY_CPUS=$2 ;;
-    --tmpdir) TMPBASE=$2 ;;
-    *) echo "unknown option: $1" >&2; usage >&2; exit 2 ;;
+  (($#)) || { echo "$opt needs a value (see --help)" >&2; exit 2; }
+  val=$1
+  shift
+  case $opt in
+    --duration) DURATION=$val ;;
+    --scenarios) SCENARIOS=$val ;;
+    --systems) SYSTEMS=$val ;;
+    --egress-bin) EGRESS_BIN=$val ;;
+    --http-conns) HTTP_CONNS=$val ;;
+    --rr-conns) RR_CONNS=$val ;;
+    --bulk-conns) BULK_CONNS=$val ;;
+    --rate-conns) RATE_CONNS=$val ;;
+    --idle-tunnels) IDLE_TUNNELS=$val ;;
+    --origin-ports) ORIGIN_PORTS=$val ;;
+    --client-cpus) CLIENT_CPUS=$val ;;
+    --proxy-cpus) PROXY_CPUS=$val ;;
+    --tmpdir) TMPBASE=$val ;;
   esac
-  shift 2
+done
+for n in "$HTTP_CONNS" "$RR_CONNS" "$BULK_CONNS" "$RATE_CONNS" "$IDLE_TUNNELS"; do
+  [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "connection counts must be positive integers, got: $n" >&2; exit 2; }
 done
 
 log() { echo "[compare] $*" >&2; }
