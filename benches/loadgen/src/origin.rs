@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::args::Origins;
 use crate::http::Conn;
@@ -39,10 +39,24 @@ pub async fn serve(o: Origins) -> Result<(), String> {
     Ok(())
 }
 
+/// A listener with a deep accept queue: thousands of tunnels open at once in
+/// idle-tunnels, and a dropped SYN costs a one-second retransmission.
 async fn bind(addr: &str) -> Result<TcpListener, String> {
-    TcpListener::bind(addr)
+    let fail = |e: io::Error| format!("bind {addr}: {e}");
+    let sa = tokio::net::lookup_host(addr)
         .await
-        .map_err(|e| format!("bind {addr}: {e}"))
+        .map_err(fail)?
+        .next()
+        .ok_or_else(|| format!("{addr} resolves to nothing"))?;
+    let sock = if sa.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(fail)?;
+    sock.set_reuseaddr(true).map_err(fail)?;
+    sock.bind(sa).map_err(fail)?;
+    sock.listen(4096).map_err(fail)
 }
 
 async fn accept_loop<F, Fut>(l: TcpListener, name: &'static str, handle: F)
