@@ -1,26 +1,28 @@
 #!/usr/bin/env bash
 # How much CPU the proxy spends per operation, for two builds side by side.
 #
-#   benches/proxy-cpu.sh SCENARIO BIN [BIN...] [-- proxybench run args]
+#   benches/proxy-cpu.sh SCENARIO BIN [BIN...] [-- loadgen run args]
 #   benches/proxy-cpu.sh connect-bulk target/release/egress-proxy /tmp/old-egress-proxy -- --conns 4
 #
-# Runs the shared harness's load generator (../shared/bench/proxybench) and
-# origins on CPU 0 and each proxy binary on CPU 1, like compare-peers.sh, and
-# prints the rate beside the proxy's user and system CPU seconds (from
-# /proc/PID/stat) and CPU microseconds per operation. The harness gives
-# ratios against direct and the peers; this tells what a change did to the
-# proxy's own cost, which the harness cannot show once core 0 (load and
-# origins) is the bottleneck. Runs ROUNDS (default 2) alternating rounds.
+# Runs the project's load generator and origins (benches/loadgen) on CPU 0
+# and each proxy binary on CPU 1, like benches/compare.sh, and prints the
+# rate beside the proxy's user and system CPU seconds (from /proc/PID/stat)
+# and CPU microseconds per operation. compare.sh gives ratios against direct
+# and the peers; this tells what a change did to the proxy's own cost, which
+# compare.sh cannot show once core 0 (load and origins) is the bottleneck.
+# Runs ROUNDS (default 2) alternating rounds of DURATION (default 5) seconds.
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-bench=${BENCH_DIR:-$here/../../shared/bench}
-sc=${1:?scenario}; shift
+if (($# < 2)) || [[ $1 == -h || $1 == --help ]]; then
+  sed -n '2,13p' "$0" | cut -c3-
+  exit 2
+fi
+root=$(cd "$(dirname "$0")/.." && pwd)
+sc=$1; shift
 bins=()
 while (($#)) && [[ $1 != -- ]]; do bins+=("$1"); shift; done
 [[ ${1:-} == -- ]] && shift
-export CARGO_TARGET_DIR=${PROXYBENCH_TARGET:-/tmp/proxybench-target}
-cargo build --release --quiet --manifest-path "$bench/proxybench/Cargo.toml"
-pb=$CARGO_TARGET_DIR/release/proxybench
+cargo build --release --locked --quiet --manifest-path "$root/benches/loadgen/Cargo.toml"
+lg=${CARGO_TARGET_DIR:-$root/benches/loadgen/target}/release/loadgen
 tmp=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$tmp"' EXIT
 cat >"$tmp/egress-proxy.toml" <<TOML
@@ -54,16 +56,16 @@ case $sc in
   connect-bulk) target=origin.test:18082; key=gbit_s ;;
   *) target=origin.test:18081; key=rate ;;
 esac
-taskset -c 0 "$pb" origin --http 127.0.0.1:18080 --echo 127.0.0.1:18081 --source 127.0.0.1:18082 >/dev/null 2>&1 &
+taskset -c 0 "$lg" origins --http 127.0.0.1:18080 --echo 127.0.0.1:18081 --source 127.0.0.1:18082 >/dev/null 2>&1 &
 sleep 0.3
 printf '%-40s %12s %8s %8s %12s\n' binary "$key" user_s sys_s cpu_us/op
-for round in $(seq "${ROUNDS:-2}"); do
+for _ in $(seq "${ROUNDS:-2}"); do
   for bin in "${bins[@]}"; do
     taskset -c 1 "$bin" run --config "$tmp/egress-proxy.toml" >/dev/null 2>"$tmp/stderr.log" &
     pid=$!
     for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/13128) 2>/dev/null && break; sleep 0.1; done
     read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$pid/stat")
-    taskset -c 0 "$pb" run --scenario "$sc" --proxy 127.0.0.1:13128 --target "$target" \
+    taskset -c 0 "$lg" run --scenario "$sc" --proxy 127.0.0.1:13128 --target "$target" \
       --duration "${DURATION:-5}" --json "$@" >"$tmp/out.json"
     read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$pid/stat")
     kill "$pid"; wait "$pid" 2>/dev/null || true

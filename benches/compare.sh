@@ -1,0 +1,488 @@
+#!/usr/bin/env bash
+# Compare egress-proxy with Squid and tinyproxy (from the distribution) and with
+# no proxy at all, on loopback, in one run; print a markdown table of absolute
+# figures and ratios to direct. Uses the project's own load generator and
+# origins (benches/loadgen). Progress goes to stderr, the table to stdout.
+# See README.md, "Performance".
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage: benches/compare.sh [options]
+
+Runs every scenario against every system: direct (no proxy), squid, tinyproxy
+and egress (this repository's proxy), each proxy allowlisting only origin.test
+on the three origin ports. Needs root (apt installs, unshare/mount for
+tinyproxy's hosts override; squid and tinyproxy drop to their own users).
+
+  --duration SECS        seconds per run; idle-tunnels: seconds to hold (default 5)
+  --scenarios LIST       comma list (default http-forward,connect-rr,connect-bulk,connect-rate,idle-tunnels)
+  --systems LIST         comma list (default direct,squid,tinyproxy,egress)
+  --egress-bin PATH      the proxy binary (default target/release/egress-proxy; built when missing)
+  --http-conns N         http-forward keep-alive connections (default 32)
+  --rr-conns N           connect-rr tunnels (default 32)
+  --bulk-conns N         connect-bulk tunnels (default 4)
+  --rate-conns N         connect-rate workers (default 16)
+  --idle-tunnels N       idle-tunnels count (default 5000)
+  --origin-ports H,E,S   HTTP, echo and source origin ports (default 18080,18081,18082)
+  --client-cpus LIST     CPUs for the load generator and origins (default 0)
+  --proxy-cpus LIST      CPUs for each proxy (default 1)
+  --no-pin               no taskset pinning
+  --tmpdir DIR           parent of the scratch dir with configs, logs and results
+                         (default /dev/shm, so logging proxies measure no disk)
+  --keep                 keep the scratch dir and print its path
+  -h, --help             this help
+
+Example: benches/compare.sh --duration 2 --scenarios connect-rr --systems direct,egress
+EOF
+}
+
+DURATION=5
+SCENARIOS=http-forward,connect-rr,connect-bulk,connect-rate,idle-tunnels
+SYSTEMS=direct,squid,tinyproxy,egress
+EGRESS_BIN=""
+HTTP_CONNS=32 RR_CONNS=32 BULK_CONNS=4 RATE_CONNS=16 IDLE_TUNNELS=5000
+ORIGIN_PORTS=18080,18081,18082
+CLIENT_CPUS=0 PROXY_CPUS=1 PIN=1 KEEP=0
+TMPBASE=/dev/shm
+
+while (($#)); do
+  opt=$1
+  shift
+  case $opt in
+    -h | --help) usage; exit 0 ;;
+    --no-pin) PIN=0; continue ;;
+    --keep) KEEP=1; continue ;;
+    --duration | --scenarios | --systems | --egress-bin | --http-conns | --rr-conns | --bulk-conns | \
+      --rate-conns | --idle-tunnels | --origin-ports | --client-cpus | --proxy-cpus | --tmpdir) ;;
+    *) echo "unknown option: $opt" >&2; usage >&2; exit 2 ;;
+  esac
+  (($#)) || { echo "$opt needs a value (see --help)" >&2; exit 2; }
+  val=$1
+  shift
+  case $opt in
+    --duration) DURATION=$val ;;
+    --scenarios) SCENARIOS=$val ;;
+    --systems) SYSTEMS=$val ;;
+    --egress-bin) EGRESS_BIN=$val ;;
+    --http-conns) HTTP_CONNS=$val ;;
+    --rr-conns) RR_CONNS=$val ;;
+    --bulk-conns) BULK_CONNS=$val ;;
+    --rate-conns) RATE_CONNS=$val ;;
+    --idle-tunnels) IDLE_TUNNELS=$val ;;
+    --origin-ports) ORIGIN_PORTS=$val ;;
+    --client-cpus) CLIENT_CPUS=$val ;;
+    --proxy-cpus) PROXY_CPUS=$val ;;
+    --tmpdir) TMPBASE=$val ;;
+  esac
+done
+for n in "$HTTP_CONNS" "$RR_CONNS" "$BULK_CONNS" "$RATE_CONNS" "$IDLE_TUNNELS"; do
+  [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "connection counts must be positive integers, got: $n" >&2; exit 2; }
+done
+
+log() { echo "[compare] $*" >&2; }
+die() { log "error: $*"; exit 1; }
+listed() { [[ ",$2," == *",$1,"* ]]; } # listed ITEM LIST
+
+if ! [[ $DURATION =~ ^[0-9]+(\.[0-9]+)?$ ]] || ! awk -v d="$DURATION" 'BEGIN { exit !(d > 0 && d <= 600) }'; then
+  die "--duration must be a number of seconds in (0, 600]"
+fi
+for sc in ${SCENARIOS//,/ }; do
+  listed "$sc" http-forward,connect-rr,connect-bulk,connect-rate,idle-tunnels || die "unknown scenario: $sc"
+done
+for sys in ${SYSTEMS//,/ }; do
+  listed "$sys" direct,squid,tinyproxy,egress || die "unknown system: $sys"
+done
+IFS=, read -r HTTP_PORT ECHO_PORT SOURCE_PORT <<<"$ORIGIN_PORTS"
+[[ -n ${SOURCE_PORT:-} ]] || die "--origin-ports needs three ports"
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+LOADGEN_DIR=$ROOT/benches/loadgen
+
+# --- prerequisites -----------------------------------------------------------------------
+need=()
+listed squid "$SYSTEMS" && ! command -v squid >/dev/null && need+=(squid)
+listed tinyproxy "$SYSTEMS" && ! command -v tinyproxy >/dev/null && need+=(tinyproxy)
+for tool in curl:curl python3:python3 taskset:util-linux unshare:util-linux ss:iproute2; do
+  command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
+done
+if ((${#need[@]})); then
+  log "installing ${need[*]} (apt)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+log "building benches/loadgen (release)"
+cargo build --release --locked --quiet --manifest-path "$LOADGEN_DIR/Cargo.toml"
+LOADGEN=${CARGO_TARGET_DIR:-$LOADGEN_DIR/target}/release/loadgen
+
+if listed egress "$SYSTEMS"; then
+  if [[ -z $EGRESS_BIN ]]; then
+    EGRESS_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/egress-proxy
+    if [[ ! -x $EGRESS_BIN ]]; then
+      log "building egress-proxy (release; fat LTO takes minutes)"
+      cargo build --release --locked --quiet --manifest-path "$ROOT/Cargo.toml"
+    fi
+  fi
+  [[ -x $EGRESS_BIN ]] || die "--egress-bin $EGRESS_BIN is not an executable"
+  EGRESS_BIN=$(realpath "$EGRESS_BIN")
+fi
+
+# Thousands of tunnels need thousands of descriptors; the children inherit this.
+ulimit -n "$(ulimit -Hn)"
+NOFILE=$(ulimit -n)
+((IDLE_TUNNELS * 2 + 200 <= NOFILE)) || ! listed idle-tunnels "$SCENARIOS" ||
+  die "--idle-tunnels $IDLE_TUNNELS needs about $((IDLE_TUNNELS * 2 + 200)) descriptors in a proxy; the limit is $NOFILE"
+
+if ((PIN)); then
+  CLIENT_PIN=(taskset -c "$CLIENT_CPUS") PROXY_PIN=(taskset -c "$PROXY_CPUS")
+else
+  CLIENT_PIN=() PROXY_PIN=()
+fi
+
+# --- everything started here is stopped by PID on exit ------------------------------------
+[[ -d $TMPBASE && -w $TMPBASE ]] || TMPBASE=${TMPDIR:-/tmp}
+TMP=$(mktemp -d "$TMPBASE/egress-compare.XXXXXX")
+chmod 755 "$TMP"
+PIDS=()
+# alive PID: exists and is not a zombie (a dead child stays a zombie until waited for)
+alive() {
+  local state
+  state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
+  [[ -n $state && $state != Z ]]
+}
+stop_all() {
+  local pid
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do
+    for _ in {1..50}; do alive "$pid" || break; sleep 0.1; done # up to 5 s each
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  PIDS=()
+}
+cleanup() {
+  stop_all
+  if ((KEEP)); then log "kept $TMP"; else rm -rf "$TMP"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+listening() { ss -Htln "sport = :$1" | grep -q .; }
+TAKEN=" "
+# free_port VAR: an unused loopback port below the ephemeral range, stored in VAR
+free_port() {
+  local p
+  while :; do
+    p=$((20000 + RANDOM % 12000))
+    if [[ $TAKEN != *" $p "* ]] && ! listening "$p"; then
+      TAKEN+="$p "
+      printf -v "$1" %s "$p"
+      return
+    fi
+  done
+}
+# await_listen PORT PID NAME LOGFILE: until PID listens on PORT (15 s at most)
+await_listen() {
+  for _ in {1..150}; do
+    alive "$2" || { tail -n 20 "$4" >&2 || true; die "$3 exited while starting (log: $4)"; }
+    listening "$1" && return 0
+    sleep 0.1
+  done
+  die "$3 did not listen on port $1 within 15 s (log: $4)"
+}
+
+# --- origins -------------------------------------------------------------------------------
+for p in "$HTTP_PORT" "$ECHO_PORT" "$SOURCE_PORT"; do
+  ! listening "$p" || die "origin port $p is in use (see --origin-ports)"
+done
+"${CLIENT_PIN[@]}" "$LOADGEN" origins --http "127.0.0.1:$HTTP_PORT" --echo "127.0.0.1:$ECHO_PORT" \
+  --source "127.0.0.1:$SOURCE_PORT" 2>"$TMP/origins.log" &
+PIDS+=($!)
+await_listen "$SOURCE_PORT" $! origins "$TMP/origins.log"
+
+# origin.test is 127.0.0.1 for every proxy: squid reads this hosts file; tinyproxy, which
+# has no such option, runs in a private mount namespace where it is /etc/hosts and DNS
+# points at 127.0.0.1, so no look-up leaves the machine; egress-proxy has static DNS.
+echo "127.0.0.1 origin.test" >"$TMP/hosts"
+echo "nameserver 127.0.0.1" >"$TMP/resolv.conf"
+# shellcheck disable=SC2016 # expanded by the inner sh
+HOSTS_NS=(unshare --mount --propagation private sh -c
+  'mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/resolv.conf && shift 2 && exec "$@"'
+  sh "$TMP/hosts" "$TMP/resolv.conf")
+
+# --- the systems: parallel arrays of name, address ("direct" for none) and PID ---------------
+NAMES=() ADDRS=() SPIDS=()
+add_system() { NAMES+=("$1") ADDRS+=("$2") SPIDS+=("$3"); }
+
+for sys in ${SYSTEMS//,/ }; do
+  case $sys in
+    direct) add_system direct direct "" ;;
+
+    squid)
+      free_port port
+      d=$TMP/squid
+      install -d -o proxy -g proxy "$d"
+      cat >"$d/squid.conf" <<EOF
+http_port 127.0.0.1:$port
+acl bench_host dstdomain origin.test
+acl bench_ports port $HTTP_PORT $ECHO_PORT $SOURCE_PORT
+http_access deny !bench_ports
+http_access allow bench_host
+http_access deny all
+hosts_file $TMP/hosts
+dns_nameservers 127.0.0.1
+cache deny all
+cache_mem 0 MB
+access_log stdio:$d/access.log
+cache_log $d/cache.log
+cache_store_log none
+pid_filename $d/squid.pid
+coredump_dir $d
+cache_effective_user proxy
+max_filedescriptors $NOFILE
+shutdown_lifetime 1 seconds
+pinger_enable off
+EOF
+      squid -k parse -f "$d/squid.conf" 2>"$d/parse.log" || die "squid config: $(tail -n 5 "$d/parse.log")"
+      # -N: one process in the foreground, so $! is the PID whose RSS counts
+      "${PROXY_PIN[@]}" squid -N -f "$d/squid.conf" 2>"$d/stderr.log" &
+      PIDS+=($!)
+      await_listen "$port" $! squid "$d/cache.log"
+      add_system squid "127.0.0.1:$port" $!
+      ;;
+
+    tinyproxy)
+      free_port port
+      d=$TMP/tinyproxy
+      install -d -o tinyproxy -g tinyproxy "$d"
+      ports="$HTTP_PORT|$ECHO_PORT|$SOURCE_PORT"
+      # With FilterURLs On, plain requests are matched as http://host:port/path and
+      # CONNECTs as host:port: both name the allowed host and ports.
+      printf '%s\n' "^http://origin\\.test:($ports)/" "^origin\\.test:($ports)\$" >"$d/filter"
+      cat >"$d/tinyproxy.conf" <<EOF
+User tinyproxy
+Group tinyproxy
+Listen 127.0.0.1
+Port $port
+Timeout 600
+MaxClients $((IDLE_TUNNELS + RR_CONNS + HTTP_CONNS + 100))
+Allow 127.0.0.1
+LogFile "$d/tinyproxy.log"
+LogLevel Connect
+PidFile "$d/tinyproxy.pid"
+FilterType ere
+FilterURLs On
+FilterDefaultDeny Yes
+Filter "$d/filter"
+ConnectPort $HTTP_PORT
+ConnectPort $ECHO_PORT
+ConnectPort $SOURCE_PORT
+EOF
+      # -d: foreground; unshare and sh exec, so $! is tinyproxy's PID
+      "${PROXY_PIN[@]}" "${HOSTS_NS[@]}" tinyproxy -d -c "$d/tinyproxy.conf" >"$d/stderr.log" 2>&1 &
+      PIDS+=($!)
+      await_listen "$port" $! tinyproxy "$d/stderr.log"
+      add_system tinyproxy "127.0.0.1:$port" $!
+      ;;
+
+    egress)
+      free_port port
+      admin=""
+      free_port admin
+      d=$TMP/egress
+      mkdir -p "$d"
+      cat >"$d/egress-proxy.toml" <<EOF
+[server]
+listen = ["127.0.0.1:$port"]
+admin_listen = "127.0.0.1:$admin"
+
+[clients]
+allow = ["127.0.0.0/8"]
+
+[dns]
+static = { "origin.test" = ["127.0.0.1"] }
+allow_private = ["127.0.0.0/8"]
+
+[policy]
+catalog = "catalog.toml"
+default = "deny"
+
+[audit]
+path = "$d/audit.log"
+EOF
+      cat >"$d/catalog.toml" <<EOF
+[[rule]]
+name = "bench http origin"
+hosts = ["origin.test"]
+ports = [$HTTP_PORT]
+action = "allow"
+
+[[rule]]
+name = "bench tunnels"
+hosts = ["origin.test"]
+ports = [$ECHO_PORT, $SOURCE_PORT]
+action = "bypass"
+EOF
+      "${PROXY_PIN[@]}" "$EGRESS_BIN" run --config "$d/egress-proxy.toml" >"$d/stdout.log" 2>"$d/stderr.log" &
+      PIDS+=($!)
+      await_listen "$port" $! egress-proxy "$d/stderr.log"
+      add_system egress "127.0.0.1:$port" $!
+      ;;
+  esac
+done
+((${#NAMES[@]})) || die "no systems to measure"
+
+# --- allowlist probe: each proxy passes what it should and refuses the rest ------------------
+# status ADDR FIELD URL [CURL_ARGS...]: what curl saw through the proxy at ADDR
+status() { curl -s -o /dev/null -m 5 -x "http://$1" -w "%{$2}" "${@:4}" "$3" || true; }
+PROBES=()
+for i in "${!NAMES[@]}"; do
+  addr=${ADDRS[$i]}
+  [[ $addr == direct ]] && continue
+  got="$(status "$addr" http_code "http://origin.test:$HTTP_PORT/small")"
+  got+=" $(status "$addr" http_code "http://denied.test:$HTTP_PORT/small")"
+  got+=" $(status "$addr" http_code "http://origin.test:9/")"
+  got+=" $(status "$addr" http_connect "http://origin.test:$HTTP_PORT/small" -p)"
+  got+=" $(status "$addr" http_connect "http://origin.test:9/" -p)"
+  verdict=ok
+  [[ $got == "200 403 403 200 403" ]] || verdict=UNEXPECTED
+  PROBES+=("${NAMES[$i]}: $got ($verdict)")
+  log "allowlist ${NAMES[$i]}: GET allowed, GET other host, GET other port, CONNECT allowed, CONNECT other port = $got (want 200 403 403 200 403: $verdict)"
+done
+
+# --- the runs --------------------------------------------------------------------------------
+RESULTS=$TMP/results.jsonl
+: >"$RESULTS"
+summary() { # one JSON line -> a short progress line
+  python3 -c 'import json,sys
+d = json.loads(sys.argv[1])
+keys = ("rate", "unit", "p50_us", "p99_us", "gbit_s", "alive", "bytes_per_tunnel", "errors", "first_error")
+print(d["scenario"], "/", d["label"] + ":", " ".join(f"{k}={d[k]}" for k in keys if d.get(k) is not None))' "$1"
+}
+for sc in ${SCENARIOS//,/ }; do
+  case $sc in
+    http-forward) port=$HTTP_PORT conns=$HTTP_CONNS ;;
+    connect-rr) port=$ECHO_PORT conns=$RR_CONNS ;;
+    connect-bulk) port=$SOURCE_PORT conns=$BULK_CONNS ;;
+    connect-rate) port=$ECHO_PORT conns=$RATE_CONNS ;;
+    idle-tunnels) port=$ECHO_PORT conns=$IDLE_TUNNELS ;;
+  esac
+  for i in "${!NAMES[@]}"; do
+    name=${NAMES[$i]} addr=${ADDRS[$i]} pid=${SPIDS[$i]}
+    if [[ $addr == direct ]]; then
+      args=(--proxy direct --target "127.0.0.1:$port")
+    else
+      args=(--proxy "$addr" --target "origin.test:$port")
+    fi
+    args+=(--scenario "$sc" --conns "$conns" --duration "$DURATION" --label "$name" --json)
+    [[ $sc == idle-tunnels && -n $pid ]] && args+=(--pid "$pid")
+    if [[ -n $pid ]] && ! alive "$pid"; then
+      echo "{\"scenario\":\"$sc\",\"label\":\"$name\",\"failed\":\"the proxy process is gone\"}" >>"$RESULTS"
+      log "$sc / $name: skipped, the proxy process is gone"
+      continue
+    fi
+    # the load generator bounds its runs itself; timeout is the safety net
+    if out=$(timeout "$(awk -v d="$DURATION" 'BEGIN { printf "%d", d * 3 + 60 }')" \
+      "${CLIENT_PIN[@]}" "$LOADGEN" run "${args[@]}" 2>>"$TMP/loadgen.log"); then
+      echo "$out" >>"$RESULTS"
+      log "$(summary "$out")"
+    else
+      why=$(tail -n 1 "$TMP/loadgen.log" | tr -d '"'"\\\\")
+      echo "{\"scenario\":\"$sc\",\"label\":\"$name\",\"failed\":\"${why:-timed out}\"}" >>"$RESULTS"
+      log "$sc / $name: FAILED: ${why:-timed out}"
+    fi
+    sleep 1 # let closed connections settle between runs
+  done
+done
+
+# --- what the proxies logged, as evidence that the traffic went through them ------------------
+if [[ -f $TMP/squid/access.log ]]; then
+  log "squid access.log result codes: $(awk '{print $4}' "$TMP/squid/access.log" | sort | uniq -c | awk '{printf "%s=%s ", $2, $1}')"
+fi
+if [[ -f $TMP/tinyproxy/tinyproxy.log ]]; then
+  log "tinyproxy requests logged: $(grep -o 'Request (file descriptor [0-9]*): [A-Z]*' "$TMP/tinyproxy/tinyproxy.log" |
+    awk '{print $NF}' | sort | uniq -c | awk '{printf "%s=%s ", $2, $1}')"
+fi
+if [[ -f $TMP/egress/audit.log ]]; then
+  log "egress audit records: $(wc -l <"$TMP/egress/audit.log")"
+fi
+
+stop_all
+
+# --- the table -------------------------------------------------------------------------------
+if ((PIN)); then
+  pinning="proxies pinned to CPU $PROXY_CPUS, load generator and origins to CPU $CLIENT_CPUS"
+else
+  pinning="no CPU pinning"
+fi
+python3 - "$RESULTS" "${SYSTEMS}" "$SCENARIOS" "$DURATION" "$pinning" \
+  "http-forward $HTTP_CONNS, connect-rr $RR_CONNS, connect-bulk $BULK_CONNS, connect-rate $RATE_CONNS, idle-tunnels $IDLE_TUNNELS" \
+  "${PROBES[@]}" <<'PY'
+import json, sys
+
+path, systems, scenarios, duration, pinning, conns = sys.argv[1:7]
+probes = sys.argv[7:]
+systems, scenarios = systems.split(","), scenarios.split(",")
+runs = {}
+for line in open(path):
+    d = json.loads(line)
+    runs[(d["scenario"], d["label"])] = d
+
+def rate(v): return f"{v / 1000:.1f}k/s" if v >= 10000 else f"{v:.0f}/s"
+def us(v): return f"{v / 1000:.1f} ms" if v >= 10000 else (f"{v:.0f} µs" if v >= 100 else f"{v:.1f} µs")
+def gbit(v): return f"{v:.2f} Gbit/s"
+def size(v): return f"{v / 1024:.1f} KiB" if v >= 10240 else f"{v:.0f} B"
+
+rows = [
+    ("http-forward", "rate", rate, "http-forward, requests/s"),
+    ("http-forward", "p50_us", us, "http-forward, p50 latency"),
+    ("http-forward", "p99_us", us, "http-forward, p99 latency"),
+    ("connect-rr", "rate", rate, "connect-rr, round trips/s"),
+    ("connect-rr", "p50_us", us, "connect-rr, p50 latency"),
+    ("connect-rr", "p99_us", us, "connect-rr, p99 latency"),
+    ("connect-bulk", "gbit_s", gbit, "connect-bulk, throughput"),
+    ("connect-rate", "rate", rate, "connect-rate, tunnels/s"),
+    ("connect-rate", "p99_us", us, "connect-rate, p99 latency"),
+    ("idle-tunnels", "bytes_per_tunnel", size, "idle-tunnels, proxy RSS per tunnel"),
+]
+print("| scenario, metric | " + " | ".join(systems) + " |")
+print("|---|" + "---|" * len(systems))
+for sc, key, fmt, label in rows:
+    if sc not in scenarios:
+        continue
+    base = runs.get((sc, "direct"), {}).get(key)
+    cells = []
+    for name in systems:
+        d = runs.get((sc, name))
+        if d is None:
+            cells.append("—")
+            continue
+        if "failed" in d:
+            cells.append("FAILED")
+            continue
+        v = d.get(key)
+        cell = "—" if v is None else fmt(v)
+        if v is not None and base and name != "direct":
+            cell += f" ({v / base:.2f}×)"
+        if sc == "idle-tunnels":
+            cell += f" [{d.get('alive', 0)}/{d.get('conns')} alive]"
+        if d.get("errors"):
+            cell += f" ⚠ {d['errors']} errors"
+        cells.append(cell)
+    print(f"| {label} | " + " | ".join(cells) + " |")
+print()
+print(f"Ratios are system ÷ direct from this run (throughput: higher is better; latency: lower is "
+      f"better). {duration} s per run; connections: {conns}; {pinning}.")
+for d in runs.values():
+    if "failed" in d:
+        print(f"- {d['label']} / {d['scenario']}: FAILED: {d['failed']}")
+    elif d.get("errors"):
+        print(f"- {d['label']} / {d['scenario']}: {d['errors']} errors, the first: {d.get('first_error')}")
+    if d.get("scenario") == "http-forward" and d.get("ok") and d.get("connects", 0) > 2 * d["conns"]:
+        print(f"- {d['label']} / http-forward: {d['connects']} client connections for {d['ok']} requests "
+              "(the proxy closed keep-alive connections)")
+for p in probes:
+    print(f"- allowlist probe {p}: GET allowed, GET other host, GET other port, CONNECT allowed, "
+          "CONNECT other port (want 200 403 403 200 403)")
+PY

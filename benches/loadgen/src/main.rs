@@ -1,0 +1,91 @@
+//! loadgen: loopback origins and a load generator for comparing forward proxies.
+//!
+//! `loadgen origins` serves an HTTP origin, a TCP echo origin and a TCP source
+//! origin on loopback. `loadgen run` drives one scenario through a proxy (or
+//! directly) and prints one report. `benches/compare.sh` uses both.
+
+mod args;
+mod hist;
+mod http;
+mod origin;
+mod report;
+mod run;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+Usage:
+  loadgen origins [--http ADDR] [--echo ADDR] [--source ADDR]
+  loadgen run --scenario NAME --proxy HOST:PORT|direct --target HOST:PORT [options]
+
+origins (each given one is served until the process is killed):
+  --http ADDR       HTTP/1.1 keep-alive origin: /small = 1 KiB, /large = 1 MiB, other paths empty
+  --echo ADDR       TCP echo origin
+  --source ADDR     TCP origin that writes as fast as the reader takes
+
+run:
+  --scenario NAME   http-forward | connect-rr | connect-bulk | connect-rate | idle-tunnels
+  --proxy ADDR      proxy HOST:PORT, or `direct` to connect to the target itself
+  --target H:P      the origin as the proxy sees it (origin.test:18080); with `direct`
+                    it must resolve here (127.0.0.1:18080)
+  --conns N         connections, tunnels or workers (default 32)
+  --duration SECS   measured seconds; idle-tunnels: seconds to hold (default 5, at most 3600)
+  --path PATH       http-forward request path (default /small)
+  --size BYTES      connect-rr / connect-rate / idle-tunnels message size (default 64)
+  --pid PID         idle-tunnels: proxy process whose VmRSS is read (repeatable, summed)
+  --label NAME      system name copied into the report
+  --json            print one JSON object instead of text
+
+global:
+  --threads N       runtime worker threads (default: CPUs in the affinity mask;
+                    1 = a current-thread runtime)
+  -h, --help        this help
+";
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.is_empty() || argv.iter().any(|a| a == "-h" || a == "--help") {
+        print!("{USAGE}");
+        return if argv.is_empty() {
+            ExitCode::from(2)
+        } else {
+            ExitCode::SUCCESS
+        };
+    }
+    match real_main(argv) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("loadgen: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(argv: Vec<String>) -> Result<(), String> {
+    let cmd = args::parse(argv)?;
+    // Thousands of tunnels need thousands of descriptors: take the hard limit.
+    if let Ok((_, hard)) = rlimit::Resource::NOFILE.get() {
+        let _ = rlimit::Resource::NOFILE.set(hard, hard);
+    }
+    // available_parallelism honours the affinity mask, so `taskset -c 0` gives one thread.
+    let threads = cmd
+        .threads()
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let rt = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+    .map_err(|e| format!("runtime: {e}"))?;
+    rt.block_on(async move {
+        match cmd {
+            args::Cmd::Origins(o) => origin::serve(o).await,
+            args::Cmd::Run(r) => run::run(r).await,
+        }
+    })
+}

@@ -1,0 +1,158 @@
+//! The loopback origins: HTTP, echo and source.
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use crate::args::Origins;
+use crate::http::Conn;
+
+const SMALL: usize = 1024;
+const LARGE: usize = 1024 * 1024;
+
+pub async fn serve(o: Origins) -> Result<(), String> {
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(addr) = &o.http {
+        let responses = Arc::new(Responses::new());
+        let l = bind(addr).await?;
+        tasks.spawn(accept_loop(l, "http", move |s| {
+            http_conn(s, Arc::clone(&responses))
+        }));
+    }
+    if let Some(addr) = &o.echo {
+        tasks.spawn(accept_loop(bind(addr).await?, "echo", echo_conn));
+    }
+    if let Some(addr) = &o.source {
+        tasks.spawn(accept_loop(bind(addr).await?, "source", source_conn));
+    }
+    eprintln!(
+        "loadgen origins: http={} echo={} source={}",
+        o.http.as_deref().unwrap_or("-"),
+        o.echo.as_deref().unwrap_or("-"),
+        o.source.as_deref().unwrap_or("-")
+    );
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// A listener with a deep accept queue: thousands of tunnels open at once in
+/// idle-tunnels, and a dropped SYN costs a one-second retransmission.
+async fn bind(addr: &str) -> Result<TcpListener, String> {
+    let fail = |e: io::Error| format!("bind {addr}: {e}");
+    let sa = tokio::net::lookup_host(addr)
+        .await
+        .map_err(fail)?
+        .next()
+        .ok_or_else(|| format!("{addr} resolves to nothing"))?;
+    let sock = if sa.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(fail)?;
+    sock.set_reuseaddr(true).map_err(fail)?;
+    sock.bind(sa).map_err(fail)?;
+    sock.listen(4096).map_err(fail)
+}
+
+async fn accept_loop<F, Fut>(l: TcpListener, name: &'static str, handle: F)
+where
+    F: Fn(TcpStream) -> Fut,
+    Fut: Future<Output = io::Result<()>> + Send + 'static,
+{
+    let mut warned = false;
+    loop {
+        match l.accept().await {
+            Ok((s, _)) => {
+                let _ = s.set_nodelay(true);
+                tokio::spawn(handle(s));
+            }
+            Err(e) => {
+                // e.g. out of descriptors: say so once, back off, go on
+                if !warned {
+                    eprintln!("loadgen origins: {name} accept: {e}");
+                    warned = true;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// Whole responses (head and body), built once: [keep-alive, close] for each path.
+struct Responses {
+    small: [Vec<u8>; 2],
+    large: [Vec<u8>; 2],
+    empty: [Vec<u8>; 2],
+}
+
+impl Responses {
+    fn new() -> Responses {
+        let make = |n: usize| {
+            [false, true].map(|close| {
+                let conn = if close { "Connection: close\r\n" } else { "" };
+                let mut r = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {n}\r\n{conn}\r\n"
+                )
+                .into_bytes();
+                r.resize(r.len() + n, b'x');
+                r
+            })
+        };
+        Responses {
+            small: make(SMALL),
+            large: make(LARGE),
+            empty: make(0),
+        }
+    }
+}
+
+async fn http_conn(s: TcpStream, responses: Arc<Responses>) -> io::Result<()> {
+    let mut c = Conn::new(s);
+    while let Some(head) = c.read_head().await? {
+        if head.chunked {
+            c.skip_chunked().await?;
+        } else if let Some(n) = head.content_length {
+            c.skip(n).await?;
+        }
+        // origin-form or absolute-form
+        let target = head.target();
+        let path = match target.split_once("://") {
+            Some((_, rest)) => rest.find('/').map_or("/", |i| &rest[i..]),
+            None => target,
+        };
+        let variants = match path {
+            "/small" => &responses.small,
+            "/large" => &responses.large,
+            _ => &responses.empty,
+        };
+        c.write_all(&variants[usize::from(head.close)]).await?;
+        if head.close {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+async fn echo_conn(mut s: TcpStream) -> io::Result<()> {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        s.write_all(&buf[..n]).await?;
+    }
+}
+
+async fn source_conn(mut s: TcpStream) -> io::Result<()> {
+    let buf = vec![b's'; 64 * 1024];
+    loop {
+        // runs until the reader goes away (write error)
+        s.write_all(&buf).await?;
+    }
+}
