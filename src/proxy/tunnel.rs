@@ -162,58 +162,26 @@ pub async fn run(
             }
             None => (None, None),
         };
-        let up_fut = async {
-            let (held, after, hello) = match &check {
-                Some(c) => {
-                    if early.is_empty() {
-                        // Nothing is held (or allocated) while the client is
-                        // silent; the idle time-out governs how long it may be.
-                        cr.readable().await.map_err(|_| End::Client)?;
-                    }
-                    // Boxed: the gate's state is freed once the hello is judged.
-                    Box::pin(gate(&cr, early, c, &seen)).await?
-                }
-                None => (early.to_vec(), Vec::new(), false),
-            };
-            forward_held(&mut uw, held, &up, &last, base).await?;
-            let after = match (hello, &check, retry_rx) {
-                // A HelloRetryRequest makes the client send a second hello,
-                // which a lenient server (OpenSSL) takes the name from; what
-                // came after the first hello waits for the upstream's answer.
-                (true, Some(c), Some(rx)) => Box::pin(gate_retry(&cr, rx, c, &seen, after)).await?,
-                _ => after,
-            };
-            forward_held(&mut uw, after, &up, &last, base).await?;
-            relay(
-                Dir {
-                    from: &mut cr,
-                    from_side: Side::Client,
-                    to: &mut uw,
-                    to_side: Side::Upstream,
-                    count: &up,
-                    last: &last,
-                    base,
-                },
-                splicer,
-            )
-            .await
+        let mut up_dir = Dir {
+            from: &mut cr,
+            from_side: Side::Client,
+            to: &mut uw,
+            to_side: Side::Upstream,
+            count: &up,
+            last: &last,
+            base,
         };
-        let down_fut = async {
-            let mut dir = Dir {
-                from: &mut ur,
-                from_side: Side::Upstream,
-                to: &mut cw,
-                to_side: Side::Client,
-                count: &down,
-                last: &last,
-                base,
-            };
-            if let Some(tx) = retry_tx {
-                // Boxed, like the gate: nothing of it stays for an idle tunnel.
-                Box::pin(watch_first(&mut dir, tx)).await?;
-            }
-            relay(dir, splicer).await
+        let up_fut = up_direction(&mut up_dir, early, check.as_ref(), retry_rx, &seen, splicer);
+        let mut down_dir = Dir {
+            from: &mut ur,
+            from_side: Side::Upstream,
+            to: &mut cw,
+            to_side: Side::Client,
+            count: &down,
+            last: &last,
+            base,
         };
+        let down_fut = down_direction(&mut down_dir, retry_tx, splicer);
         tokio::pin!(up_fut, down_fut);
 
         let timer = tokio::time::sleep(idle);
@@ -271,6 +239,54 @@ pub async fn run(
     stats
 }
 
+/// Client to upstream: with a check, the client's first bytes (and after a
+/// HelloRetryRequest its second hello) are held until judged; then relay.
+async fn up_direction(
+    dir: &mut Dir<'_, '_>,
+    early: Bytes,
+    check: Option<&Check>,
+    retry_rx: Option<tokio::sync::oneshot::Receiver<bool>>,
+    seen: &Mutex<(Option<String>, bool)>,
+    splicer: &Splicer,
+) -> Result<(), End> {
+    let (held, after, hello) = match check {
+        Some(c) => {
+            if early.is_empty() {
+                // Nothing is held (or allocated) while the client is
+                // silent; the idle time-out governs how long it may be.
+                dir.from.readable().await.map_err(|_| End::Client)?;
+            }
+            // Boxed: the gate's state is freed once the hello is judged.
+            Box::pin(gate(dir.from, early, c, seen)).await?
+        }
+        None => (early.to_vec(), Vec::new(), false),
+    };
+    forward_held(dir.to, held, dir.count, dir.last, dir.base).await?;
+    let after = match (hello, check, retry_rx) {
+        // A HelloRetryRequest makes the client send a second hello,
+        // which a lenient server (OpenSSL) takes the name from; what
+        // came after the first hello waits for the upstream's answer.
+        (true, Some(c), Some(rx)) => Box::pin(gate_retry(dir.from, rx, c, seen, after)).await?,
+        _ => after,
+    };
+    forward_held(dir.to, after, dir.count, dir.last, dir.base).await?;
+    relay(dir, splicer).await
+}
+
+/// Upstream to client: a checked tunnel watches the upstream's first record
+/// for a HelloRetryRequest; then relay.
+async fn down_direction(
+    dir: &mut Dir<'_, '_>,
+    retry_tx: Option<tokio::sync::oneshot::Sender<bool>>,
+    splicer: &Splicer,
+) -> Result<(), End> {
+    if let Some(tx) = retry_tx {
+        // Boxed, like the gate: nothing of it stays for an idle tunnel.
+        Box::pin(watch_first(dir, tx)).await?;
+    }
+    relay(dir, splicer).await
+}
+
 fn touch(last: &AtomicU64, base: Instant) {
     last.store(
         u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX),
@@ -300,8 +316,8 @@ impl Dir<'_, '_> {
 
 /// Copy one direction until EOF (then half-close) or an error; past
 /// [`SPLICE_AFTER`] bytes, splice instead when a pipe can be had.
-async fn relay(mut dir: Dir<'_, '_>, splicer: &Splicer) -> Result<(), End> {
-    if let Copied::Done(r) = copy(&mut dir, Some(SPLICE_AFTER)).await {
+async fn relay(dir: &mut Dir<'_, '_>, splicer: &Splicer) -> Result<(), End> {
+    if let Copied::Done(r) = copy(dir, Some(SPLICE_AFTER)).await {
         return r;
     }
     // Boxed: a tunnel that never goes bulk carries no room for this.
@@ -310,12 +326,12 @@ async fn relay(mut dir: Dir<'_, '_>, splicer: &Splicer) -> Result<(), End> {
 
 /// A direction past its bulk threshold: splice when a pipe can be had,
 /// else copy on.
-async fn bulk(mut dir: Dir<'_, '_>, splicer: &Splicer) -> Result<(), End> {
+async fn bulk(dir: &mut Dir<'_, '_>, splicer: &Splicer) -> Result<(), End> {
     match Pipe::open(splicer) {
-        Ok(pipe) => splice(&mut dir, &pipe).await,
+        Ok(pipe) => splice(dir, &pipe).await,
         Err(e) => {
             tracing::debug!(error = %e, "no splice pipe; copying on");
-            match copy(&mut dir, None).await {
+            match copy(dir, None).await {
                 Copied::Done(r) => r,
                 Copied::Bulk => Ok(()),
             }
