@@ -155,13 +155,7 @@ pub async fn run(
         let (mut cr, mut cw) = client.split();
         let (mut ur, mut uw) = upstream.split();
         // Only a checked tunnel watches the upstream's first record.
-        let (retry_tx, retry_rx) = match &check {
-            Some(_) => {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                (Some(tx), Some(rx))
-            }
-            None => (None, None),
-        };
+        let (retry_tx, retry_rx) = retry_channel(check.is_some());
         let mut up_dir = Dir {
             from: &mut cr,
             from_side: Side::Client,
@@ -218,6 +212,17 @@ pub async fn run(
         }
         ended
     };
+    finish(ended, &seen, &up, &down, &client)
+}
+
+/// The record of a finished tunnel; a refused hello gets its TLS alert.
+fn finish(
+    ended: Option<End>,
+    seen: &Mutex<(Option<String>, bool)>,
+    up: &AtomicU64,
+    down: &AtomicU64,
+    client: &TcpStream,
+) -> TunnelStats {
     let (sni, ech) = seen.lock().map(|s| s.clone()).unwrap_or_default();
     let mut stats = TunnelStats {
         up: up.load(Ordering::Relaxed),
@@ -237,6 +242,22 @@ pub async fn run(
         }
     }
     stats
+}
+
+/// The channel by which the down direction tells the up direction whether
+/// the upstream's first record is a HelloRetryRequest (only when `checked`).
+fn retry_channel(
+    checked: bool,
+) -> (
+    Option<tokio::sync::oneshot::Sender<bool>>,
+    Option<tokio::sync::oneshot::Receiver<bool>>,
+) {
+    if checked {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (Some(tx), Some(rx))
+    } else {
+        (None, None)
+    }
 }
 
 /// Client to upstream: with a check, the client's first bytes (and after a
