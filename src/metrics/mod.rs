@@ -80,8 +80,17 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("egress");
-        let m = Metrics {
+        let mut m = Metrics::unregistered();
+        m.registry = Registry::with_prefix("egress");
+        m.register_traffic();
+        m.register_catalog();
+        m.register_audit();
+        m
+    }
+
+    /// Every metric at zero, in a registry that names none of them.
+    fn unregistered() -> Self {
+        Metrics {
             transactions: Family::default(),
             bytes_up: Family::default(),
             bytes_down: Family::default(),
@@ -104,102 +113,113 @@ impl Metrics {
             syslog_dropped: Counter::default(),
             status: Arc::default(),
             registry: Registry::default(),
-        };
-        registry.register(
+        }
+    }
+
+    /// The per-transaction counters, gauges and dial latencies.
+    fn register_traffic(&mut self) {
+        self.registry.register(
             "transactions",
             "Transactions by decision, rule and reason",
-            m.transactions.clone(),
+            self.transactions.clone(),
         );
-        registry.register_with_unit(
+        self.registry.register_with_unit(
             "rule_up",
             "Payload bytes client to upstream by rule",
             Unit::Bytes,
-            m.bytes_up.clone(),
+            self.bytes_up.clone(),
         );
-        registry.register_with_unit(
+        self.registry.register_with_unit(
             "rule_down",
             "Payload bytes upstream to client by rule",
             Unit::Bytes,
-            m.bytes_down.clone(),
+            self.bytes_down.clone(),
         );
-        registry.register(
+        self.registry.register(
             "open_connections",
             "Client connections open now",
-            m.open_connections.clone(),
+            self.open_connections.clone(),
         );
-        registry.register(
+        self.registry.register(
             "open_tunnels",
             "CONNECT tunnels open now",
-            m.open_tunnels.clone(),
+            self.open_tunnels.clone(),
         );
-        registry.register_with_unit(
+        self.registry.register_with_unit(
             "dns_lookup",
             "DNS lookup latency",
             Unit::Seconds,
-            m.dns_seconds.clone(),
+            self.dns_seconds.clone(),
         );
-        registry.register_with_unit(
+        self.registry.register_with_unit(
             "upstream_connect",
             "Upstream TCP connect latency",
             Unit::Seconds,
-            m.connect_seconds.clone(),
+            self.connect_seconds.clone(),
         );
-        registry.register(
+    }
+
+    /// Reloads, the catalog and the connection and splice counters.
+    fn register_catalog(&mut self) {
+        self.registry.register(
             "reloads",
             "Configuration reloads by result",
-            m.reloads.clone(),
+            self.reloads.clone(),
         );
-        registry.register(
+        self.registry.register(
             "catalog_info",
             "The loaded catalog (hash label; value 1)",
-            m.catalog.clone(),
+            self.catalog.clone(),
         );
-        registry.register(
+        self.registry.register(
             "catalog_rules",
             "Rules in the loaded catalog",
-            m.catalog_rules.clone(),
+            self.catalog_rules.clone(),
         );
-        registry.register(
+        self.registry.register(
             "connection_limit_refusals",
             "Connections refused at the connection cap",
-            m.connection_limit.clone(),
+            self.connection_limit.clone(),
         );
-        registry.register(
+        self.registry.register(
             "tunnel_splices",
             "Tunnel directions that moved on to splice(2) after their bulk threshold",
-            m.spliced.clone(),
+            self.spliced.clone(),
         );
-        registry.register(
+    }
+
+    /// The audit writer and syslog counters.
+    fn register_audit(&mut self) {
+        self.registry.register(
             "audit_records",
             "Audit records written",
-            m.audit_written.clone(),
+            self.audit_written.clone(),
         );
-        registry.register(
+        self.registry.register(
             "audit_queue",
             "Audit records queued, not yet written",
-            m.audit_queued.clone(),
+            self.audit_queued.clone(),
         );
-        registry.register(
+        self.registry.register(
             "audit_backpressure_waits",
             "Transactions that waited for the audit writer",
-            m.audit_waits.clone(),
+            self.audit_waits.clone(),
         );
-        registry.register(
+        self.registry.register(
             "audit_write_errors",
             "Failed audit write attempts (each retry counts); records are kept and retried",
-            m.audit_write_errors.clone(),
+            self.audit_write_errors.clone(),
         );
-        registry.register(
+        self.registry.register(
             "syslog_sent",
             "Audit messages sent to audit.syslog",
-            m.syslog_sent.clone(),
+            self.syslog_sent.clone(),
         );
-        registry.register(
+        self.registry.register(
             "syslog_dropped",
             "Audit messages for audit.syslog dropped (queue full or server unreachable)",
-            m.syslog_dropped.clone(),
+            self.syslog_dropped.clone(),
         );
-        Metrics { registry, ..m }
     }
 
     /// Record that a catalog is loaded.

@@ -248,9 +248,27 @@ impl Replay {
 
     /// The report for people.
     pub fn render(&self, header: &str) -> String {
-        const SHOWN: usize = 20;
         let mut out = String::new();
         let _ = writeln!(out, "{header}");
+        self.render_summary(&mut out);
+        let changes = [
+            Change::NewlyDenied,
+            Change::NewlyAllowed,
+            Change::AllowToBypass,
+            Change::BypassToAllow,
+            Change::NowReported,
+            Change::RuleChanged,
+        ];
+        for change in changes {
+            self.render_change(&mut out, change);
+        }
+        self.render_per_rule(&mut out);
+        self.render_result(&mut out);
+        out
+    }
+
+    /// Counts, and what was not re-decided.
+    fn render_summary(&self, out: &mut String) {
         let _ = writeln!(
             out,
             "records: {}; re-decided: {}; unchanged: {}",
@@ -269,50 +287,49 @@ impl Replay {
                 list.join(", ")
             );
         }
-        let changes = [
-            Change::NewlyDenied,
-            Change::NewlyAllowed,
-            Change::AllowToBypass,
-            Change::BypassToAllow,
-            Change::NowReported,
-            Change::RuleChanged,
-        ];
-        for change in changes {
-            let groups: Vec<_> = self
-                .changes
-                .iter()
-                .filter(|((c, _, _), _)| *c == change)
-                .collect();
-            if groups.is_empty() {
-                continue;
+    }
+
+    /// One kind of change: its destinations, most frequent first.
+    fn render_change(&self, out: &mut String, change: Change) {
+        const SHOWN: usize = 20;
+        let groups: Vec<_> = self
+            .changes
+            .iter()
+            .filter(|((c, _, _), _)| *c == change)
+            .collect();
+        if groups.is_empty() {
+            return;
+        }
+        let dests: usize = groups.iter().map(|(_, d)| d.len()).sum();
+        let n = self.count(change);
+        let _ = writeln!(
+            out,
+            "\n{}: {n} transaction{} ({dests} destination{})",
+            change.title(),
+            if n == 1 { "" } else { "s" },
+            if dests == 1 { "" } else { "s" }
+        );
+        for ((_, old, new), d) in groups {
+            let total: u64 = d.values().map(|s| s.count).sum();
+            let _ = writeln!(out, "  {old} -> {new}: {total}");
+            let mut list: Vec<_> = d.iter().collect();
+            list.sort_by(|a, b| b.1.count.cmp(&a.1.count).then_with(|| a.0.cmp(b.0)));
+            for ((dest, method), s) in list.iter().take(SHOWN) {
+                let _ = writeln!(
+                    out,
+                    "    {dest:<40} {method:<8} {:>6}  last {}",
+                    s.count,
+                    humantime::format_rfc3339_seconds(s.last)
+                );
             }
-            let dests: usize = groups.iter().map(|(_, d)| d.len()).sum();
-            let n = self.count(change);
-            let _ = writeln!(
-                out,
-                "\n{}: {n} transaction{} ({dests} destination{})",
-                change.title(),
-                if n == 1 { "" } else { "s" },
-                if dests == 1 { "" } else { "s" }
-            );
-            for ((_, old, new), d) in groups {
-                let total: u64 = d.values().map(|s| s.count).sum();
-                let _ = writeln!(out, "  {old} -> {new}: {total}");
-                let mut list: Vec<_> = d.iter().collect();
-                list.sort_by(|a, b| b.1.count.cmp(&a.1.count).then_with(|| a.0.cmp(b.0)));
-                for ((dest, method), s) in list.iter().take(SHOWN) {
-                    let _ = writeln!(
-                        out,
-                        "    {dest:<40} {method:<8} {:>6}  last {}",
-                        s.count,
-                        humantime::format_rfc3339_seconds(s.last)
-                    );
-                }
-                if list.len() > SHOWN {
-                    let _ = writeln!(out, "    ... and {} more destinations", list.len() - SHOWN);
-                }
+            if list.len() > SHOWN {
+                let _ = writeln!(out, "    ... and {} more destinations", list.len() - SHOWN);
             }
         }
+    }
+
+    /// Rules whose share of transactions changed.
+    fn render_per_rule(&self, out: &mut String) {
         let changed: Vec<_> = self.per_rule.iter().filter(|(_, (a, b))| a != b).collect();
         if !changed.is_empty() {
             let _ = writeln!(
@@ -326,6 +343,10 @@ impl Replay {
                 let _ = writeln!(out, "  {name}: {a} -> {b}");
             }
         }
+    }
+
+    /// The closing line (and the "no changes" note).
+    fn render_result(&self, out: &mut String) {
         if self.changes.is_empty() {
             let _ = writeln!(
                 out,
@@ -342,7 +363,6 @@ impl Replay {
         } else {
             let _ = writeln!(out, "\nresult: nothing would be newly denied");
         }
-        out
     }
 }
 

@@ -350,12 +350,49 @@ fn ts(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
+/// The five busiest clients and how many more.
+fn write_clients(out: &mut String, clients: BTreeMap<IpAddr, u64>) {
+    let mut by_count: Vec<(IpAddr, u64)> = clients.into_iter().collect();
+    by_count.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let shown: Vec<String> = by_count
+        .iter()
+        .take(5)
+        .map(|(c, n)| format!("{c} ({n})"))
+        .collect();
+    let more = by_count.len().saturating_sub(5);
+    if !shown.is_empty() {
+        let _ = writeln!(
+            out,
+            "# clients: {}{}",
+            shown.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        );
+    }
+}
+
 impl Group<'_> {
     fn count(&self) -> u64 {
         self.hosts.iter().map(|(_, d)| d.count).sum()
     }
 
     fn write(&self, out: &mut String) {
+        let (reasons, clients, reported) = self.tally();
+        self.write_heading(out, &reasons, reported);
+        write_clients(out, clients);
+        self.write_seen(out);
+        if self.is_ip {
+            self.write_addresses(out);
+        } else {
+            self.write_hosts(out);
+        }
+    }
+
+    /// Reasons and clients summed over the hosts, and how many were reported.
+    fn tally(&self) -> (BTreeMap<&str, u64>, BTreeMap<IpAddr, u64>, u64) {
         let mut reasons: BTreeMap<&str, u64> = BTreeMap::new();
         let mut clients: BTreeMap<IpAddr, u64> = BTreeMap::new();
         let mut reported = 0;
@@ -368,18 +405,11 @@ impl Group<'_> {
             }
             reported += d.reported;
         }
-        let first = self
-            .hosts
-            .iter()
-            .map(|(_, d)| d.first)
-            .min()
-            .unwrap_or(SystemTime::UNIX_EPOCH);
-        let last = self
-            .hosts
-            .iter()
-            .map(|(_, d)| d.last)
-            .max()
-            .unwrap_or(SystemTime::UNIX_EPOCH);
+        (reasons, clients, reported)
+    }
+
+    /// `# domain, port: count seen as (reasons), n hosts`.
+    fn write_heading(&self, out: &mut String, reasons: &BTreeMap<&str, u64>, reported: u64) {
         let count = self.count();
         let reasons: Vec<String> = reasons.iter().map(|(r, n)| format!("{r} {n}")).collect();
         let what = if self.is_ip {
@@ -412,26 +442,22 @@ impl Group<'_> {
                 "# ({reported} of them let through by policy.default = \"report\")"
             );
         }
-        let mut by_count: Vec<(IpAddr, u64)> = clients.into_iter().collect();
-        by_count.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-        let shown: Vec<String> = by_count
+    }
+
+    /// When the group was first and last seen, and the port note.
+    fn write_seen(&self, out: &mut String) {
+        let first = self
+            .hosts
             .iter()
-            .take(5)
-            .map(|(c, n)| format!("{c} ({n})"))
-            .collect();
-        let more = by_count.len().saturating_sub(5);
-        if !shown.is_empty() {
-            let _ = writeln!(
-                out,
-                "# clients: {}{}",
-                shown.join(", "),
-                if more > 0 {
-                    format!(" and {more} more")
-                } else {
-                    String::new()
-                }
-            );
-        }
+            .map(|(_, d)| d.first)
+            .min()
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let last = self
+            .hosts
+            .iter()
+            .map(|(_, d)| d.last)
+            .max()
+            .unwrap_or(SystemTime::UNIX_EPOCH);
         let _ = writeln!(out, "# first seen {}, last seen {}", ts(first), ts(last));
         if self
             .hosts
@@ -444,11 +470,6 @@ impl Group<'_> {
                 if self.hosts.len() == 1 { "this host" } else { "some of these hosts" },
                 self.port
             );
-        }
-        if self.is_ip {
-            self.write_addresses(out);
-        } else {
-            self.write_hosts(out);
         }
     }
 

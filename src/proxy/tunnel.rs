@@ -33,10 +33,13 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::peek::{self, Peek};
-use crate::policy::{EchMode, SniMode};
+use super::peek;
 use crate::reason::Reason;
-use crate::target::{self, Host};
+
+mod gate;
+
+use gate::{forward_held, gate, gate_retry, watch_first};
+pub use gate::{sni_matches, Check};
 
 /// Scratch buffer size: one per worker thread, never per tunnel.
 const SCRATCH: usize = 64 * 1024;
@@ -77,17 +80,6 @@ impl Splicer {
 /// of the descriptors are for tunnels).
 pub fn pipe_budget(nofile: usize) -> usize {
     (nofile / 32).min(256)
-}
-
-/// The SNI check for a spliced tunnel.
-#[derive(Clone, Debug)]
-pub struct Check {
-    pub mode: SniMode,
-    pub ech: EchMode,
-    /// The CONNECT host the SNI must match.
-    pub host: Host,
-    /// How long a started ClientHello may take to complete.
-    pub hello_timeout: Duration,
 }
 
 /// What the record needs from a finished tunnel.
@@ -163,65 +155,27 @@ pub async fn run(
         let (mut cr, mut cw) = client.split();
         let (mut ur, mut uw) = upstream.split();
         // Only a checked tunnel watches the upstream's first record.
-        let (retry_tx, retry_rx) = match &check {
-            Some(_) => {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                (Some(tx), Some(rx))
-            }
-            None => (None, None),
+        let (retry_tx, retry_rx) = retry_channel(check.is_some());
+        let mut up_dir = Dir {
+            from: &mut cr,
+            from_side: Side::Client,
+            to: &mut uw,
+            to_side: Side::Upstream,
+            count: &up,
+            last: &last,
+            base,
         };
-        let up_fut = async {
-            let (held, after, hello) = match &check {
-                Some(c) => {
-                    if early.is_empty() {
-                        // Nothing is held (or allocated) while the client is
-                        // silent; the idle time-out governs how long it may be.
-                        cr.readable().await.map_err(|_| End::Client)?;
-                    }
-                    // Boxed: the gate's state is freed once the hello is judged.
-                    Box::pin(gate(&cr, early, c, &seen)).await?
-                }
-                None => (early.to_vec(), Vec::new(), false),
-            };
-            forward_held(&mut uw, held, &up, &last, base).await?;
-            let after = match (hello, &check, retry_rx) {
-                // A HelloRetryRequest makes the client send a second hello,
-                // which a lenient server (OpenSSL) takes the name from; what
-                // came after the first hello waits for the upstream's answer.
-                (true, Some(c), Some(rx)) => Box::pin(gate_retry(&cr, rx, c, &seen, after)).await?,
-                _ => after,
-            };
-            forward_held(&mut uw, after, &up, &last, base).await?;
-            relay(
-                Dir {
-                    from: &mut cr,
-                    from_side: Side::Client,
-                    to: &mut uw,
-                    to_side: Side::Upstream,
-                    count: &up,
-                    last: &last,
-                    base,
-                },
-                splicer,
-            )
-            .await
+        let up_fut = up_direction(&mut up_dir, early, check.as_ref(), retry_rx, &seen, splicer);
+        let mut down_dir = Dir {
+            from: &mut ur,
+            from_side: Side::Upstream,
+            to: &mut cw,
+            to_side: Side::Client,
+            count: &down,
+            last: &last,
+            base,
         };
-        let down_fut = async {
-            let mut dir = Dir {
-                from: &mut ur,
-                from_side: Side::Upstream,
-                to: &mut cw,
-                to_side: Side::Client,
-                count: &down,
-                last: &last,
-                base,
-            };
-            if let Some(tx) = retry_tx {
-                // Boxed, like the gate: nothing of it stays for an idle tunnel.
-                Box::pin(watch_first(&mut dir, tx)).await?;
-            }
-            relay(dir, splicer).await
-        };
+        let down_fut = down_direction(&mut down_dir, retry_tx, splicer);
         tokio::pin!(up_fut, down_fut);
 
         let timer = tokio::time::sleep(idle);
@@ -258,6 +212,17 @@ pub async fn run(
         }
         ended
     };
+    finish(ended, &seen, &up, &down, &client)
+}
+
+/// The record of a finished tunnel; a refused hello gets its TLS alert.
+fn finish(
+    ended: Option<End>,
+    seen: &Mutex<(Option<String>, bool)>,
+    up: &AtomicU64,
+    down: &AtomicU64,
+    client: &TcpStream,
+) -> TunnelStats {
     let (sni, ech) = seen.lock().map(|s| s.clone()).unwrap_or_default();
     let mut stats = TunnelStats {
         up: up.load(Ordering::Relaxed),
@@ -279,257 +244,75 @@ pub async fn run(
     stats
 }
 
+/// The channel by which the down direction tells the up direction whether
+/// the upstream's first record is a HelloRetryRequest (only when `checked`).
+fn retry_channel(
+    checked: bool,
+) -> (
+    Option<tokio::sync::oneshot::Sender<bool>>,
+    Option<tokio::sync::oneshot::Receiver<bool>>,
+) {
+    if checked {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (Some(tx), Some(rx))
+    } else {
+        (None, None)
+    }
+}
+
+/// Client to upstream: with a check, the client's first bytes (and after a
+/// HelloRetryRequest its second hello) are held until judged; then relay.
+async fn up_direction(
+    dir: &mut Dir<'_, '_>,
+    early: Bytes,
+    check: Option<&Check>,
+    retry_rx: Option<tokio::sync::oneshot::Receiver<bool>>,
+    seen: &Mutex<(Option<String>, bool)>,
+    splicer: &Splicer,
+) -> Result<(), End> {
+    let (held, after, hello) = match check {
+        Some(c) => {
+            if early.is_empty() {
+                // Nothing is held (or allocated) while the client is
+                // silent; the idle time-out governs how long it may be.
+                dir.from.readable().await.map_err(|_| End::Client)?;
+            }
+            // Boxed: the gate's state is freed once the hello is judged.
+            Box::pin(gate(dir.from, early, c, seen)).await?
+        }
+        None => (early.to_vec(), Vec::new(), false),
+    };
+    forward_held(dir.to, held, dir.count, dir.last, dir.base).await?;
+    let after = match (hello, check, retry_rx) {
+        // A HelloRetryRequest makes the client send a second hello,
+        // which a lenient server (OpenSSL) takes the name from; what
+        // came after the first hello waits for the upstream's answer.
+        (true, Some(c), Some(rx)) => Box::pin(gate_retry(dir.from, rx, c, seen, after)).await?,
+        _ => after,
+    };
+    forward_held(dir.to, after, dir.count, dir.last, dir.base).await?;
+    relay(dir, splicer).await
+}
+
+/// Upstream to client: a checked tunnel watches the upstream's first record
+/// for a HelloRetryRequest; then relay.
+async fn down_direction(
+    dir: &mut Dir<'_, '_>,
+    retry_tx: Option<tokio::sync::oneshot::Sender<bool>>,
+    splicer: &Splicer,
+) -> Result<(), End> {
+    if let Some(tx) = retry_tx {
+        // Boxed, like the gate: nothing of it stays for an idle tunnel.
+        Box::pin(watch_first(dir, tx)).await?;
+    }
+    relay(dir, splicer).await
+}
+
 fn touch(last: &AtomicU64, base: Instant) {
     last.store(
         u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX),
         Ordering::Relaxed,
     );
-}
-
-/// Hold the client's first bytes until the ClientHello is judged. Returns
-/// the bytes to replay upstream now, the bytes read past the hello (held
-/// until the upstream has answered: they may be a second hello), and
-/// whether the first bytes were a TLS hello.
-async fn gate(
-    client: &ReadHalf<'_>,
-    early: Bytes,
-    check: &Check,
-    seen: &Mutex<(Option<String>, bool)>,
-) -> Result<(Vec<u8>, Vec<u8>, bool), End> {
-    let mut buf = early.to_vec();
-    if buf.is_empty() {
-        // A client that sends nothing: nothing is forwarded until it does;
-        // the idle time-out governs how long it may wait.
-        read_more(client, &mut buf).await?;
-        if buf.is_empty() {
-            return Ok((buf, Vec::new(), false));
-        }
-    }
-    let judged = judge(client, &mut buf, check.hello_timeout, peek::peek).await?;
-    let hello = matches!(judged, Peek::Hello(_));
-    verdict(judged, check, seen)?;
-    let after = match peek::hello_end(&buf) {
-        Some(end) if hello => buf.split_off(end.min(buf.len())),
-        _ => Vec::new(),
-    };
-    Ok((buf, after, hello))
-}
-
-/// After the first hello: wait for the upstream's first record (watched by
-/// [`watch_first`]); when it is a HelloRetryRequest, hold the client's
-/// second hello until it is judged like the first, naming the same host.
-/// `buf` holds what the client sent past the first hello. Returns the bytes
-/// to replay.
-async fn gate_retry(
-    client: &ReadHalf<'_>,
-    retry: tokio::sync::oneshot::Receiver<bool>,
-    check: &Check,
-    seen: &Mutex<(Option<String>, bool)>,
-    mut buf: Vec<u8>,
-) -> Result<Vec<u8>, End> {
-    let first = seen.lock().map(|s| s.0.clone()).unwrap_or_default();
-    // With nothing held, a slow upstream is waited for as long as the
-    // tunnel may idle (the client's next bytes stay unread meanwhile). Bytes
-    // held past the first hello (0-RTT early data, or a pipelined hello) are
-    // held no longer than the hello time-out: an upstream that has not
-    // answered by then leaves the tunnel refused rather than unwatched.
-    let answer = if buf.is_empty() {
-        retry.await
-    } else {
-        tokio::time::timeout(check.hello_timeout, retry)
-            .await
-            .map_err(|_| End::Denied(Reason::Timeout, None))?
-    };
-    match answer {
-        // No retry, or the upstream ended first (the relay sees that too).
-        Ok(false) | Err(_) => return Ok(buf),
-        Ok(true) => {}
-    }
-    if buf.is_empty() {
-        read_more(client, &mut buf).await?;
-        if buf.is_empty() {
-            return Ok(buf);
-        }
-    }
-    let judged = judge(client, &mut buf, check.hello_timeout, peek::peek_retry).await?;
-    if let Peek::Hello(info) = &judged {
-        if info.sni != first {
-            // RFC 8446 4.1.2: the second hello repeats the first's name.
-            // Recorded with the name it carried, as a refused first hello is.
-            if let Ok(mut s) = seen.lock() {
-                *s = (info.sni.clone(), info.ech);
-            }
-            return Err(End::Denied(
-                Reason::SniMismatch,
-                Some(peek::ALERT_UNRECOGNIZED_NAME),
-            ));
-        }
-    }
-    verdict(judged, check, seen)?;
-    Ok(buf)
-}
-
-/// Read into `buf` until `classify` decides (bounded by `timeout`).
-async fn judge(
-    client: &ReadHalf<'_>,
-    buf: &mut Vec<u8>,
-    timeout: Duration,
-    classify: fn(&[u8]) -> Peek,
-) -> Result<Peek, End> {
-    tokio::time::timeout(timeout, async {
-        loop {
-            match classify(buf) {
-                Peek::NeedMore => {
-                    let before = buf.len();
-                    read_more(client, buf).await?;
-                    if buf.len() == before {
-                        // EOF inside a ClientHello: nothing worth replaying.
-                        return Err(End::Client);
-                    }
-                }
-                other => return Ok(other),
-            }
-        }
-    })
-    .await
-    .map_err(|_| End::Denied(Reason::Timeout, None))?
-}
-
-/// Replay held client bytes upstream, counted.
-async fn forward_held(
-    to: &mut WriteHalf<'_>,
-    held: Vec<u8>,
-    up: &AtomicU64,
-    last: &AtomicU64,
-    base: Instant,
-) -> Result<(), End> {
-    if !held.is_empty() {
-        to.write_all(&held).await.map_err(|_| End::Upstream)?;
-        up.fetch_add(held.len() as u64, Ordering::Relaxed);
-        touch(last, base);
-    }
-    Ok(())
-}
-
-/// Pass the upstream's first bytes to the client as they come (nothing is
-/// held back), and say whether its first record is a HelloRetryRequest.
-/// Keeps at most [`peek::SERVER_FIRST_BYTES`] of it.
-async fn watch_first(
-    dir: &mut Dir<'_, '_>,
-    retry: tokio::sync::oneshot::Sender<bool>,
-) -> Result<(), End> {
-    let mut first = Vec::new();
-    let mut buf = [0u8; 1024];
-    loop {
-        dir.from.readable().await.map_err(|_| dir.from_side.end())?;
-        let n = match dir.from.try_read(&mut buf) {
-            // EOF: the relay reads it again and half-closes.
-            Ok(0) => return Ok(()),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(_) => return Err(dir.from_side.end()),
-        };
-        let read = buf.get(..n).unwrap_or_default();
-        dir.to
-            .write_all(read)
-            .await
-            .map_err(|_| dir.to_side.end())?;
-        dir.moved(n);
-        let want = peek::SERVER_FIRST_BYTES.saturating_sub(first.len());
-        first.extend_from_slice(read.get(..want.min(n)).unwrap_or_default());
-        let is_retry = match peek::server_first(&first) {
-            peek::ServerFirst::NeedMore => continue,
-            peek::ServerFirst::HelloRetry => true,
-            peek::ServerFirst::Other => false,
-        };
-        // The client side may have stopped waiting (not a hello): no matter.
-        let _ = retry.send(is_retry);
-        return Ok(());
-    }
-}
-
-fn verdict(judged: Peek, check: &Check, seen: &Mutex<(Option<String>, bool)>) -> Result<(), End> {
-    match judged {
-        Peek::NotTls if check.mode == SniMode::Require => {
-            Err(End::Denied(Reason::SniRequired, None))
-        }
-        Peek::NotTls | Peek::NeedMore => Ok(()),
-        Peek::Malformed(why) => {
-            tracing::debug!(why, "malformed ClientHello refused");
-            Err(End::Denied(
-                Reason::BadRequest,
-                Some(peek::ALERT_DECODE_ERROR),
-            ))
-        }
-        Peek::Hello(info) => {
-            if let Ok(mut s) = seen.lock() {
-                *s = (info.sni.clone(), info.ech);
-            }
-            if info.ech && check.ech == EchMode::Deny {
-                return Err(End::Denied(
-                    Reason::EchDenied,
-                    Some(peek::ALERT_ACCESS_DENIED),
-                ));
-            }
-            let Some(sni) = info.sni else {
-                return match check.mode {
-                    SniMode::Require => Err(End::Denied(
-                        Reason::SniRequired,
-                        Some(peek::ALERT_UNRECOGNIZED_NAME),
-                    )),
-                    _ => Ok(()),
-                };
-            };
-            match &check.host {
-                // A CONNECT to an address admitted by `addresses`: record the SNI, don't compare.
-                Host::Ip(_) => Ok(()),
-                Host::Name(host) if sni_matches(&sni, host) => Ok(()),
-                Host::Name(_) => Err(End::Denied(
-                    Reason::SniMismatch,
-                    Some(peek::ALERT_UNRECOGNIZED_NAME),
-                )),
-            }
-        }
-    }
-}
-
-/// Does a ClientHello's SNI name `host` (a normalised CONNECT host)?
-///
-/// RFC 6066 allows only an ASCII host name there, so the SNI must already be
-/// one: letters, digits, `-`, `_` and dots, at most one trailing dot; it is
-/// then compared without regard to ASCII case. Spellings that only a
-/// WHATWG/IDNA mapping would equate (percent-encoding, full-width
-/// characters, U-labels) do not match: the upstream would see another name.
-pub fn sni_matches(sni: &str, host: &str) -> bool {
-    let name = sni.strip_suffix('.').unwrap_or(sni);
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        && name.eq_ignore_ascii_case(host)
-        && target::normalize_host(name).is_ok_and(|h| matches!(h, Host::Name(n) if *n == *host))
-}
-
-/// Read what the client has into `buf` (bounded by the hello limit).
-async fn read_more(client: &ReadHalf<'_>, buf: &mut Vec<u8>) -> Result<(), End> {
-    loop {
-        client.readable().await.map_err(|_| End::Client)?;
-        let room = (peek::MAX_HELLO_BYTES + 1)
-            .saturating_sub(buf.len())
-            .min(16 * 1024);
-        if room == 0 {
-            return Err(End::Denied(
-                Reason::BadRequest,
-                Some(peek::ALERT_DECODE_ERROR),
-            ));
-        }
-        buf.reserve(room);
-        match client.try_read_buf(buf) {
-            Ok(_) => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(_) => return Err(End::Client),
-        }
-    }
 }
 
 /// One direction of a tunnel: where bytes come from and go, and where they
@@ -554,8 +337,8 @@ impl Dir<'_, '_> {
 
 /// Copy one direction until EOF (then half-close) or an error; past
 /// [`SPLICE_AFTER`] bytes, splice instead when a pipe can be had.
-async fn relay(mut dir: Dir<'_, '_>, splicer: &Splicer) -> Result<(), End> {
-    if let Copied::Done(r) = copy(&mut dir, Some(SPLICE_AFTER)).await {
+async fn relay(dir: &mut Dir<'_, '_>, splicer: &Splicer) -> Result<(), End> {
+    if let Copied::Done(r) = copy(dir, Some(SPLICE_AFTER)).await {
         return r;
     }
     // Boxed: a tunnel that never goes bulk carries no room for this.
@@ -564,12 +347,12 @@ async fn relay(mut dir: Dir<'_, '_>, splicer: &Splicer) -> Result<(), End> {
 
 /// A direction past its bulk threshold: splice when a pipe can be had,
 /// else copy on.
-async fn bulk(mut dir: Dir<'_, '_>, splicer: &Splicer) -> Result<(), End> {
+async fn bulk(dir: &mut Dir<'_, '_>, splicer: &Splicer) -> Result<(), End> {
     match Pipe::open(splicer) {
-        Ok(pipe) => splice(&mut dir, &pipe).await,
+        Ok(pipe) => splice(dir, &pipe).await,
         Err(e) => {
             tracing::debug!(error = %e, "no splice pipe; copying on");
-            match copy(&mut dir, None).await {
+            match copy(dir, None).await {
                 Copied::Done(r) => r,
                 Copied::Bulk => Ok(()),
             }

@@ -1,0 +1,457 @@
+//! Configuration: the raw serde structs read with the `config` crate (one TOML
+//! file plus `EGRESS_PROXY__SECTION__KEY` environment overrides), the catalog
+//! file, and their validation into typed [`Settings`].
+//!
+//! Nothing else reads raw configuration. Validation reports every error it
+//! finds, each naming the file, the key or rule, and what to write instead.
+//! The environment is passed in (never read from a global in tests).
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use crate::policy::{Action, EchMode, Policy, PortRange, RuleSpec, SniMode};
+pub use crate::policy::{DefaultAction, Rate};
+use crate::target::{self, Host};
+
+/// The shipped default configuration, used when no file is found.
+pub const BUILTIN_CONFIG: &str = include_str!("../../config/egress-proxy.toml");
+/// The shipped catalog, used with the built-in configuration.
+pub const BUILTIN_CATALOG: &str = include_str!("../../config/catalog.toml");
+/// Where `run` looks for a configuration when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "config/egress-proxy.toml";
+
+/// One configuration error: where it is and what is wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// File, then key or rule, e.g. `catalog.toml: rule #3 "Kaspersky": ports`.
+    pub location: String,
+    /// What is wrong and what to write instead.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.location, self.message)
+    }
+}
+
+/// All errors of one load, in the order found.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}", display_errors(.0))]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+fn display_errors(errors: &[ConfigError]) -> String {
+    let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    lines.join("\n")
+}
+
+mod catalog;
+mod raw;
+mod validate;
+
+pub use catalog::parse_catalog;
+use raw::*;
+use validate::Validator;
+
+// === typed settings ===
+
+/// Where the configuration came from (logged at start).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// A file on disk; relative paths in it are relative to its folder.
+    File(PathBuf),
+    /// The defaults compiled into the binary (config and catalog).
+    Builtin,
+}
+
+impl fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigSource::File(p) => write!(f, "{}", p.display()),
+            ConfigSource::Builtin => f.write_str("built-in default (config and catalog)"),
+        }
+    }
+}
+
+/// `[server]`.
+#[derive(Clone, Debug)]
+pub struct ServerSettings {
+    pub listen: Vec<SocketAddr>,
+    pub admin_listen: Option<SocketAddr>,
+    pub admin_token: Option<String>,
+    /// Admin connections open at once; past it, a 503 and a close.
+    pub admin_max_connections: usize,
+    /// How long an admin connection may take to send a request head, and
+    /// stay idle between requests.
+    pub admin_idle_timeout: Duration,
+    /// 0: derived from the file-descriptor limit at start.
+    pub max_connections: usize,
+    /// Pipes bulk tunnels may splice through at once; `None`: derived from
+    /// the file-descriptor limit at start, 0: never splice.
+    pub splice_pipes: Option<usize>,
+    pub shutdown_grace: Duration,
+    /// After SIGTERM, how long to keep accepting while `/readyz` answers
+    /// 503, so a load balancer takes the replica out of its pool before its
+    /// listener closes (a connection in a closed listener's backlog is
+    /// reset, and a TCP balancer cannot retry it). Then the grace begins.
+    pub shutdown_delay: Duration,
+    pub proxy_protocol: bool,
+    /// The peers (load balancers) trusted to send a PROXY header; required
+    /// when `proxy_protocol` is on. Others are served as direct clients.
+    pub proxy_protocol_from: Vec<IpNet>,
+    pub via: bool,
+}
+
+/// `[limits]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub per_client_connections: usize,
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub connect_timeout: Duration,
+    pub tunnel_idle_timeout: Duration,
+    /// How long an upstream may take to send a response head (then 504 `timeout`).
+    pub response_timeout: Duration,
+}
+
+/// `[rates]`: off unless set.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rates {
+    pub per_client_requests: Option<Rate>,
+    pub per_client_tunnels: Option<Rate>,
+}
+
+/// `[auth]`: off unless users are set.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuthSettings {
+    pub realm: String,
+    /// user -> PHC hash string.
+    pub users: BTreeMap<String, String>,
+}
+
+/// `[dns]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DnsSettings {
+    pub nameservers: Vec<SocketAddr>,
+    /// Normalised host name -> addresses, answered without asking DNS.
+    pub static_hosts: HashMap<Box<str>, Vec<IpAddr>>,
+    pub allow_private: Vec<IpNet>,
+}
+
+/// `[policy]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicySettings {
+    /// None for the built-in catalog.
+    pub catalog: Option<PathBuf>,
+    pub default: DefaultAction,
+    pub watch: bool,
+}
+
+/// `[tls]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsSettings {
+    pub ca_cert: Option<PathBuf>,
+    pub ca_key: Option<PathBuf>,
+    pub extra_roots: Vec<PathBuf>,
+}
+
+impl TlsSettings {
+    /// Inspection is on when both CA files are set.
+    pub fn inspection_enabled(&self) -> bool {
+        self.ca_cert.is_some() && self.ca_key.is_some()
+    }
+}
+
+/// Where audit records go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuditPath {
+    Stdout,
+    File(PathBuf),
+}
+
+/// Audit line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuditFormat {
+    Json,
+    Squid,
+}
+
+/// `[audit]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditSettings {
+    pub path: AuditPath,
+    pub format: AuditFormat,
+    pub syslog: Option<String>,
+}
+
+/// Validated configuration and the compiled policy.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub source: ConfigSource,
+    pub server: ServerSettings,
+    pub clients: Vec<IpNet>,
+    pub limits: Limits,
+    pub rates: Rates,
+    pub auth: AuthSettings,
+    pub dns: DnsSettings,
+    pub policy_settings: PolicySettings,
+    pub tls: TlsSettings,
+    pub audit: AuditSettings,
+    pub denials_kept: usize,
+    /// The compiled catalog, ready for `decide`.
+    pub policy: Arc<Policy>,
+    /// Non-fatal findings (shadowed rules and the like).
+    pub warnings: Vec<String>,
+}
+
+// === loading ===
+
+/// Which keys take comma-separated lists from the environment.
+const LIST_KEYS: [&str; 6] = [
+    "server.listen",
+    "server.proxy_protocol_from",
+    "clients.allow",
+    "dns.nameservers",
+    "dns.allow_private",
+    "tls.extra_roots",
+];
+
+impl Settings {
+    /// Load from `path`, or when it is None from [`DEFAULT_CONFIG_PATH`] if it
+    /// exists, else the built-in default; `env` supplies the environment
+    /// (normally `std::env::vars()`).
+    ///
+    /// # Errors
+    /// Every problem found, each naming file and key or rule.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigErrors> {
+        let (source, text) = match path {
+            Some(p) => (ConfigSource::File(p.to_path_buf()), read_file(p)?),
+            None => {
+                let p = Path::new(DEFAULT_CONFIG_PATH);
+                if p.exists() {
+                    (ConfigSource::File(p.to_path_buf()), read_file(p)?)
+                } else {
+                    (ConfigSource::Builtin, BUILTIN_CONFIG.to_string())
+                }
+            }
+        };
+        Settings::from_toml(source, &text, env)
+    }
+
+    /// Parse and validate configuration text from `source`.
+    ///
+    /// # Errors
+    /// Every problem found.
+    pub fn from_toml(
+        source: ConfigSource,
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigErrors> {
+        let file_name = source.to_string();
+        let raw = read_raw(&file_name, text, env)?;
+        let base = match &source {
+            ConfigSource::File(p) => p.parent().map(Path::to_path_buf).unwrap_or_default(),
+            ConfigSource::Builtin => PathBuf::new(),
+        };
+        let mut v = Validator::new(&file_name);
+        let settings = v.settings(raw, &source, &base);
+        let (catalog_name, catalog_text) = match &settings.policy_settings.catalog {
+            Some(p) if source != ConfigSource::Builtin => match std::fs::read_to_string(p) {
+                Ok(t) => (p.display().to_string(), t),
+                Err(e) => {
+                    v.err(
+                        "policy.catalog",
+                        format!(
+                            "cannot read {}: {e}; point policy.catalog at the catalog TOML file",
+                            p.display()
+                        ),
+                    );
+                    return Err(ConfigErrors(v.errors));
+                }
+            },
+            _ => ("built-in catalog".to_string(), BUILTIN_CATALOG.to_string()),
+        };
+        let specs = parse_catalog(&catalog_name, &catalog_text, &base);
+        let specs = match specs {
+            Ok(s) => s,
+            Err(mut e) => {
+                v.errors.append(&mut e);
+                return Err(ConfigErrors(v.errors));
+            }
+        };
+        let mut settings = settings;
+        let inspect = settings.tls.inspection_enabled();
+        for (i, s) in specs.iter().enumerate() {
+            if s.client_cert.is_some() && (!inspect || s.action != Action::Allow) {
+                // Located in the catalog, not under the config file's name.
+                v.errors.push(ConfigError {
+                    location: format!("{}: client_cert", rule_location(&catalog_name, i, &s.name)),
+                    message: "client_cert is only presented when the proxy inspects the tunnel (an allow rule with [tls] ca_cert and ca_key set); remove it, or set action = \"allow\" and configure the CA".into(),
+                });
+            }
+        }
+        if !v.errors.is_empty() {
+            return Err(ConfigErrors(v.errors));
+        }
+        let policy = Policy::compile(specs, settings.policy_settings.default, inspect);
+        settings.warnings = policy
+            .shadowed()
+            .into_iter()
+            .map(|w| format!("{catalog_name}: {w}"))
+            .collect();
+        settings.policy = Arc::new(policy);
+        Ok(settings)
+    }
+}
+
+impl Settings {
+    /// These settings as a reload applies them over `running`: the settings
+    /// that need a restart keep their running values, so the new snapshot
+    /// says what the proxy really does.
+    ///
+    /// The CA is loaded once at start, so the running inspection setting is
+    /// kept whole: the CA paths are the running ones and the policy is
+    /// compiled again when the file's setting differs (`methods` on an
+    /// `allow` rule admits a CONNECT only when the tunnel is inspected).
+    /// `server.proxy_protocol` is read per connection, so it and its
+    /// `proxy_protocol_from` are kept as a pair when the file turns it on or
+    /// off; with it unchanged, `proxy_protocol_from` reloads like `clients`.
+    #[must_use]
+    pub fn keeping_restart_only(mut self, running: &Settings) -> Settings {
+        self.tls.ca_cert.clone_from(&running.tls.ca_cert);
+        self.tls.ca_key.clone_from(&running.tls.ca_key);
+        let inspect = self.tls.inspection_enabled();
+        if self.policy.inspection_enabled() != inspect {
+            let rules = self.policy.rules().to_vec();
+            let default = self.policy.default_action();
+            self.policy = Arc::new(Policy::compile(rules, default, inspect));
+        }
+        if self.server.proxy_protocol != running.server.proxy_protocol {
+            self.server.proxy_protocol = running.server.proxy_protocol;
+            self.server
+                .proxy_protocol_from
+                .clone_from(&running.server.proxy_protocol_from);
+        }
+        self
+    }
+}
+
+fn read_file(p: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(p).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            location: p.display().to_string(),
+            message: format!("cannot read the configuration file: {e}"),
+        }])
+    })
+}
+
+fn read_raw(
+    file_name: &str,
+    text: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<RawConfig, ConfigErrors> {
+    let env_map: HashMap<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("EGRESS_PROXY__"))
+        .collect();
+    let mut environment = config::Environment::with_prefix("EGRESS_PROXY")
+        .prefix_separator("__")
+        .separator("__")
+        .try_parsing(true)
+        .list_separator(",")
+        .source(Some(env_map));
+    for key in LIST_KEYS {
+        environment = environment.with_list_parse_key(key);
+    }
+    let built = config::Config::builder()
+        .add_source(config::File::from_str(text, config::FileFormat::Toml))
+        .add_source(environment)
+        .build()
+        .map_err(|e| one_error(file_name, format!("cannot parse: {e}")))?;
+    built
+        .try_deserialize::<RawConfig>()
+        .map_err(|e| one_error(file_name, format!("{e}")))
+}
+
+fn one_error(location: &str, message: String) -> ConfigErrors {
+    ConfigErrors(vec![ConfigError {
+        location: location.to_string(),
+        message,
+    }])
+}
+
+fn rule_location(file: &str, index: usize, name: &str) -> String {
+    format!("{file}: rule #{} \"{name}\"", index + 1)
+}
+
+/// A path from the config, relative to the config file's folder.
+fn resolve(base: &Path, value: &str) -> PathBuf {
+    let p = Path::new(value);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+/// Parse a CIDR (`10.0.0.0/8`) or a bare address (a /32 or /128).
+///
+/// # Errors
+/// A message saying what to write instead.
+pub fn parse_cidr(value: &str) -> Result<IpNet, String> {
+    if let Ok(net) = value.parse::<IpNet>() {
+        if net.trunc() != net {
+            return Err(format!(
+                "{value:?} has host bits set; write {:?}",
+                net.trunc().to_string()
+            ));
+        }
+        return Ok(net);
+    }
+    match value.parse::<IpAddr>() {
+        Ok(ip) => Ok(IpNet::from(ip)),
+        Err(_) => Err(format!(
+            "{value:?} is not an address or CIDR; write e.g. \"10.0.0.0/8\" or \"::1/128\""
+        )),
+    }
+}
+
+/// Parse `"10s"`, `"5m"`, `"1h"`, `"250ms"`.
+///
+/// # Errors
+/// A message naming the bad value.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    humantime::parse_duration(value.trim())
+        .map_err(|e| format!("{value:?} is not a duration ({e})"))
+}
+
+/// Parse a rate: `"50/s"`, `"600/m"`, `"1000/h"`, or `"10/5s"`.
+///
+/// # Errors
+/// A message saying what to write.
+pub fn parse_rate(value: &str) -> Result<Rate, String> {
+    let bad = || format!("{value:?} is not a rate; write e.g. \"50/s\", \"600/m\" or \"10/5s\"");
+    let (count, per) = value.split_once('/').ok_or_else(bad)?;
+    let count: u32 = count.trim().parse().map_err(|_| bad())?;
+    let per = match per.trim() {
+        "s" => Duration::from_secs(1),
+        "m" => Duration::from_secs(60),
+        "h" => Duration::from_secs(3600),
+        other => humantime::parse_duration(other).map_err(|_| bad())?,
+    };
+    if count == 0 || per.is_zero() {
+        return Err(bad());
+    }
+    Ok(Rate { count, per })
+}
+
+#[cfg(test)]
+mod tests;

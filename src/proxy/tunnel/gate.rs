@@ -1,0 +1,274 @@
+//! The SNI gate of a spliced tunnel: the client's first bytes are held
+//! until its ClientHello is judged against the [`Check`] (and, after a
+//! HelloRetryRequest, its second hello too), then replayed unchanged.
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
+
+use super::{touch, Dir, End};
+use crate::policy::{EchMode, SniMode};
+use crate::proxy::peek::{self, Peek};
+use crate::reason::Reason;
+use crate::target::{self, Host};
+
+/// The SNI check for a spliced tunnel.
+#[derive(Clone, Debug)]
+pub struct Check {
+    pub mode: SniMode,
+    pub ech: EchMode,
+    /// The CONNECT host the SNI must match.
+    pub host: Host,
+    /// How long a started ClientHello may take to complete.
+    pub hello_timeout: Duration,
+}
+
+/// Hold the client's first bytes until the ClientHello is judged. Returns
+/// the bytes to replay upstream now, the bytes read past the hello (held
+/// until the upstream has answered: they may be a second hello), and
+/// whether the first bytes were a TLS hello.
+pub(super) async fn gate(
+    client: &ReadHalf<'_>,
+    early: Bytes,
+    check: &Check,
+    seen: &Mutex<(Option<String>, bool)>,
+) -> Result<(Vec<u8>, Vec<u8>, bool), End> {
+    let mut buf = early.to_vec();
+    if buf.is_empty() {
+        // A client that sends nothing: nothing is forwarded until it does;
+        // the idle time-out governs how long it may wait.
+        read_more(client, &mut buf).await?;
+        if buf.is_empty() {
+            return Ok((buf, Vec::new(), false));
+        }
+    }
+    let judged = judge(client, &mut buf, check.hello_timeout, peek::peek).await?;
+    let hello = matches!(judged, Peek::Hello(_));
+    verdict(judged, check, seen)?;
+    let after = match peek::hello_end(&buf) {
+        Some(end) if hello => buf.split_off(end.min(buf.len())),
+        _ => Vec::new(),
+    };
+    Ok((buf, after, hello))
+}
+
+/// After the first hello: wait for the upstream's first record (watched by
+/// [`watch_first`]); when it is a HelloRetryRequest, hold the client's
+/// second hello until it is judged like the first, naming the same host.
+/// `buf` holds what the client sent past the first hello. Returns the bytes
+/// to replay.
+pub(super) async fn gate_retry(
+    client: &ReadHalf<'_>,
+    retry: tokio::sync::oneshot::Receiver<bool>,
+    check: &Check,
+    seen: &Mutex<(Option<String>, bool)>,
+    mut buf: Vec<u8>,
+) -> Result<Vec<u8>, End> {
+    let first = seen.lock().map(|s| s.0.clone()).unwrap_or_default();
+    // With nothing held, a slow upstream is waited for as long as the
+    // tunnel may idle (the client's next bytes stay unread meanwhile). Bytes
+    // held past the first hello (0-RTT early data, or a pipelined hello) are
+    // held no longer than the hello time-out: an upstream that has not
+    // answered by then leaves the tunnel refused rather than unwatched.
+    let answer = if buf.is_empty() {
+        retry.await
+    } else {
+        tokio::time::timeout(check.hello_timeout, retry)
+            .await
+            .map_err(|_| End::Denied(Reason::Timeout, None))?
+    };
+    match answer {
+        // No retry, or the upstream ended first (the relay sees that too).
+        Ok(false) | Err(_) => return Ok(buf),
+        Ok(true) => {}
+    }
+    if buf.is_empty() {
+        read_more(client, &mut buf).await?;
+        if buf.is_empty() {
+            return Ok(buf);
+        }
+    }
+    let judged = judge(client, &mut buf, check.hello_timeout, peek::peek_retry).await?;
+    if let Peek::Hello(info) = &judged {
+        if info.sni != first {
+            // RFC 8446 4.1.2: the second hello repeats the first's name.
+            // Recorded with the name it carried, as a refused first hello is.
+            if let Ok(mut s) = seen.lock() {
+                *s = (info.sni.clone(), info.ech);
+            }
+            return Err(End::Denied(
+                Reason::SniMismatch,
+                Some(peek::ALERT_UNRECOGNIZED_NAME),
+            ));
+        }
+    }
+    verdict(judged, check, seen)?;
+    Ok(buf)
+}
+
+/// Read into `buf` until `classify` decides (bounded by `timeout`).
+async fn judge(
+    client: &ReadHalf<'_>,
+    buf: &mut Vec<u8>,
+    timeout: Duration,
+    classify: fn(&[u8]) -> Peek,
+) -> Result<Peek, End> {
+    tokio::time::timeout(timeout, async {
+        loop {
+            match classify(buf) {
+                Peek::NeedMore => {
+                    let before = buf.len();
+                    read_more(client, buf).await?;
+                    if buf.len() == before {
+                        // EOF inside a ClientHello: nothing worth replaying.
+                        return Err(End::Client);
+                    }
+                }
+                other => return Ok(other),
+            }
+        }
+    })
+    .await
+    .map_err(|_| End::Denied(Reason::Timeout, None))?
+}
+
+/// Replay held client bytes upstream, counted.
+pub(super) async fn forward_held(
+    to: &mut WriteHalf<'_>,
+    held: Vec<u8>,
+    up: &AtomicU64,
+    last: &AtomicU64,
+    base: Instant,
+) -> Result<(), End> {
+    if !held.is_empty() {
+        to.write_all(&held).await.map_err(|_| End::Upstream)?;
+        up.fetch_add(held.len() as u64, Ordering::Relaxed);
+        touch(last, base);
+    }
+    Ok(())
+}
+
+/// Pass the upstream's first bytes to the client as they come (nothing is
+/// held back), and say whether its first record is a HelloRetryRequest.
+/// Keeps at most [`peek::SERVER_FIRST_BYTES`] of it.
+pub(super) async fn watch_first(
+    dir: &mut Dir<'_, '_>,
+    retry: tokio::sync::oneshot::Sender<bool>,
+) -> Result<(), End> {
+    let mut first = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        dir.from.readable().await.map_err(|_| dir.from_side.end())?;
+        let n = match dir.from.try_read(&mut buf) {
+            // EOF: the relay reads it again and half-closes.
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(_) => return Err(dir.from_side.end()),
+        };
+        let read = buf.get(..n).unwrap_or_default();
+        dir.to
+            .write_all(read)
+            .await
+            .map_err(|_| dir.to_side.end())?;
+        dir.moved(n);
+        let want = peek::SERVER_FIRST_BYTES.saturating_sub(first.len());
+        first.extend_from_slice(read.get(..want.min(n)).unwrap_or_default());
+        let is_retry = match peek::server_first(&first) {
+            peek::ServerFirst::NeedMore => continue,
+            peek::ServerFirst::HelloRetry => true,
+            peek::ServerFirst::Other => false,
+        };
+        // The client side may have stopped waiting (not a hello): no matter.
+        let _ = retry.send(is_retry);
+        return Ok(());
+    }
+}
+
+fn verdict(judged: Peek, check: &Check, seen: &Mutex<(Option<String>, bool)>) -> Result<(), End> {
+    match judged {
+        Peek::NotTls if check.mode == SniMode::Require => {
+            Err(End::Denied(Reason::SniRequired, None))
+        }
+        Peek::NotTls | Peek::NeedMore => Ok(()),
+        Peek::Malformed(why) => {
+            tracing::debug!(why, "malformed ClientHello refused");
+            Err(End::Denied(
+                Reason::BadRequest,
+                Some(peek::ALERT_DECODE_ERROR),
+            ))
+        }
+        Peek::Hello(info) => {
+            if let Ok(mut s) = seen.lock() {
+                *s = (info.sni.clone(), info.ech);
+            }
+            if info.ech && check.ech == EchMode::Deny {
+                return Err(End::Denied(
+                    Reason::EchDenied,
+                    Some(peek::ALERT_ACCESS_DENIED),
+                ));
+            }
+            let Some(sni) = info.sni else {
+                return match check.mode {
+                    SniMode::Require => Err(End::Denied(
+                        Reason::SniRequired,
+                        Some(peek::ALERT_UNRECOGNIZED_NAME),
+                    )),
+                    _ => Ok(()),
+                };
+            };
+            match &check.host {
+                // A CONNECT to an address admitted by `addresses`: record the SNI, don't compare.
+                Host::Ip(_) => Ok(()),
+                Host::Name(host) if sni_matches(&sni, host) => Ok(()),
+                Host::Name(_) => Err(End::Denied(
+                    Reason::SniMismatch,
+                    Some(peek::ALERT_UNRECOGNIZED_NAME),
+                )),
+            }
+        }
+    }
+}
+
+/// Does a ClientHello's SNI name `host` (a normalised CONNECT host)?
+///
+/// RFC 6066 allows only an ASCII host name there, so the SNI must already be
+/// one: letters, digits, `-`, `_` and dots, at most one trailing dot; it is
+/// then compared without regard to ASCII case. Spellings that only a
+/// WHATWG/IDNA mapping would equate (percent-encoding, full-width
+/// characters, U-labels) do not match: the upstream would see another name.
+pub fn sni_matches(sni: &str, host: &str) -> bool {
+    let name = sni.strip_suffix('.').unwrap_or(sni);
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && name.eq_ignore_ascii_case(host)
+        && target::normalize_host(name).is_ok_and(|h| matches!(h, Host::Name(n) if *n == *host))
+}
+
+/// Read what the client has into `buf` (bounded by the hello limit).
+async fn read_more(client: &ReadHalf<'_>, buf: &mut Vec<u8>) -> Result<(), End> {
+    loop {
+        client.readable().await.map_err(|_| End::Client)?;
+        let room = (peek::MAX_HELLO_BYTES + 1)
+            .saturating_sub(buf.len())
+            .min(16 * 1024);
+        if room == 0 {
+            return Err(End::Denied(
+                Reason::BadRequest,
+                Some(peek::ALERT_DECODE_ERROR),
+            ));
+        }
+        buf.reserve(room);
+        match client.try_read_buf(buf) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(_) => return Err(End::Client),
+        }
+    }
+}
