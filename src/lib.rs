@@ -76,14 +76,14 @@ pub fn start_audit(
 }
 
 /// [`start_audit`], plus the RFC 5424 copy of every record to `syslog`
-/// (`audit.syslog`: `udp://host:port` or `tcp://host:port`) when set. The
+/// (`audit.syslog`: `udp://`, `tcp://` or `tls://host:port`) when set. The
 /// syslog sink never makes the writer wait (see [`audit::syslog`]).
 ///
 /// # Errors
 /// `syslog` is not a syslog address, or a thread could not be started.
 pub fn start_audit_with(
     sink: Box<dyn AuditSink>,
-    syslog: Option<&str>,
+    syslog: Option<&config::SyslogSettings>,
 ) -> std::io::Result<(AuditLog, AuditWriter, Arc<Metrics>)> {
     let metrics = Arc::new(Metrics::new());
     let mut sinks: Vec<Box<dyn AuditSink>> = vec![
@@ -91,13 +91,13 @@ pub fn start_audit_with(
         Box::new(MetricsSink::new(Arc::clone(&metrics))),
         Box::new(metrics::status::StatusSink(Arc::clone(&metrics.status))),
     ];
-    if let Some(url) = syslog {
+    if let Some(syslog) = syslog {
         let counters = crate::audit::syslog::Counters {
             sent: metrics.syslog_sent.clone(),
             dropped: metrics.syslog_dropped.clone(),
         };
         sinks.push(Box::new(crate::audit::syslog::SyslogSink::start(
-            url, counters,
+            syslog, counters,
         )?));
     }
     let (log, writer) = AuditLog::start(Box::new(Tee(sinks)))?;
@@ -122,6 +122,11 @@ pub fn load_ca(settings: &Settings) -> Result<Option<Arc<tls::ca::Ca>>, tls::ca:
 /// What is wrong with it, as `check` prints it.
 pub fn check_tls(settings: &Settings) -> Result<(), String> {
     let ca = load_ca(settings).map_err(|e| format!("[tls] {e}"))?;
+    if let Some(syslog) = &settings.audit.syslog {
+        if syslog.url.starts_with("tls://") {
+            audit::syslog::tls_config(syslog)?;
+        }
+    }
     proxy::Guards::new(settings, ca.as_ref())
         .map(drop)
         .map_err(|e| e.to_string())

@@ -186,7 +186,19 @@ pub enum AuditFormat {
 pub struct AuditSettings {
     pub path: AuditPath,
     pub format: AuditFormat,
-    pub syslog: Option<String>,
+    /// `audit.syslog`, with what a `tls://` destination needs.
+    pub syslog: Option<Box<SyslogSettings>>,
+}
+
+/// `audit.syslog` and the TLS material for `tls://` (RFC 5425).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyslogSettings {
+    /// `udp://`, `tcp://` or `tls://host:port`.
+    pub url: String,
+    /// `[tls] extra_roots`, trusted beside the system roots for `tls://`.
+    pub extra_roots: Vec<PathBuf>,
+    /// `audit.syslog_client_cert` (cert, key): presented to a `tls://` server.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 /// Validated configuration and the compiled policy.

@@ -147,6 +147,7 @@ pub(super) struct RawAudit {
     pub(super) path: String,
     pub(super) format: String,
     pub(super) syslog: Option<String>,
+    pub(super) syslog_client_cert: Option<RawClientCert>,
 }
 
 impl Default for RawAudit {
@@ -155,6 +156,7 @@ impl Default for RawAudit {
             path: "-".into(),
             format: "json".into(),
             syslog: None,
+            syslog_client_cert: None,
         }
     }
 }

@@ -270,7 +270,12 @@ fn bad_cases() -> Vec<Bad> {
         bad(
             "bad syslog address",
             "[audit]\nsyslog = \"127.0.0.1:514\"\n",
-            &["audit.syslog: \"127.0.0.1:514\" is not a syslog address; write \"udp://host:514\""],
+            &["audit.syslog: \"127.0.0.1:514\" is not a syslog address; write \"udp://host:514\", \"tcp://host:514\" or \"tls://host:6514\""],
+        ),
+        bad(
+            "syslog client certificate without tls://",
+            "[audit]\nsyslog = \"tcp://127.0.0.1:514\"\nsyslog_client_cert = { cert = \"c.pem\", key = \"c.key\" }\n",
+            &["audit.syslog_client_cert: only presented to a tls:// syslog server"],
         ),
         bad(
             "CA certificate without its key",

@@ -114,7 +114,7 @@ impl<'a> Validator<'a> {
             watch: raw.policy.watch,
         };
         let tls = self.tls(raw.tls, base);
-        let audit = self.audit(raw.audit, base);
+        let audit = self.audit(raw.audit, base, &tls.extra_roots);
         Settings {
             source: source.clone(),
             server,
@@ -310,7 +310,12 @@ impl<'a> Validator<'a> {
         }
     }
 
-    pub(super) fn audit(&mut self, raw: RawAudit, base: &Path) -> AuditSettings {
+    pub(super) fn audit(
+        &mut self,
+        raw: RawAudit,
+        base: &Path,
+        extra_roots: &[PathBuf],
+    ) -> AuditSettings {
         let path = match raw.path.as_str() {
             "-" => AuditPath::Stdout,
             "" => {
@@ -334,14 +339,44 @@ impl<'a> Validator<'a> {
             }
         };
         if let Some(s) = &raw.syslog {
-            if !(s.starts_with("udp://") || s.starts_with("tcp://")) {
-                self.err("audit.syslog", format!("{s:?} is not a syslog address; write \"udp://host:514\" or \"tcp://host:514\""));
+            if !["udp://", "tcp://", "tls://"]
+                .iter()
+                .any(|p| s.starts_with(p))
+            {
+                self.err("audit.syslog", format!("{s:?} is not a syslog address; write \"udp://host:514\", \"tcp://host:514\" or \"tls://host:6514\""));
+            } else if let Err(e) = crate::audit::syslog::Destination::parse(s) {
+                self.err("audit.syslog", e);
             }
         }
+        let client_cert = raw.syslog_client_cert.map(|c| {
+            let cert = resolve(base, &c.cert);
+            let key = resolve(base, &c.key);
+            if !raw.syslog.as_deref().is_some_and(|s| s.starts_with("tls://")) {
+                self.err(
+                    "audit.syslog_client_cert",
+                    "only presented to a tls:// syslog server; set audit.syslog = \"tls://host:6514\" or remove it".into(),
+                );
+            }
+            for (what, p) in [("cert", &cert), ("key", &key)] {
+                if let Err(e) = std::fs::metadata(p) {
+                    self.err(
+                        &format!("audit.syslog_client_cert.{what}"),
+                        format!("cannot read {}: {e}", p.display()),
+                    );
+                }
+            }
+            (cert, key)
+        });
         AuditSettings {
             path,
             format,
-            syslog: raw.syslog,
+            syslog: raw.syslog.map(|url| {
+                Box::new(SyslogSettings {
+                    url,
+                    extra_roots: extra_roots.to_vec(),
+                    client_cert,
+                })
+            }),
         }
     }
 }

@@ -6,8 +6,11 @@
 //! bounded queue. When the queue is full the message is dropped and counted
 //! (`egress_syslog_dropped_total`); the file copy never waits for syslog.
 //! One sender thread owns the socket: UDP (one datagram per record, at most
-//! [`MAX_DATAGRAM`] bytes) or TCP with octet-counting framing (RFC 6587
-//! `LEN SP MSG`), reconnecting with backoff when the connection drops.
+//! [`MAX_DATAGRAM`] bytes), TCP with octet-counting framing (RFC 6587
+//! `LEN SP MSG`), or TLS (RFC 5425: the same framing inside TLS, the server
+//! verified against the system roots plus `[tls] extra_roots`, optionally
+//! presenting `audit.syslog_client_cert`), reconnecting with backoff when
+//! the connection drops.
 //! Messages handed to the socket are counted (`egress_syslog_sent_total`).
 //!
 //! A message: `<PRI>1 TIMESTAMP HOSTNAME egress-proxy PROCID audit
@@ -23,8 +26,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
 
 use crate::audit::{AuditSink, Record};
+use crate::config::SyslogSettings;
 
 mod message;
 pub use message::{escape_param, Formatter};
@@ -63,6 +69,8 @@ const TCP_ATTEMPTS: u32 = 3;
 pub enum Transport {
     Udp,
     Tcp,
+    /// RFC 5425: TCP framing inside TLS.
+    Tls,
 }
 
 /// A parsed `audit.syslog` value.
@@ -71,12 +79,13 @@ pub struct Destination {
     pub transport: Transport,
     /// A name or an IP address (without brackets).
     pub host: String,
-    /// 514 when the value names none.
+    /// 514 (6514 for `tls://`) when the value names none.
     pub port: u16,
 }
 
 impl Destination {
-    /// Parse `udp://host[:port]` or `tcp://host[:port]` (IPv6 in brackets).
+    /// Parse `udp://host[:port]`, `tcp://host[:port]` or `tls://host[:port]`
+    /// (IPv6 in brackets).
     ///
     /// # Errors
     /// The value is not of that form; the message says why.
@@ -85,9 +94,11 @@ impl Destination {
             (Transport::Udp, r)
         } else if let Some(r) = s.strip_prefix("tcp://") {
             (Transport::Tcp, r)
+        } else if let Some(r) = s.strip_prefix("tls://") {
+            (Transport::Tls, r)
         } else {
             return Err(format!(
-                "{s:?}: write \"udp://host:514\" or \"tcp://host:514\""
+                "{s:?}: write \"udp://host:514\", \"tcp://host:514\" or \"tls://host:6514\""
             ));
         };
         if rest.contains(['/', '@', '?', '#']) || rest.contains(char::is_whitespace) {
@@ -122,6 +133,7 @@ impl Destination {
             return Err(format!("{s:?}: no host"));
         }
         let port = match port {
+            None if transport == Transport::Tls => 6514,
             None => 514,
             Some(p) => match p.parse::<u16>() {
                 Ok(n) if n > 0 => n,
@@ -150,6 +162,7 @@ impl std::fmt::Display for Destination {
         let scheme = match self.transport {
             Transport::Udp => "udp",
             Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
         };
         if self.host.contains(':') {
             write!(f, "{scheme}://[{}]:{}", self.host, self.port)
@@ -191,16 +204,22 @@ pub struct SyslogSink {
 }
 
 impl SyslogSink {
-    /// Parse `url` and start the sender thread. Name resolution and
-    /// connecting happen on that thread, never here.
+    /// Parse `settings.url` and start the sender thread. Name resolution
+    /// and connecting happen on that thread, never here; for `tls://` the
+    /// roots and the client certificate are loaded here.
     ///
     /// # Errors
-    /// `url` is not a syslog address, or the thread cannot be spawned.
-    pub fn start(url: &str, counters: Counters) -> io::Result<SyslogSink> {
-        let dest = Destination::parse(url).map_err(|e| {
-            io::Error::new(io::ErrorKind::InvalidInput, format!("audit.syslog: {e}"))
-        })?;
-        SyslogSink::start_with(dest, counters, Formatter::new(), QUEUE)
+    /// The url is not a syslog address, a TLS file cannot be used, or the
+    /// thread cannot be spawned.
+    pub fn start(settings: &SyslogSettings, counters: Counters) -> io::Result<SyslogSink> {
+        let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidInput, e);
+        let dest =
+            Destination::parse(&settings.url).map_err(|e| invalid(format!("audit.syslog: {e}")))?;
+        let tls = match dest.transport {
+            Transport::Tls => Some(tls_config(settings).map_err(invalid)?),
+            Transport::Udp | Transport::Tcp => None,
+        };
+        SyslogSink::start_tls(dest, tls, counters, Formatter::new(), QUEUE)
     }
 
     /// Start with an explicit formatter and queue size (tests).
@@ -213,6 +232,27 @@ impl SyslogSink {
         fmt: Formatter,
         queue: usize,
     ) -> io::Result<SyslogSink> {
+        SyslogSink::start_tls(dest, None, counters, fmt, queue)
+    }
+
+    /// [`SyslogSink::start_with`] with the client configuration a `tls://`
+    /// destination uses (required for one).
+    ///
+    /// # Errors
+    /// A `tls://` destination without `tls`, or the thread cannot be spawned.
+    pub fn start_tls(
+        dest: Destination,
+        tls: Option<Arc<ClientConfig>>,
+        counters: Counters,
+        fmt: Formatter,
+        queue: usize,
+    ) -> io::Result<SyslogSink> {
+        if dest.transport == Transport::Tls && tls.is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "audit.syslog: tls:// needs a TLS client configuration",
+            ));
+        }
         let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(queue);
         let (done_tx, done) = mpsc::sync_channel::<()>(1);
         let flags = Arc::new(Flags {
@@ -222,6 +262,7 @@ impl SyslogSink {
         let limit = (dest.transport == Transport::Udp).then_some(MAX_DATAGRAM);
         let sender = Sender {
             dest,
+            tls,
             rx,
             counters: counters.clone(),
             flags: Arc::clone(&flags),
@@ -288,10 +329,12 @@ impl Drop for SyslogSink {
 enum Conn {
     Udp(UdpSocket, SocketAddr),
     Tcp(TcpStream, Instant),
+    Tls(Box<StreamOwned<ClientConnection, TcpStream>>, Instant),
 }
 
 struct Sender {
     dest: Destination,
+    tls: Option<Arc<ClientConfig>>,
     rx: Receiver<Vec<u8>>,
     counters: Counters,
     flags: Arc<Flags>,
@@ -352,6 +395,10 @@ impl Sender {
             .and_then(|addrs| match self.dest.transport {
                 Transport::Udp => open_udp(&addrs),
                 Transport::Tcp => open_tcp(&addrs),
+                Transport::Tls => open_tcp(&addrs).and_then(|c| match (c, &self.tls) {
+                    (Conn::Tcp(s, _), Some(cfg)) => open_tls(s, &self.dest.host, cfg),
+                    _ => Err(io::Error::other("no TLS configuration")),
+                }),
             });
         match opened {
             Ok(c) => Ok(c),
@@ -428,14 +475,72 @@ fn send(c: &mut Conn, msg: &[u8], frame: &mut Vec<u8>) -> io::Result<()> {
             if last.elapsed() >= IDLE_CHECK {
                 check_open(s)?;
             }
-            frame.clear();
-            let _ = write!(frame, "{} ", msg.len());
-            frame.extend_from_slice(msg);
+            octet_counted(frame, msg);
             s.write_all(frame)?;
             *last = Instant::now();
             Ok(())
         }
+        Conn::Tls(s, last) => {
+            if last.elapsed() >= IDLE_CHECK {
+                check_open_tls(s)?;
+            }
+            octet_counted(frame, msg);
+            s.write_all(frame)?;
+            s.flush()?;
+            *last = Instant::now();
+            Ok(())
+        }
     }
+}
+
+/// `LEN SP MSG` (RFC 6587 §3.4.1, RFC 5425 §4.3).
+fn octet_counted(frame: &mut Vec<u8>, msg: &[u8]) {
+    frame.clear();
+    let _ = write!(frame, "{} ", msg.len());
+    frame.extend_from_slice(msg);
+}
+
+/// The client configuration for `tls://`: the system roots plus
+/// `[tls] extra_roots`, and the client certificate when one is set.
+///
+/// # Errors
+/// A roots or certificate file cannot be used; the message says which.
+pub fn tls_config(settings: &SyslogSettings) -> Result<Arc<ClientConfig>, String> {
+    use crate::tls::client;
+    let roots = client::roots(&settings.extra_roots).map_err(|e| format!("audit.syslog: {e}"))?;
+    let builder =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("audit.syslog: {e}"))?
+            .with_root_certificates(roots);
+    let cfg = match &settings.client_cert {
+        Some((cert, key)) => {
+            let (chain, key) = client::client_cert(cert, key)
+                .map_err(|e| format!("audit.syslog_client_cert: {e}"))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("audit.syslog_client_cert: {e}"))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(cfg))
+}
+
+/// TLS over a connected socket, the handshake done (so a certificate
+/// problem shows as a connection failure, logged and retried with backoff).
+fn open_tls(s: TcpStream, host: &str, cfg: &Arc<ClientConfig>) -> io::Result<Conn> {
+    let name = ServerName::try_from(host.to_string())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut conn = ClientConnection::new(Arc::clone(cfg), name).map_err(io::Error::other)?;
+    s.set_read_timeout(Some(WRITE_TIMEOUT))?;
+    let mut sock = s;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock)?;
+    }
+    Ok(Conn::Tls(
+        Box::new(StreamOwned::new(conn, sock)),
+        Instant::now(),
+    ))
 }
 
 /// Has the server closed an idle connection? (It never sends anything, so
@@ -454,6 +559,43 @@ fn check_open(s: &TcpStream) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// [`check_open`] through TLS: the server may have sent records since
+/// (session tickets, a close_notify), so read them without blocking rather
+/// than peek at the socket.
+fn check_open_tls(s: &mut StreamOwned<ClientConnection, TcpStream>) -> io::Result<()> {
+    use std::io::Read as _;
+    s.sock.set_nonblocking(true)?;
+    let r = (|| loop {
+        match s.conn.read_tls(&mut s.sock) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "closed by the syslog server",
+                ))
+            }
+            Ok(_) => {
+                s.conn.process_new_packets().map_err(io::Error::other)?;
+                let mut b = [0u8; 256];
+                match s.conn.reader().read(&mut b) {
+                    Ok(0) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::ConnectionReset,
+                            "close_notify from the syslog server",
+                        ))
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    })();
+    s.sock.set_nonblocking(false)?;
+    r
 }
 
 #[cfg(test)]

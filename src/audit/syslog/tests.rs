@@ -42,6 +42,12 @@ fn destinations_parse() {
     assert_eq!((d.host.as_str(), d.port), ("::1", 6514));
     assert_eq!(d.to_string(), "tcp://[::1]:6514");
     assert_eq!(Destination::parse("udp://[::1]").unwrap().port, 514);
+    let d = Destination::parse("tls://siem.example.net").unwrap();
+    assert_eq!(
+        (d.transport, d.host.as_str(), d.port),
+        (Transport::Tls, "siem.example.net", 6514)
+    );
+    assert_eq!(d.to_string(), "tls://siem.example.net:6514");
     for bad in [
         "udp://",
         "udp://:514",
@@ -55,6 +61,8 @@ fn destinations_parse() {
         "udp://user@host:514",
         "http://host:514",
         "tcp://ho st:514",
+        "tls://host:6514/x",
+        "syslog+tls://host:6514",
     ] {
         assert!(Destination::parse(bad).is_err(), "{bad} must not parse");
     }
@@ -188,7 +196,12 @@ fn tcp_frames_are_octet_counted_and_the_sender_reconnects() {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("tcp://{}", l.local_addr().unwrap());
     let counters = Counters::default();
-    let mut sink = SyslogSink::start(&url, counters.clone()).unwrap();
+    let settings = crate::config::SyslogSettings {
+        url,
+        extra_roots: Vec::new(),
+        client_cert: None,
+    };
+    let mut sink = SyslogSink::start(&settings, counters.clone()).unwrap();
     let mut r = record();
     sink.write(std::slice::from_ref(&r)).unwrap();
     let (mut c1, _) = l.accept().unwrap();
