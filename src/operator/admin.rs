@@ -4,7 +4,10 @@
 //!
 //! Read-only: nothing here changes the proxy's behaviour. When
 //! `server.admin_token` is set, every path but the probes (`/healthz`,
-//! `/readyz`) needs `Authorization: Bearer <token>`. Every path but the probes (`/healthz`,
+//! `/readyz`) needs `Authorization: Bearer <token>` or a sign-in session
+//! cookie (see [`super::session`]): `/` then answers a browser without
+//! either with a sign-in form that posts the token to `/signin`, and
+//! `/signout` ends the session. Every path but the probes (`/healthz`,
 //! `/readyz`) needs exactly one `Host` header, and without a token that
 //! header must be an IP literal or `localhost` (a DNS-rebinding guard:
 //! another site's page cannot read the metrics or the API through a name
@@ -26,6 +29,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+use http_body_util::BodyExt as _;
+
+use super::session::{self, Sessions};
 use super::suggest::Evidence;
 use crate::proxy::Shared;
 
@@ -42,6 +48,7 @@ pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; char
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let hard = shared.drain.hard.clone();
     let open = Arc::new(AtomicUsize::new(0));
+    let sessions = Arc::new(Sessions::new());
     loop {
         let (stream, _) = tokio::select! {
             a = listener.accept() => match a {
@@ -61,11 +68,13 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         };
         let idle = settings.server.admin_idle_timeout;
         let shared = Arc::clone(&shared);
+        let sessions = Arc::clone(&sessions);
         tokio::spawn(async move {
             let _slot = slot;
             let svc = service_fn(move |req| {
                 let shared = Arc::clone(&shared);
-                async move { Ok::<_, Infallible>(route(&shared, req)) }
+                let sessions = Arc::clone(&sessions);
+                async move { Ok::<_, Infallible>(route(&shared, &sessions, req).await) }
             });
             // hyper's head time-out runs from the connection's start and
             // again from the end of each response: it is the idle limit too.
@@ -107,8 +116,27 @@ fn refuse_busy(stream: &tokio::net::TcpStream) {
     let _ = stream.try_write(BUSY);
 }
 
-fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// The admin listener is plain HTTP: the session cookie cannot be `Secure`.
+const LISTENER_IS_TLS: bool = false;
+/// The largest sign-in form body read.
+const MAX_FORM: usize = 4096;
+
+async fn route(
+    shared: &Shared,
+    sessions: &Sessions,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let path = req.uri().path();
+    if req.method() == Method::POST && (path == "/signin" || path == "/signout") {
+        if let Err(refusal) = host_guard(shared, &req) {
+            return refusal.response();
+        }
+        return if path == "/signin" {
+            sign_in(shared, sessions, req).await
+        } else {
+            sign_out(sessions, &req)
+        };
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
     }
@@ -120,7 +148,10 @@ fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if path == "/readyz" {
         return readiness(shared);
     }
-    if !authorized(shared, &req) {
+    if !authorized(shared, sessions, &req) {
+        if path == "/" && host_guard(shared, &req).is_ok() {
+            return sign_in_page(StatusCode::UNAUTHORIZED, "");
+        }
         let mut r = text(StatusCode::UNAUTHORIZED, "admin token required\n");
         r.headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -204,24 +235,14 @@ fn status_route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes
     let status = &shared.metrics.status;
     match req.uri().path() {
         "/" => {
-            let mut r = respond(StatusCode::OK, "text/html; charset=utf-8", PAGE.as_bytes());
-            let h = r.headers_mut();
-            h.insert(
-                header::CONTENT_SECURITY_POLICY,
-                HeaderValue::from_static(
-                    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
-                     connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
-                ),
-            );
-            h.insert(
-                header::X_CONTENT_TYPE_OPTIONS,
-                HeaderValue::from_static("nosniff"),
-            );
-            h.insert(
-                header::REFERRER_POLICY,
-                HeaderValue::from_static("no-referrer"),
-            );
-            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            // With a token, a "Sign out" button (it ends a browser session).
+            let body = if settings.server.admin_token.is_some() {
+                PAGE.replace("<!--signout-->", SIGN_OUT)
+            } else {
+                PAGE.to_string()
+            };
+            let mut r = respond(StatusCode::OK, "text/html; charset=utf-8", body);
+            page_headers(&mut r);
             r
         }
         "/api/summary" => json(StatusCode::OK, &status.summary_json(&settings)),
@@ -300,19 +321,144 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> 
     r
 }
 
-fn authorized(shared: &Shared, req: &Request<Incoming>) -> bool {
+/// The bearer token, or a live session cookie, when a token is set.
+fn authorized(shared: &Shared, sessions: &Sessions, req: &Request<Incoming>) -> bool {
     let settings = shared.settings.load();
     let Some(token) = settings.server.admin_token.as_deref() else {
         return true;
     };
-    let given = req
+    let bearer = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    constant_time_eq(given.as_bytes(), token.as_bytes())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match bearer {
+        Some(given) => constant_time_eq(given.as_bytes(), token.as_bytes()),
+        None => session::cookie_value(req.headers()).is_some_and(|c| sessions.valid(c, token)),
+    }
 }
+
+/// `POST /signin` (`token=…`, form-encoded): the right token starts a
+/// session and sends the browser to `/`; a wrong one gets the form again.
+async fn sign_in(
+    shared: &Shared,
+    sessions: &Sessions,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let settings = shared.settings.load();
+    let Some(token) = settings.server.admin_token.clone() else {
+        return see_other("/", None);
+    };
+    let body = match http_body_util::Limited::new(req.into_body(), MAX_FORM)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "sign-in form too large\n"),
+    };
+    let given = url::form_urlencoded::parse(&body)
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default();
+    if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        return sign_in_page(StatusCode::UNAUTHORIZED, "That is not the admin token.");
+    }
+    match sessions.start(&token) {
+        Some(value) => see_other("/", Some(session::set_cookie(&value, LISTENER_IS_TLS))),
+        None => text(StatusCode::SERVICE_UNAVAILABLE, "no random source\n"),
+    }
+}
+
+/// `POST /signout`: end the session and clear the cookie.
+fn sign_out(sessions: &Sessions, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Some(c) = session::cookie_value(req.headers()) {
+        sessions.end(c);
+    }
+    see_other("/", Some(session::clear_cookie(LISTENER_IS_TLS)))
+}
+
+fn see_other(to: &'static str, cookie: Option<String>) -> Response<Full<Bytes>> {
+    let mut r = respond(StatusCode::SEE_OTHER, TEXT, Bytes::new());
+    r.headers_mut()
+        .insert(header::LOCATION, HeaderValue::from_static(to));
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Some(c) = cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        r.headers_mut().insert(header::SET_COOKIE, c);
+    }
+    r
+}
+
+/// The sign-in form (`note`: a line above it, e.g. after a wrong token).
+fn sign_in_page(status: StatusCode, note: &str) -> Response<Full<Bytes>> {
+    let note = if note.is_empty() {
+        String::new()
+    } else {
+        format!("<p id=\"note\" role=\"alert\">{note}</p>")
+    };
+    let mut r = respond(
+        status,
+        "text/html; charset=utf-8",
+        SIGN_IN.replace("<!--note-->", &note),
+    );
+    page_headers(&mut r);
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    r
+}
+
+/// Headers for the HTML pages: a strict CSP (forms post only here), no
+/// sniffing, no referrer, no caching.
+fn page_headers(r: &mut Response<Full<Bytes>>) {
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+             connect-src 'self'; img-src data:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+        ),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+}
+
+/// The sign-in form served on `/` to a browser without a session.
+const SIGN_IN: &str = r#"<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>egress-proxy: sign in</title>
+<style>
+body { font: 16px/1.4 system-ui, sans-serif; margin: 0; background: #f6f7f9; color: #1b1f24; }
+main { max-width: 22rem; margin: 4rem auto; padding: 1.2rem; background: #fff; border: 1px solid #d5d9de; border-radius: 6px; }
+h1 { font-size: 1.2rem; margin: 0 0 .8rem; }
+label { display: block; margin-bottom: .3rem; }
+input { box-sizing: border-box; width: 100%; font: inherit; padding: .4rem; margin-bottom: .8rem; }
+button { font: inherit; padding: .4rem 1rem; }
+#note { color: #a4161a; }
+</style>
+</head>
+<body>
+<main>
+<h1>egress-proxy status</h1>
+<!--note-->
+<form method="post" action="/signin">
+<label for="token">Admin token (<code>server.admin_token</code>)</label>
+<input id="token" name="token" type="password" autocomplete="current-password" required autofocus>
+<button type="submit">Sign in</button>
+</form>
+</main>
+</body>
+</html>
+"#;
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
@@ -344,3 +490,6 @@ fn respond(
 /// external assets) that polls `/api/summary`, `/api/denials` and
 /// `/api/suggest` every 2 s and runs `/api/explain` from a form.
 pub const PAGE: &str = include_str!("status.html");
+
+/// The sign-out button put into the page header when a token is set.
+const SIGN_OUT: &str = r#"<form id="signout" method="post" action="/signout"><button type="submit">Sign out</button></form>"#;

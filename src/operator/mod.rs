@@ -8,7 +8,9 @@
 //! - [`replay`]: what a new catalog would change for a recorded log.
 //! - [`admin`]: the admin listener (probes, `/metrics`, the status page and
 //!   `/api/*`).
+//! - [`session`]: the status page's sign-in sessions when a token is set.
 pub mod admin;
 pub mod cli;
 pub mod replay;
+pub mod session;
 pub mod suggest;

@@ -482,6 +482,148 @@ async fn status_paths_need_the_admin_token() {
     );
 }
 
+/// One raw request to the admin listener (`extra`: header lines, each
+/// ending in CRLF), the parsed response.
+async fn admin_raw(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    extra: &str,
+    body: &str,
+) -> RawResponse {
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{extra}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    parse_response(&raw_bytes(admin, req.as_bytes()).await)
+}
+
+#[tokio::test]
+async fn a_browser_signs_in_with_the_token_and_out_again() {
+    let cfg = config_with(&ConfigOpts {
+        server: "admin_token = \"s3cret t&k\"",
+        ..ConfigOpts::default()
+    });
+    let proxy = TestProxy::start(&cfg, &catalog(80)).await;
+    let form = "application/x-www-form-urlencoded";
+
+    // `/` without a session: the sign-in form, and nothing of the page.
+    let r = admin_raw(proxy.admin, "GET", "/", "", "").await;
+    assert_eq!(r.status, 401);
+    let page = r.body_text();
+    assert!(page.contains("action=\"/signin\""), "{page}");
+    assert!(page.contains("type=\"password\""), "{page}");
+    assert!(
+        !page.contains("api/summary"),
+        "no status page before sign-in"
+    );
+    assert!(r
+        .header("content-security-policy")
+        .unwrap()
+        .contains("form-action 'self'"));
+
+    // A wrong token: refused, no cookie.
+    for wrong in [
+        "token=s3cret",
+        "token=",
+        "tok=s3cret+t%26k",
+        "token=s3cret+t%26kk",
+    ] {
+        let r = admin_raw(
+            proxy.admin,
+            "POST",
+            "/signin",
+            &format!("Content-Type: {form}\r\n"),
+            wrong,
+        )
+        .await;
+        assert_eq!(r.status, 401, "{wrong}");
+        assert!(r.header("set-cookie").is_none(), "{wrong}");
+        assert!(r.body_text().contains("not the admin token"), "{wrong}");
+    }
+
+    // The right token: a session cookie, HttpOnly, SameSite=Strict, not
+    // Secure (the admin listener is plain HTTP), holding no token.
+    let r = admin_raw(
+        proxy.admin,
+        "POST",
+        "/signin",
+        &format!("Content-Type: {form}\r\n"),
+        "token=s3cret+t%26k",
+    )
+    .await;
+    assert_eq!(r.status, 303);
+    assert_eq!(r.header("location"), Some("/"));
+    let set = r
+        .header("set-cookie")
+        .expect("a session cookie")
+        .to_string();
+    assert!(set.starts_with("egress_admin_session="), "{set}");
+    assert!(set.contains("; HttpOnly"), "{set}");
+    assert!(set.contains("; SameSite=Strict"), "{set}");
+    assert!(set.contains("; Path=/"), "{set}");
+    assert!(!set.contains("Secure"), "{set}");
+    assert!(!set.contains("s3cret"), "{set}");
+    let cookie = set.split(';').next().unwrap().to_string();
+    let with_cookie = format!("Cookie: other=1; {cookie}\r\n");
+
+    // The cookie opens the API and the page.
+    let r = admin_raw(proxy.admin, "GET", "/api/summary", &with_cookie, "").await;
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    assert!(serde_json::from_slice::<Value>(&r.body).is_ok());
+    let r = admin_raw(proxy.admin, "GET", "/", &with_cookie, "").await;
+    assert_eq!(r.status, 200);
+    let page = r.body_text();
+    assert!(page.contains("api/summary"), "the status page");
+    assert!(
+        page.contains("action=\"/signout\""),
+        "with a sign-out button"
+    );
+    // So does the bearer header, still.
+    let (status, _, _) = get(proxy.admin, "/api/summary", Some("s3cret t&k")).await;
+    assert_eq!(status, 200);
+    // A forged cookie does not.
+    let forged = format!("Cookie: {}x\r\n", cookie);
+    let r = admin_raw(proxy.admin, "GET", "/api/summary", &forged, "").await;
+    assert_eq!(r.status, 401);
+    // The Host guard still applies: two Host headers are refused.
+    let r = admin_raw(
+        proxy.admin,
+        "GET",
+        "/api/summary",
+        &format!("{with_cookie}Host: other.example\r\n"),
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 400);
+
+    // Sign-out clears the cookie and ends the session on the server.
+    let r = admin_raw(proxy.admin, "POST", "/signout", &with_cookie, "").await;
+    assert_eq!(r.status, 303);
+    let cleared = r.header("set-cookie").expect("a clearing cookie");
+    assert!(cleared.starts_with("egress_admin_session=;"), "{cleared}");
+    assert!(cleared.contains("Max-Age=0"), "{cleared}");
+    let r = admin_raw(proxy.admin, "GET", "/api/summary", &with_cookie, "").await;
+    assert_eq!(r.status, 401, "the old cookie no longer works");
+    let r = admin_raw(proxy.admin, "GET", "/", &with_cookie, "").await;
+    assert_eq!(r.status, 401);
+    assert!(r.body_text().contains("action=\"/signin\""));
+}
+
+#[tokio::test]
+async fn without_a_token_there_is_no_sign_in() {
+    let proxy = TestProxy::start(&config_with(&ConfigOpts::default()), &catalog(80)).await;
+    let r = admin_raw(proxy.admin, "GET", "/", "", "").await;
+    assert_eq!(r.status, 200);
+    assert!(
+        !r.body_text().contains("/signout"),
+        "no sign-out button without a token"
+    );
+    let r = admin_raw(proxy.admin, "POST", "/signin", "", "token=x").await;
+    assert_eq!(r.status, 303);
+    assert!(r.header("set-cookie").is_none());
+}
+
 // === the commands, on recorded audit logs ===
 
 fn fixtures() -> PathBuf {
