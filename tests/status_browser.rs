@@ -9,6 +9,11 @@
 //! screenshot), so the widths are set with the DevTools protocol's
 //! `Emulation.setDeviceMetricsOverride`, over `--remote-debugging-pipe`.
 //!
+//! With `server.admin_token` set, Chromium signs in: it gets the sign-in
+//! form on `/`, submits a wrong token (the form again), then the right one,
+//! and the page shows the data; the session cookie is not visible to the
+//! page's script; "Sign out" brings the form back.
+//!
 //! Without Chromium the test prints `SKIP: chromium not installed` and
 //! passes, unless `CI=true`, where a missing Chromium fails it (`.ci/run`
 //! installs Debian's `chromium`). `CHROMIUM=/path` picks another binary;
@@ -266,6 +271,63 @@ async fn status_page_shows_denials_in_chromium() {
     }
 }
 
+/// With `server.admin_token` set, Chromium gets the sign-in form on `/`,
+/// submits the token, and the page then shows the data; the session cookie
+/// is invisible to the page's script (HttpOnly); "Sign out" brings the form
+/// back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_signs_in_to_the_status_page_with_the_token() {
+    let Some(bin) = chromium() else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "chromium not installed, and CI=true: .ci/run installs Debian's chromium"
+        );
+        println!("SKIP: chromium not installed");
+        eprintln!("SKIP: chromium not installed");
+        return;
+    };
+    let cfg = config(&[], "").replacen(
+        "[server]\n",
+        "[server]\nadmin_token = \"browser-s3cret\"\n",
+        1,
+    );
+    let catalog = "[[rule]]\nname = \"Clearswift Update Server\"\nhosts = [\"repo.clearswift.net\"]\nports = [443]\naction = \"allow\"\n";
+    let proxy = TestProxy::start(&cfg, catalog).await;
+    let (status, _) = connect(proxy.addr, "ksn2.kaspersky-labs.com:443").await;
+    assert_eq!(status, 403);
+    proxy.records(1).await;
+    let url = format!("http://{}/", proxy.admin);
+    let seen = tokio::task::spawn_blocking(move || {
+        let mut b = Cdp::launch(&bin);
+        let s = b.open(&url);
+        let s = Some(s.as_str());
+        b.wait_for(s, "document.querySelector('form[action=\"/signin\"] input[name=token]') ? 'form' : null");
+        // A wrong token first: the form again, with a note.
+        b.eval(s, "(function () { var f = document.querySelector('form[action=\"/signin\"]'); f.token.value = 'wrong'; f.requestSubmit(); return 'sent'; })()");
+        let note = b.wait_for(s, "document.getElementById('note') ? document.getElementById('note').textContent : null");
+        b.eval(s, "(function () { var f = document.querySelector('form[action=\"/signin\"]'); f.token.value = 'browser-s3cret'; f.requestSubmit(); return 'sent'; })()");
+        let hosts = b.wait_for(
+            s,
+            "document.body && document.body.dataset.updated ? Array.from(document.querySelectorAll('#denials-body tr.denial')).map(function (r) { return r.dataset.host; }).join(',') || null : null",
+        );
+        let script_cookie = b.eval(s, "'[' + document.cookie + ']'");
+        b.eval(s, "(function () { document.querySelector('#signout button').click(); return 'out'; })()");
+        let after = b.wait_for(s, "document.querySelector('form[action=\"/signin\"]') ? 'form' : null");
+        b.close();
+        (note, hosts, script_cookie, after)
+    })
+    .await
+    .unwrap();
+    let (note, hosts, script_cookie, after) = seen;
+    assert!(note.contains("not the admin token"), "{note}");
+    assert!(
+        hosts.split(',').any(|h| h == "ksn2.kaspersky-labs.com"),
+        "{hosts}"
+    );
+    assert_eq!(script_cookie, "[]", "the session cookie is HttpOnly");
+    assert_eq!(after, "form", "signed out");
+}
+
 /// What the page looked like in one viewport.
 struct Shot {
     width: u64,
@@ -295,6 +357,8 @@ struct Cdp {
     tx: std::process::ChildStdin,
     rx: std::io::BufReader<std::process::ChildStdout>,
     next: u64,
+    /// Take an error answer as no result (evaluating while a page navigates).
+    lenient: bool,
     /// Set when the browser is done; until then a watchdog kills it after
     /// [`BROWSER_LIMIT`] (a read on the pipe has no time-out of its own).
     done: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -354,6 +418,7 @@ impl Cdp {
             tx,
             rx,
             next: 0,
+            lenient: false,
             done,
             _profile: profile,
         }
@@ -385,6 +450,9 @@ impl Cdp {
             buf.pop();
             let v: serde_json::Value = serde_json::from_slice(&buf).unwrap();
             if v["id"] == id {
+                if self.lenient {
+                    return v.get("result").cloned().unwrap_or_default();
+                }
                 assert!(v.get("error").is_none(), "{method}: {v}");
                 return v["result"].clone();
             }
@@ -458,6 +526,54 @@ impl Cdp {
                 .map(|h| h.as_str().unwrap_or("").to_string())
                 .collect(),
             png,
+        }
+    }
+
+    /// A new tab on `url`; its session id.
+    fn open(&mut self, url: &str) -> String {
+        let t = self.call(
+            None,
+            "Target.createTarget",
+            serde_json::json!({"url": "about:blank"}),
+        );
+        let target = t["targetId"].as_str().unwrap().to_string();
+        let a = self.call(
+            None,
+            "Target.attachToTarget",
+            serde_json::json!({"targetId": target, "flatten": true}),
+        );
+        let s = a["sessionId"].as_str().unwrap().to_string();
+        self.call(Some(&s), "Page.enable", serde_json::json!({}));
+        self.call(Some(&s), "Page.navigate", serde_json::json!({"url": url}));
+        s
+    }
+
+    /// Evaluate `expr` in the page; its value as text ("null" for none).
+    fn eval(&mut self, s: Option<&str>, expr: &str) -> String {
+        self.lenient = true;
+        let r = self.call(
+            s,
+            "Runtime.evaluate",
+            serde_json::json!({"expression": expr, "returnByValue": true}),
+        );
+        self.lenient = false;
+        match &r["result"]["value"] {
+            serde_json::Value::String(t) => t.clone(),
+            serde_json::Value::Null => "null".into(),
+            v => v.to_string(),
+        }
+    }
+
+    /// Evaluate `expr` until it is not null (the page may be navigating).
+    fn wait_for(&mut self, s: Option<&str>, expr: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let v = self.eval(s, expr);
+            if v != "null" {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "never true: {expr}");
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 
