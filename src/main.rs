@@ -50,6 +50,11 @@ enum Cmd {
         #[arg(long)]
         since: Option<String>,
     },
+    /// Print a catalog (TOML) translated from another proxy's configuration.
+    Import {
+        #[command(subcommand)]
+        cmd: ImportCmd,
+    },
     /// Decide every transaction of an audit log again under a proposed catalog
     /// and print what would change; exit status 3 if something would be newly denied.
     Replay {
@@ -59,6 +64,16 @@ enum Cmd {
         /// The proposed catalog file.
         #[arg(long)]
         catalog: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImportCmd {
+    /// From a Squid configuration: its dstdomain, dstdom_regex and port ACLs and http_access lines
+    /// (and the files they include); comments say what was not translated.
+    Squid {
+        /// The Squid configuration file (squid.conf).
+        file: PathBuf,
     },
 }
 
@@ -206,6 +221,12 @@ fn command(cli: Cli) -> Result<ExitCode, Fail> {
         Cmd::Explain { target } => {
             let settings = load(cli.config.as_deref())?;
             print!("{}", cli::explain(&settings.policy, &target)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Import {
+            cmd: ImportCmd::Squid { file },
+        } => {
+            print!("{}", egress_proxy::operator::import::squid(&file)?);
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Run => serve(load(cli.config.as_deref())?, cli.config),

@@ -11,6 +11,7 @@ mod cli;
 mod connect;
 mod docs;
 mod http_forward;
+mod import;
 mod inspect;
 mod inspect_wall;
 mod lenient_tls;
