@@ -7,6 +7,8 @@
 //! Each input writes what it receives to its own file, which the test reads:
 //! a denied request through the proxy must arrive there as an RFC 5424
 //! message (rsyslog's parser found APP-NAME and MSGID) carrying its record.
+//! An untrusted TLS server gets nothing; after rsyslog restarts, the TLS
+//! sender reconnects and the next record arrives.
 //!
 //! Without rsyslogd (or its TLS driver) the test prints `SKIP: …` and
 //! passes, unless `CI=true`, where it fails (`.ci/run` installs `rsyslog`
@@ -134,7 +136,18 @@ struct Rsyslog {
 
 impl Rsyslog {
     fn start(bin: &Path, driver: &str, dir: &Path, c: &Certs) -> Rsyslog {
-        let (udp, tcp, tls, mtls) = (free_port(), free_port(), free_port(), free_port());
+        let ports = (free_port(), free_port(), free_port(), free_port());
+        Rsyslog::start_on(bin, driver, dir, c, ports)
+    }
+
+    /// Start on these ports (udp, tcp, tls, mtls): a restart keeps them.
+    fn start_on(
+        bin: &Path,
+        driver: &str,
+        dir: &Path,
+        c: &Certs,
+        (udp, tcp, tls, mtls): (u16, u16, u16, u16),
+    ) -> Rsyslog {
         let d = dir.display();
         let tls_input = |port: u16, auth: &str, out: &str| {
             format!(
@@ -367,4 +380,49 @@ async fn an_untrusted_rsyslog_tls_server_gets_nothing() {
         !text.contains(&id),
         "delivered to an untrusted server: {text}"
     );
+}
+
+/// The TLS sender reconnects (with backoff) when rsyslog restarts: a record
+/// written after the restart arrives on a new TLS connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tls_sender_reconnects_after_rsyslog_restarts() {
+    use egress_proxy::audit::syslog::{Counters, SyslogSink};
+    use egress_proxy::audit::Record;
+    use egress_proxy::config::SyslogSettings;
+
+    let (bin, driver) = match rsyslogd() {
+        Ok(x) => x,
+        Err(why) => return skip_or_fail(&why),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let c = certs(dir.path());
+    let rs = Rsyslog::start(&bin, driver, dir.path(), &c);
+    let ports = (rs.udp, rs.tcp, rs.tls, rs.mtls);
+    let settings = SyslogSettings {
+        url: format!("tls://localhost:{}", rs.tls),
+        extra_roots: vec![c.ca.clone()],
+        client_cert: None,
+    };
+    let counters = Counters::default();
+    let mut sink = SyslogSink::start(&settings, counters.clone()).unwrap();
+    let record = |id: u64| {
+        let mut r = Record::new(
+            id,
+            "127.0.0.1:40000".parse().unwrap(),
+            std::time::SystemTime::now(),
+        );
+        r.host = Some(UNLISTED.into());
+        r
+    };
+    sink.write(&[record(0x1001)]).unwrap();
+    rs.wait_line("tls", "id=\"0000000000001001\"").await;
+
+    drop(rs);
+    let rs = Rsyslog::start_on(&bin, driver, dir.path(), &c, ports);
+    // Past the idle check: the sender sees the old connection closed.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    sink.write(&[record(0x1002)]).unwrap();
+    rs.wait_line("tls", "id=\"0000000000001002\"").await;
+    assert_eq!(counters.sent.get(), 2);
+    assert_eq!(counters.dropped.get(), 0);
 }
