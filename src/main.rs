@@ -205,7 +205,7 @@ fn command(cli: Cli) -> Result<ExitCode, Fail> {
         }
         Cmd::Explain { target } => {
             let settings = load(cli.config.as_deref())?;
-            print!("{}", cli::explain(&settings.policy, &target)?);
+            print!("{}", cli::explain_routed(&settings, &target)?);
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Run => serve(load(cli.config.as_deref())?, cli.config),

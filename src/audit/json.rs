@@ -66,6 +66,10 @@ impl Record {
             write_addr(out, u);
             out.push(b'"');
         }
+        if let Some(p) = self.parent_status {
+            out.extend_from_slice(b",\"parent_status\":");
+            out.extend_from_slice(num.format(p).as_bytes());
+        }
         if let Some(sni) = &self.sni {
             text(out, "sni", sni);
         }
@@ -198,6 +202,9 @@ impl Serialize for Record {
         }
         if let Some(v) = self.upstream {
             m.serialize_entry("upstream", &v.to_string())?;
+        }
+        if let Some(v) = self.parent_status {
+            m.serialize_entry("parent_status", &v)?;
         }
         if let Some(v) = &self.sni {
             m.serialize_entry("sni", v)?;

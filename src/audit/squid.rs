@@ -61,6 +61,8 @@ pub(super) fn squid_line(out: &mut Vec<u8>, r: &Record) -> io::Result<()> {
         _ => out.push(b'-'),
     }
     match r.upstream {
+        // Through a parent proxy (it answered): Squid's own tag for that.
+        Some(a) if r.parent_status.is_some() => write!(out, " FIRSTUP_PARENT/{} -", a.ip()),
         Some(a) => write!(out, " HIER_DIRECT/{} -", a.ip()),
         None => write!(out, " HIER_NONE/- -"),
     }

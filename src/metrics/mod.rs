@@ -41,6 +41,12 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// Labels of the route counter: `direct` or `parent`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: &'static str,
+}
+
 /// Labels of the catalog info gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CatalogLabels {
@@ -57,6 +63,8 @@ pub struct Metrics {
     pub open_tunnels: Gauge,
     pub dns_seconds: Histogram,
     pub connect_seconds: Histogram,
+    /// Upstream dials by route (`direct`, `parent`).
+    pub routes: Family<RouteLabels, Counter>,
     pub reloads: Family<ResultLabels, Counter>,
     pub catalog: Family<CatalogLabels, Gauge>,
     pub catalog_rules: Gauge,
@@ -98,6 +106,7 @@ impl Metrics {
             open_tunnels: Gauge::default(),
             dns_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
             connect_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
+            routes: Family::default(),
             reloads: Family::default(),
             catalog: Family::default(),
             catalog_rules: Gauge::default(),
@@ -156,6 +165,11 @@ impl Metrics {
             "Upstream TCP connect latency",
             Unit::Seconds,
             self.connect_seconds.clone(),
+        );
+        self.registry.register(
+            "upstream_routes",
+            "Transactions sent upstream by route (direct, or through the parent proxy)",
+            self.routes.clone(),
         );
     }
 
@@ -220,6 +234,11 @@ impl Metrics {
             "Audit messages for audit.syslog dropped (queue full or server unreachable)",
             self.syslog_dropped.clone(),
         );
+    }
+
+    /// Count one transaction sent upstream by `route`.
+    pub fn route(&self, route: &'static str) {
+        self.routes.get_or_create(&RouteLabels { route }).inc();
     }
 
     /// Record that a catalog is loaded.

@@ -14,14 +14,16 @@ use hyper_util::rt::TokioIo;
 use super::body::{ProxyBody, RequestBody, ResponseBody, UpCount};
 use super::error::Refusal;
 use super::pipeline::Exchange;
-use super::{dial_target, refuse, ConnCtx};
-use crate::config::Settings;
+use super::{dial_target, parent, refuse, ConnCtx};
+use crate::config::{Parent, Settings};
 use crate::reason::Reason;
 use crate::target::{Host, Target};
 
 /// A kept-alive upstream connection.
 pub struct Pooled {
     addr: SocketAddr,
+    /// A connection to the parent proxy (requests in absolute form).
+    to_parent: bool,
     sender: client::SendRequest<RequestBody>,
 }
 
@@ -35,24 +37,39 @@ pub async fn forward(ctx: &ConnCtx, x: Exchange, req: Request<Incoming>) -> Resp
     } = x;
     let settings: &Settings = &snapshot;
     let rule = decision.rule.and_then(|i| settings.policy.rule(i));
-    let addrs = match dial_target(ctx, &snapshot, &target, rule).await {
-        Ok(a) => a,
-        Err(r) => return refuse(txn, r, settings),
+    let parent = parent::parent_for(ctx, settings, rule);
+    let addrs = match parent {
+        Some(p) if !parent::vets_here(p, &target) => Vec::new(),
+        _ => match dial_target(ctx, &snapshot, &target, rule).await {
+            Ok(a) => a,
+            Err(r) => return refuse(txn, r, settings),
+        },
     };
     let (parts, body) = req.into_parts();
     let body = RequestBody::counted(body, &mut txn).marking(Arc::clone(&ctx.io));
     let up = body.count();
     let mut out = Request::new(body);
     *out.method_mut() = parts.method;
-    *out.uri_mut() = origin_form(&parts.uri);
     *out.headers_mut() = parts.headers;
     prepare_request_headers(out.headers_mut(), &target, settings.server.via);
+    *out.uri_mut() = match parent {
+        // Absolute form to the parent: the vetted address when it was vetted
+        // here (the `Host` header keeps the name), else the name.
+        Some(p) => {
+            if let Some(auth) = &p.authorization {
+                out.headers_mut()
+                    .insert(header::PROXY_AUTHORIZATION, auth.clone());
+            }
+            absolute_form(&target, addrs.first().copied(), &parts.uri)
+        }
+        None => origin_form(&parts.uri),
+    };
 
-    let mut reused = take_pooled(ctx, &addrs);
+    let mut reused = take_pooled(ctx, &addrs, parent.is_some());
     let resp = loop {
         let mut pooled = match reused.take() {
             Some(p) => p,
-            None => match connect(ctx, &addrs, settings).await {
+            None => match connect(ctx, &addrs, parent, settings).await {
                 Ok(p) => p,
                 Err(r) => return refuse(txn, r, settings),
             },
@@ -88,6 +105,12 @@ pub async fn forward(ctx: &ConnCtx, x: Exchange, req: Request<Incoming>) -> Resp
         }
     };
     let (mut parts, body) = resp.into_parts();
+    if parent.is_some() {
+        txn.rec().parent_status = Some(parts.status.as_u16());
+    }
+    if parent.is_some() && parent_refused(&parts) {
+        return refuse(txn, Refusal::new(Reason::ParentRefused), settings);
+    }
     strip_hop_by_hop(&mut parts.headers);
     if settings.server.via {
         add_via(&mut parts.headers);
@@ -98,6 +121,14 @@ pub async fn forward(ctx: &ConnCtx, x: Exchange, req: Request<Incoming>) -> Resp
     Response::from_parts(parts, ProxyBody::Streamed(Box::new(body)))
 }
 
+/// The parent's own refusal of a plain request, as against the origin's
+/// answer relayed by it: a 407 (the parent wants credentials), or a
+/// non-2xx that carries Squid's `X-Squid-Error` (its error pages do).
+fn parent_refused(parts: &::http::response::Parts) -> bool {
+    parts.status == ::http::StatusCode::PROXY_AUTHENTICATION_REQUIRED
+        || (!parts.status.is_success() && parts.headers.contains_key("x-squid-error"))
+}
+
 /// Why sending failed: the client's body was malformed (400) or cut by
 /// the client, else the upstream went away.
 fn send_failure(up: Option<&UpCount>) -> Reason {
@@ -105,10 +136,18 @@ fn send_failure(up: Option<&UpCount>) -> Reason {
         .unwrap_or(Reason::UpstreamReset)
 }
 
-fn take_pooled(ctx: &ConnCtx, addrs: &[SocketAddr]) -> Option<Pooled> {
+/// The kept-alive connection, when it goes where this request goes: to
+/// one of its vetted addresses, or to the parent (any target).
+fn take_pooled(ctx: &ConnCtx, addrs: &[SocketAddr], to_parent: bool) -> Option<Pooled> {
     let mut slot = ctx.upstream.lock().ok()?;
     match slot.take() {
-        Some(p) if addrs.contains(&p.addr) && !p.sender.is_closed() => Some(p),
+        Some(p)
+            if p.to_parent == to_parent
+                && (to_parent || addrs.contains(&p.addr))
+                && !p.sender.is_closed() =>
+        {
+            Some(p)
+        }
         _ => None,
     }
 }
@@ -122,9 +161,13 @@ fn put_pooled(ctx: &ConnCtx, p: Pooled) {
 async fn connect(
     ctx: &ConnCtx,
     addrs: &[SocketAddr],
+    parent: Option<&Parent>,
     settings: &Settings,
 ) -> Result<Pooled, Refusal> {
-    let (stream, addr) = super::dial(ctx, addrs, settings).await?;
+    let (stream, addr) = match parent {
+        Some(p) => parent::connect(ctx, p, settings).await?,
+        None => super::dial(ctx, addrs, settings).await?,
+    };
     let (sender, conn) = client::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
@@ -136,7 +179,11 @@ async fn connect(
             () = hard.cancelled() => {}
         }
     });
-    Ok(Pooled { addr, sender })
+    Ok(Pooled {
+        addr,
+        to_parent: parent.is_some(),
+        sender,
+    })
 }
 
 /// The origin-form target sent upstream: the path, `/` when the absolute
@@ -150,6 +197,20 @@ fn origin_form(uri: &Uri) -> Uri {
     };
     // Both parts come from a parsed URI, so they parse again; `/` if not.
     Uri::from(pq.unwrap_or_else(|_| PathAndQuery::from_static("/")))
+}
+
+/// The absolute-form target sent to a parent proxy: `http://`, the
+/// vetted address when there is one (else the `Host` sent), and the
+/// origin-form target.
+fn absolute_form(target: &Target, vetted: Option<SocketAddr>, uri: &Uri) -> Uri {
+    let authority = match vetted {
+        Some(SocketAddr::V6(a)) if a.port() == 80 => format!("[{}]", a.ip()),
+        Some(a) if a.port() == 80 => a.ip().to_string(),
+        Some(a) => a.to_string(),
+        None => host_header(target),
+    };
+    let text = format!("http://{authority}{}", origin_form(uri));
+    text.parse().unwrap_or_else(|_| origin_form(uri))
 }
 
 /// The record's `url`: exactly what is forwarded, as a URL: the scheme,
