@@ -14,6 +14,7 @@ use hyper_util::rt::TokioIo;
 use super::body::{ProxyBody, RequestBody, ResponseBody, UpCount};
 use super::error::Refusal;
 use super::pipeline::Exchange;
+use super::txn::Txn;
 use super::{dial_target, parent, refuse, ConnCtx};
 use crate::config::{Parent, Settings};
 use crate::reason::Reason;
@@ -21,10 +22,28 @@ use crate::target::{Host, Target};
 
 /// A kept-alive upstream connection.
 pub struct Pooled {
+    /// Where requests on it go: the vetted address (direct, or tunnelled
+    /// through the parent), or the parent itself.
     addr: SocketAddr,
-    /// A connection to the parent proxy (requests in absolute form).
-    to_parent: bool,
+    /// The record's `upstream`: the address dialled (the parent's, for
+    /// either way through it).
+    upstream: SocketAddr,
+    via: Via,
     sender: client::SendRequest<RequestBody>,
+}
+
+/// How a plain request reaches its origin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Via {
+    /// To the vetted address.
+    Direct,
+    /// To the parent, in absolute form with the name (the parent resolves).
+    Proxy,
+    /// In origin form inside a `CONNECT` to the vetted address through the
+    /// parent (`parent_resolve = "local"`, or an IP-literal target): the
+    /// parent connects where we vetted, and `Host` stays the name (a
+    /// request line with the address would make the parent rewrite it).
+    Tunnel,
 }
 
 /// Forward one request and stream the response back.
@@ -38,8 +57,13 @@ pub async fn forward(ctx: &ConnCtx, x: Exchange, req: Request<Incoming>) -> Resp
     let settings: &Settings = &snapshot;
     let rule = decision.rule.and_then(|i| settings.policy.rule(i));
     let parent = parent::parent_for(ctx, settings, rule);
-    let addrs = match parent {
-        Some(p) if !parent::vets_here(p, &target) => Vec::new(),
+    let via = match parent {
+        None => Via::Direct,
+        Some(p) if parent::vets_here(p, &target) => Via::Tunnel,
+        Some(_) => Via::Proxy,
+    };
+    let addrs = match via {
+        Via::Proxy => Vec::new(),
         _ => match dial_target(ctx, &snapshot, &target, rule).await {
             Ok(a) => a,
             Err(r) => return refuse(txn, r, settings),
@@ -52,29 +76,27 @@ pub async fn forward(ctx: &ConnCtx, x: Exchange, req: Request<Incoming>) -> Resp
     *out.method_mut() = parts.method;
     *out.headers_mut() = parts.headers;
     prepare_request_headers(out.headers_mut(), &target, settings.server.via);
-    *out.uri_mut() = match parent {
-        // Absolute form to the parent: the vetted address when it was vetted
-        // here (the `Host` header keeps the name), else the name.
-        Some(p) => {
+    *out.uri_mut() = match (via, parent) {
+        (Via::Proxy, Some(p)) => {
             if let Some(auth) = &p.authorization {
                 out.headers_mut()
                     .insert(header::PROXY_AUTHORIZATION, auth.clone());
             }
-            absolute_form(&target, addrs.first().copied(), &parts.uri)
+            absolute_form(&target, &parts.uri)
         }
-        None => origin_form(&parts.uri),
+        _ => origin_form(&parts.uri),
     };
 
-    let mut reused = take_pooled(ctx, &addrs, parent.is_some());
+    let mut reused = take_pooled(ctx, &addrs, via);
     let resp = loop {
         let mut pooled = match reused.take() {
             Some(p) => p,
-            None => match connect(ctx, &addrs, parent, settings).await {
+            None => match connect(ctx, &addrs, parent, via, settings, &mut txn).await {
                 Ok(p) => p,
                 Err(r) => return refuse(txn, r, settings),
             },
         };
-        txn.rec().upstream = Some(pooled.addr);
+        txn.rec().upstream = Some(pooled.upstream);
         let was_reused = pooled.sender.is_ready();
         let sent = tokio::time::timeout(settings.limits.response_timeout, async {
             if pooled.sender.ready().await.is_err() {
@@ -105,10 +127,15 @@ pub async fn forward(ctx: &ConnCtx, x: Exchange, req: Request<Incoming>) -> Resp
         }
     };
     let (mut parts, body) = resp.into_parts();
-    if parent.is_some() {
-        txn.rec().parent_status = Some(parts.status.as_u16());
+    match via {
+        Via::Proxy => txn.rec().parent_status = Some(parts.status.as_u16()),
+        // The parent's answer to the CONNECT the connection was opened with.
+        Via::Tunnel => {
+            txn.rec().parent_status.get_or_insert(200);
+        }
+        Via::Direct => {}
     }
-    if parent.is_some() && parent_refused(&parts) {
+    if via == Via::Proxy && parent_refused(&parts) {
         return refuse(txn, Refusal::new(Reason::ParentRefused), settings);
     }
     strip_hop_by_hop(&mut parts.headers);
@@ -138,12 +165,12 @@ fn send_failure(up: Option<&UpCount>) -> Reason {
 
 /// The kept-alive connection, when it goes where this request goes: to
 /// one of its vetted addresses, or to the parent (any target).
-fn take_pooled(ctx: &ConnCtx, addrs: &[SocketAddr], to_parent: bool) -> Option<Pooled> {
+fn take_pooled(ctx: &ConnCtx, addrs: &[SocketAddr], via: Via) -> Option<Pooled> {
     let mut slot = ctx.upstream.lock().ok()?;
     match slot.take() {
         Some(p)
-            if p.to_parent == to_parent
-                && (to_parent || addrs.contains(&p.addr))
+            if p.via == via
+                && (via == Via::Proxy || addrs.contains(&p.addr))
                 && !p.sender.is_closed() =>
         {
             Some(p)
@@ -162,11 +189,27 @@ async fn connect(
     ctx: &ConnCtx,
     addrs: &[SocketAddr],
     parent: Option<&Parent>,
+    via: Via,
     settings: &Settings,
+    txn: &mut Txn,
 ) -> Result<Pooled, Refusal> {
-    let (stream, addr) = match parent {
-        Some(p) => parent::connect(ctx, p, settings).await?,
-        None => super::dial(ctx, addrs, settings).await?,
+    let (stream, addr, upstream) = match (via, parent) {
+        (Via::Proxy, Some(p)) => {
+            let (s, a) = parent::connect(ctx, p, settings).await?;
+            (s, a, a)
+        }
+        (Via::Tunnel, Some(p)) => {
+            // Vetted here (the caller resolved): the first address.
+            let vetted = *addrs
+                .first()
+                .ok_or(Refusal::new(Reason::UpstreamConnectFailed))?;
+            let (s, a) = parent::tunnel(ctx, p, settings, &vetted.to_string(), txn).await?;
+            (s, vetted, a)
+        }
+        _ => {
+            let (s, a) = super::dial(ctx, addrs, settings).await?;
+            (s, a, a)
+        }
     };
     let (sender, conn) = client::Builder::new()
         .handshake(TokioIo::new(stream))
@@ -181,7 +224,8 @@ async fn connect(
     });
     Ok(Pooled {
         addr,
-        to_parent: parent.is_some(),
+        upstream,
+        via,
         sender,
     })
 }
@@ -200,16 +244,9 @@ fn origin_form(uri: &Uri) -> Uri {
 }
 
 /// The absolute-form target sent to a parent proxy: `http://`, the
-/// vetted address when there is one (else the `Host` sent), and the
-/// origin-form target.
-fn absolute_form(target: &Target, vetted: Option<SocketAddr>, uri: &Uri) -> Uri {
-    let authority = match vetted {
-        Some(SocketAddr::V6(a)) if a.port() == 80 => format!("[{}]", a.ip()),
-        Some(a) if a.port() == 80 => a.ip().to_string(),
-        Some(a) => a.to_string(),
-        None => host_header(target),
-    };
-    let text = format!("http://{authority}{}", origin_form(uri));
+/// `Host` sent, and the origin-form target.
+fn absolute_form(target: &Target, uri: &Uri) -> Uri {
+    let text = format!("http://{}{}", host_header(target), origin_form(uri));
     text.parse().unwrap_or_else(|_| origin_form(uri))
 }
 
