@@ -249,6 +249,7 @@ mod tests {
         r.rule = Some(Arc::from("Kaspersky KSN lookup"));
         r.reason = Some(Reason::SniMismatch);
         r.upstream = Some("[::1]:443".parse().unwrap());
+        r.parent_status = Some(407);
         r.sni = Some("www.example.com".into());
         r.ech = true;
         r.status = Some(200);
@@ -261,6 +262,7 @@ mod tests {
         assert_eq!(parsed, serde_json::to_value(&r).unwrap());
         assert_eq!(parsed["port"], 443);
         assert_eq!(parsed["user"], "gate\"way");
+        assert_eq!(parsed["parent_status"], 407);
     }
 
     #[test]

@@ -154,6 +154,23 @@ mod tests {
     }
 
     #[test]
+    fn through_a_parent_the_peer_is_firstup_parent() {
+        let mut r = record();
+        r.method = Some(http::Method::CONNECT);
+        r.host = Some("ksn1.kaspersky-labs.com".into());
+        r.port = Some(443);
+        r.decision = Decided::Bypass;
+        r.upstream = Some("10.0.0.3:8080".parse().unwrap());
+        r.parent_status = Some(200);
+        r.status = Some(200);
+        assert!(
+            line(&r).ends_with(" - FIRSTUP_PARENT/10.0.0.3 -"),
+            "{}",
+            line(&r)
+        );
+    }
+
+    #[test]
     fn a_forwarded_request_is_tcp_miss_with_the_url() {
         let mut r = record();
         r.method = Some(http::Method::GET);

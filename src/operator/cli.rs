@@ -42,6 +42,21 @@ pub fn summary(settings: &Settings) -> String {
             "off (every tunnel is spliced)"
         }
     );
+    if let Some(parent) = &settings.parent {
+        let _ = writeln!(
+            out,
+            "parent:        {parent} ({}, {} resolves)",
+            if parent.authorization.is_some() {
+                "credentials set"
+            } else {
+                "no credentials"
+            },
+            match parent.resolve {
+                crate::config::ParentResolve::Parent => "the parent",
+                crate::config::ParentResolve::Local => "this proxy",
+            }
+        );
+    }
     let mut actions: BTreeMap<&str, usize> = BTreeMap::new();
     let mut hosts = 0;
     for r in p.rules() {
