@@ -19,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use crate::inspect;
 use crate::support::*;
 
 const ORIGIN: &str = "origin.test";
@@ -68,7 +69,10 @@ impl Squid {
         let d = dir.path();
         // Run as root, Squid drops to `proxy`: it must read and write here.
         chmod(d, 0o777);
-        let hosts = format!("127.0.0.1 {ORIGIN} {REFUSED} {TLS} localhost\n");
+        let hosts = format!(
+            "127.0.0.1 {ORIGIN} {REFUSED} {TLS} {} localhost\n",
+            inspect::HOST
+        );
         write(d, "hosts", &hosts);
         let port = free_port();
         let mut access = format!("acl refused dstdomain {REFUSED}\nhttp_access deny refused\n");
@@ -455,6 +459,73 @@ async fn parent_resolve_local_asks_for_the_vetted_address_and_refuses_private_on
     let r = p.record_with(Reason::PrivateAddress).await;
     assert_eq!(r.upstream, None, "{r:#?}");
     assert!(!squid.access_log().contains("10.1.2.3"));
+}
+
+#[tokio::test]
+async fn an_inspected_tunnel_dials_its_upstream_through_the_parent() {
+    let Some(squid) = Squid::start(false) else {
+        return;
+    };
+    let origin = TlsOrigin::start(inspect::HOST).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let upstream = format!("[upstream]\nparent = \"{}\"\n", squid.url());
+    let (cfg, catalog) = inspect::inspecting_config_with(
+        dir.path(),
+        &origin.cert.cert_pem,
+        "",
+        origin.addr.port(),
+        &upstream,
+    );
+    let p = inspect::start_in(dir, &cfg, &catalog).await;
+    let client = inspect::client_trusting_ca(&p);
+    let url = format!("https://{}:{}/lookup", inspect::HOST, origin.addr.port());
+    let resp = client.get(&url).send().await.expect("inspected request");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.expect("body"), "tls hello");
+    drop(client);
+    squid
+        .logged(&format!("CONNECT {}:{}", inspect::HOST, origin.addr.port()))
+        .await;
+    let recs = p.audit.wait_for(WAIT, |r| r.len() >= 2).await;
+    let tunnel = recs
+        .iter()
+        .find(|r| r.url.is_none())
+        .expect("tunnel record");
+    assert_eq!(tunnel.decision, Decided::Inspect, "{tunnel:#?}");
+    assert_eq!(tunnel.upstream, Some(squid.addr), "{tunnel:#?}");
+    assert_eq!(tunnel.parent_status, Some(200), "{tunnel:#?}");
+    let inner = recs.iter().find(|r| r.url.is_some()).expect("inner record");
+    assert_eq!(inner.url.as_deref(), Some(url.as_str()));
+    assert_eq!(inner.status, Some(200));
+}
+
+#[test]
+fn explain_names_the_route() {
+    let cfg = config_with(&ConfigOpts {
+        extra: "[upstream]\nparent = \"http://u:secret@proxy.corp.example:8080\"\n",
+        ..ConfigOpts::default()
+    });
+    let catalog = rule("ksn", &["ksn.example"], 443, "bypass", "")
+        + &rule(
+            "mirror",
+            &["mirror.example"],
+            80,
+            "allow",
+            "route = \"direct\"",
+        );
+    let (settings, _dir) = load(&cfg, &catalog);
+    let ex = egress_proxy::operator::cli::explain_routed(&settings, "ksn.example:443")
+        .expect("explain")
+        .to_string();
+    assert!(
+        ex.contains("route:    parent: through http://proxy.corp.example:8080"),
+        "{ex}"
+    );
+    assert!(!ex.contains("secret"), "{ex}");
+    let ex = egress_proxy::operator::cli::explain_routed(&settings, "http://mirror.example/")
+        .expect("explain")
+        .to_string();
+    assert!(ex.contains("route:    direct"), "{ex}");
 }
 
 // ================================================================ no parent needed
