@@ -29,6 +29,8 @@ pub struct Pooled {
     /// either way through it).
     upstream: SocketAddr,
     via: Via,
+    /// The parent's host and port (a reload may change the parent).
+    parent: Option<(Box<str>, u16)>,
     sender: client::SendRequest<RequestBody>,
 }
 
@@ -87,7 +89,7 @@ pub async fn forward(ctx: &ConnCtx, x: Exchange, req: Request<Incoming>) -> Resp
         _ => origin_form(&parts.uri),
     };
 
-    let mut reused = take_pooled(ctx, &addrs, via);
+    let mut reused = take_pooled(ctx, &addrs, via, parent);
     let resp = loop {
         let mut pooled = match reused.take() {
             Some(p) => p,
@@ -165,11 +167,22 @@ fn send_failure(up: Option<&UpCount>) -> Reason {
 
 /// The kept-alive connection, when it goes where this request goes: to
 /// one of its vetted addresses, or to the parent (any target).
-fn take_pooled(ctx: &ConnCtx, addrs: &[SocketAddr], via: Via) -> Option<Pooled> {
+fn take_pooled(
+    ctx: &ConnCtx,
+    addrs: &[SocketAddr],
+    via: Via,
+    parent: Option<&Parent>,
+) -> Option<Pooled> {
+    let same_parent = |pooled: &Pooled| match (&pooled.parent, parent) {
+        (None, None) => true,
+        (Some((host, port)), Some(p)) => **host == *p.host && *port == p.port,
+        _ => false,
+    };
     let mut slot = ctx.upstream.lock().ok()?;
     match slot.take() {
         Some(p)
             if p.via == via
+                && same_parent(&p)
                 && (via == Via::Proxy || addrs.contains(&p.addr))
                 && !p.sender.is_closed() =>
         {
@@ -226,6 +239,7 @@ async fn connect(
         addr,
         upstream,
         via,
+        parent: parent.map(|p| (p.host.as_str().into(), p.port)),
         sender,
     })
 }
