@@ -39,7 +39,7 @@ pub(crate) fn parent_for<'a>(
     rule: Option<&Rule>,
 ) -> Option<&'a Parent> {
     let r = route(settings, rule);
-    ctx.shared.metrics.route(r.as_str());
+    ctx.shared.metrics.route(r == Route::Parent);
     match r {
         Route::Parent => settings.parent.as_ref(),
         Route::Direct => None,
