@@ -366,6 +366,7 @@ async fn a_parent_refusal_of_a_connect_is_parent_refused_with_its_status() {
     assert_eq!(status, 502, "the client gets no 200 before the parent's");
     let r = p.only_record().await;
     assert_parent_refusal(&r, 403);
+    assert_eq!(r.decision, Decided::Bypass, "the policy's decision is kept");
     assert_eq!(r.upstream, Some(squid.addr), "{r:#?}");
     squid.logged("TCP_DENIED/403").await;
 }
