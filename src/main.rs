@@ -220,7 +220,7 @@ fn command(cli: Cli) -> Result<ExitCode, Fail> {
         }
         Cmd::Explain { target } => {
             let settings = load(cli.config.as_deref())?;
-            print!("{}", cli::explain(&settings.policy, &target)?);
+            print!("{}", cli::explain_routed(&settings, &target)?);
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Import {

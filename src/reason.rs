@@ -38,11 +38,13 @@ pub enum Reason {
     EchDenied,
     AlpnUnsupported,
     ClientClosed,
+    ParentRefused,
+    ParentUnreachable,
 }
 
 impl Reason {
     /// Every reason, for metrics and documentation.
-    pub const ALL: [Reason; 27] = [
+    pub const ALL: [Reason; 29] = [
         Reason::BadRequest,
         Reason::NotInCatalog,
         Reason::PortNotAllowed,
@@ -70,6 +72,8 @@ impl Reason {
         Reason::EchDenied,
         Reason::AlpnUnsupported,
         Reason::ClientClosed,
+        Reason::ParentRefused,
+        Reason::ParentUnreachable,
     ];
 
     /// The reason's class.
@@ -97,7 +101,9 @@ impl Reason {
             | Reason::UpstreamTls
             | Reason::UpstreamReset
             | Reason::Timeout
-            | Reason::ClientClosed => Class::Failure,
+            | Reason::ClientClosed
+            | Reason::ParentRefused
+            | Reason::ParentUnreachable => Class::Failure,
             Reason::ConnectionLimit | Reason::Shutdown => Class::Proxy,
         }
     }
@@ -151,6 +157,8 @@ impl Reason {
             Reason::EchDenied => "ech_denied",
             Reason::AlpnUnsupported => "alpn_unsupported",
             Reason::ClientClosed => "client_closed",
+            Reason::ParentRefused => "parent_refused",
+            Reason::ParentUnreachable => "parent_unreachable",
         }
     }
 
@@ -186,6 +194,10 @@ impl Reason {
                 "the client offered only protocols other than HTTP/1.1, which inspected tunnels speak"
             }
             Reason::ClientClosed => "the client closed the connection early",
+            Reason::ParentRefused => {
+                "the parent proxy refused the request (its status is in the record)"
+            }
+            Reason::ParentUnreachable => "the parent proxy could not be reached",
         }
     }
 }

@@ -66,6 +66,10 @@ impl Record {
             write_addr(out, u);
             out.push(b'"');
         }
+        if let Some(p) = self.parent_status {
+            out.extend_from_slice(b",\"parent_status\":");
+            out.extend_from_slice(num.format(p).as_bytes());
+        }
         if let Some(sni) = &self.sni {
             text(out, "sni", sni);
         }
@@ -199,6 +203,9 @@ impl Serialize for Record {
         if let Some(v) = self.upstream {
             m.serialize_entry("upstream", &v.to_string())?;
         }
+        if let Some(v) = self.parent_status {
+            m.serialize_entry("parent_status", &v)?;
+        }
         if let Some(v) = &self.sni {
             m.serialize_entry("sni", v)?;
         }
@@ -242,6 +249,7 @@ mod tests {
         r.rule = Some(Arc::from("Kaspersky KSN lookup"));
         r.reason = Some(Reason::SniMismatch);
         r.upstream = Some("[::1]:443".parse().unwrap());
+        r.parent_status = Some(407);
         r.sni = Some("www.example.com".into());
         r.ech = true;
         r.status = Some(200);
@@ -254,6 +262,7 @@ mod tests {
         assert_eq!(parsed, serde_json::to_value(&r).unwrap());
         assert_eq!(parsed["port"], 443);
         assert_eq!(parsed["user"], "gate\"way");
+        assert_eq!(parsed["parent_status"], 407);
     }
 
     #[test]

@@ -45,6 +45,9 @@ pub struct Record {
     pub rule: Option<Arc<str>>,
     pub reason: Option<Reason>,
     pub upstream: Option<SocketAddr>,
+    /// The parent proxy's status for this transaction's CONNECT (or its
+    /// refusal of a plain request), when it went through a parent.
+    pub parent_status: Option<u16>,
     pub sni: Option<String>,
     pub ech: bool,
     pub status: Option<u16>,
@@ -70,6 +73,7 @@ impl Record {
             rule: None,
             reason: None,
             upstream: None,
+            parent_status: None,
             sni: None,
             ech: false,
             status: None,

@@ -61,6 +61,8 @@ pub(super) fn squid_line(out: &mut Vec<u8>, r: &Record) -> io::Result<()> {
         _ => out.push(b'-'),
     }
     match r.upstream {
+        // Through a parent proxy (it answered): Squid's own tag for that.
+        Some(a) if r.parent_status.is_some() => write!(out, " FIRSTUP_PARENT/{} -", a.ip()),
         Some(a) => write!(out, " HIER_DIRECT/{} -", a.ip()),
         None => write!(out, " HIER_NONE/- -"),
     }
@@ -148,6 +150,23 @@ mod tests {
             line(&r),
             "1767323047.178   1500 192.0.2.10 TCP_TUNNEL/200 4242 CONNECT \
              ksn1.kaspersky-labs.com:443 - HIER_DIRECT/203.0.113.7 -"
+        );
+    }
+
+    #[test]
+    fn through_a_parent_the_peer_is_firstup_parent() {
+        let mut r = record();
+        r.method = Some(http::Method::CONNECT);
+        r.host = Some("ksn1.kaspersky-labs.com".into());
+        r.port = Some(443);
+        r.decision = Decided::Bypass;
+        r.upstream = Some("10.0.0.3:8080".parse().unwrap());
+        r.parent_status = Some(200);
+        r.status = Some(200);
+        assert!(
+            line(&r).ends_with(" - FIRSTUP_PARENT/10.0.0.3 -"),
+            "{}",
+            line(&r)
         );
     }
 

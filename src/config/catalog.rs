@@ -70,6 +70,18 @@ fn validate_rule(r: RawRule, base: &Path, err: &mut impl FnMut(&str, String)) ->
         .rate
         .and_then(|v| parse_rate(&v).map_err(|m| fail("rate", m)).ok());
     let client_cert = r.client_cert.map(|c| rule_client_cert(&c, base, &mut fail));
+    let route = match r.route.as_deref() {
+        None => None,
+        Some("direct") => Some(Route::Direct),
+        Some("parent") => Some(Route::Parent),
+        Some(other) => {
+            fail(
+                "route",
+                format!("unknown route {other:?}; write \"direct\" or \"parent\""),
+            );
+            None
+        }
+    };
     if bad {
         return None;
     }
@@ -86,6 +98,7 @@ fn validate_rule(r: RawRule, base: &Path, err: &mut impl FnMut(&str, String)) ->
         pin: r.pin,
         rate,
         client_cert,
+        route,
     })
 }
 

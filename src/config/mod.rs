@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use crate::policy::{Action, EchMode, Policy, PortRange, RuleSpec, SniMode};
+use crate::policy::{Action, EchMode, Policy, PortRange, Route, RuleSpec, SniMode};
 pub use crate::policy::{DefaultAction, Rate};
 use crate::target::{self, Host};
 
@@ -51,10 +51,12 @@ fn display_errors(errors: &[ConfigError]) -> String {
 }
 
 mod catalog;
+mod parent;
 mod raw;
 mod validate;
 
 pub use catalog::parse_catalog;
+pub use parent::{Parent, ParentResolve};
 use raw::*;
 use validate::Validator;
 
@@ -215,6 +217,8 @@ pub struct Settings {
     pub tls: TlsSettings,
     pub audit: AuditSettings,
     pub denials_kept: usize,
+    /// `[upstream] parent`: egress through a parent proxy.
+    pub parent: Option<Parent>,
     /// The compiled catalog, ready for `decide`.
     pub policy: Arc<Policy>,
     /// Non-fatal findings (shadowed rules and the like).

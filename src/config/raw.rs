@@ -16,6 +16,7 @@ pub(super) struct RawConfig {
     pub(super) tls: RawTls,
     pub(super) audit: RawAudit,
     pub(super) status: RawStatus,
+    pub(super) upstream: RawUpstream,
 }
 
 #[derive(Debug, Deserialize)]
@@ -173,6 +174,16 @@ impl Default for RawStatus {
     }
 }
 
+/// `[upstream]`: the parent proxy.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawUpstream {
+    pub(super) parent: Option<String>,
+    pub(super) parent_resolve: Option<String>,
+    pub(super) parent_user: Option<String>,
+    pub(super) parent_password: Option<String>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawCatalog {
@@ -200,6 +211,7 @@ pub(super) struct RawRule {
     pub(super) pin: bool,
     pub(super) rate: Option<String>,
     pub(super) client_cert: Option<RawClientCert>,
+    pub(super) route: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -115,6 +115,7 @@ impl<'a> Validator<'a> {
         };
         let tls = self.tls(raw.tls, base);
         let audit = self.audit(raw.audit, base, &tls.extra_roots);
+        let parent = self.parent(raw.upstream);
         Settings {
             source: source.clone(),
             server,
@@ -127,6 +128,7 @@ impl<'a> Validator<'a> {
             tls,
             audit,
             denials_kept: usize::try_from(raw.status.denials_kept).unwrap_or(usize::MAX),
+            parent,
             policy: Arc::new(Policy::empty()),
             warnings: Vec::new(),
         }

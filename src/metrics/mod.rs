@@ -41,6 +41,12 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// Labels of the route counter: `direct` or `parent`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: &'static str,
+}
+
 /// Labels of the catalog info gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CatalogLabels {
@@ -57,6 +63,12 @@ pub struct Metrics {
     pub open_tunnels: Gauge,
     pub dns_seconds: Histogram,
     pub connect_seconds: Histogram,
+    /// Upstream dials by route (`direct`, `parent`).
+    pub routes: Family<RouteLabels, Counter>,
+    /// The two series of `routes`, made once: the request path counts with
+    /// an atomic add, never a labelled lookup.
+    route_direct: Counter,
+    route_parent: Counter,
     pub reloads: Family<ResultLabels, Counter>,
     pub catalog: Family<CatalogLabels, Gauge>,
     pub catalog_rules: Gauge,
@@ -90,6 +102,13 @@ impl Metrics {
 
     /// Every metric at zero, in a registry that names none of them.
     fn unregistered() -> Self {
+        let routes: Family<RouteLabels, Counter> = Family::default();
+        let route_direct = routes
+            .get_or_create(&RouteLabels { route: "direct" })
+            .clone();
+        let route_parent = routes
+            .get_or_create(&RouteLabels { route: "parent" })
+            .clone();
         Metrics {
             transactions: Family::default(),
             bytes_up: Family::default(),
@@ -98,6 +117,9 @@ impl Metrics {
             open_tunnels: Gauge::default(),
             dns_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
             connect_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
+            routes,
+            route_direct,
+            route_parent,
             reloads: Family::default(),
             catalog: Family::default(),
             catalog_rules: Gauge::default(),
@@ -156,6 +178,11 @@ impl Metrics {
             "Upstream TCP connect latency",
             Unit::Seconds,
             self.connect_seconds.clone(),
+        );
+        self.registry.register(
+            "upstream_routes",
+            "Transactions sent upstream by route (direct, or through the parent proxy)",
+            self.routes.clone(),
         );
     }
 
@@ -220,6 +247,15 @@ impl Metrics {
             "Audit messages for audit.syslog dropped (queue full or server unreachable)",
             self.syslog_dropped.clone(),
         );
+    }
+
+    /// Count one transaction sent upstream, through the parent or not.
+    pub fn route(&self, parent: bool) {
+        if parent {
+            self.route_parent.inc();
+        } else {
+            self.route_direct.inc();
+        }
     }
 
     /// Record that a catalog is loaded.

@@ -268,7 +268,7 @@ fn status_route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes
                     &serde_json::json!({"error": "give a target: /api/explain?target=http://host/path or host:port"}),
                 );
             };
-            match super::cli::explain(&settings.policy, &target) {
+            match super::cli::explain_routed(&settings, &target) {
                 Ok(ex) => json(
                     StatusCode::OK,
                     &serde_json::json!({
@@ -279,6 +279,7 @@ fn status_route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes
                         "rule": ex.rule,
                         "reason": ex.reason,
                         "why": ex.why,
+                        "route": ex.route,
                         "losers": ex.losers.iter().map(|(rule, why)| serde_json::json!({"rule": rule, "why": why})).collect::<Vec<_>>(),
                     }),
                 ),

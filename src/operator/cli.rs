@@ -42,6 +42,21 @@ pub fn summary(settings: &Settings) -> String {
             "off (every tunnel is spliced)"
         }
     );
+    if let Some(parent) = &settings.parent {
+        let _ = writeln!(
+            out,
+            "parent:        {parent} ({}, {} resolves)",
+            if parent.authorization.is_some() {
+                "credentials set"
+            } else {
+                "no credentials"
+            },
+            match parent.resolve {
+                crate::config::ParentResolve::Parent => "the parent",
+                crate::config::ParentResolve::Local => "this proxy",
+            }
+        );
+    }
     let mut actions: BTreeMap<&str, usize> = BTreeMap::new();
     let mut hosts = 0;
     for r in p.rules() {
@@ -122,6 +137,40 @@ pub struct Explained {
     pub reason: Option<&'static str>,
     pub why: String,
     pub losers: Vec<(String, &'static str)>,
+    /// How a permitted target leaves: direct, or through `[upstream]
+    /// parent` (set by [`explain_routed`]).
+    pub route: Option<String>,
+}
+
+/// [`explain`], with the route the target takes under `settings`
+/// (direct, or through the parent proxy, and who resolves the name).
+///
+/// # Errors
+/// The target does not parse; the message says why.
+pub fn explain_routed(
+    settings: &crate::config::Settings,
+    input: &str,
+) -> Result<Explained, String> {
+    use crate::config::ParentResolve;
+    let mut ex = explain(&settings.policy, input)?;
+    let rule = ex.rule.as_ref().and_then(|_| {
+        let d = settings.policy.decide(&ex.target, &ex.method);
+        d.rule.and_then(|i| settings.policy.rule(i))
+    });
+    let route = crate::proxy::parent::route(settings, rule);
+    ex.route = Some(match (&settings.parent, route) {
+        (Some(p), crate::policy::Route::Parent) => {
+            let ip_literal = matches!(ex.target.host, crate::target::Host::Ip(_));
+            if p.resolve == ParentResolve::Local || ip_literal {
+                format!("parent: through {p}; the address is resolved and vetted here, and the parent is asked for the vetted address")
+            } else {
+                format!("parent: through {p}, which resolves the name (no address vetting here)")
+            }
+        }
+        (Some(_), _) => "direct: the rule's route = \"direct\" bypasses the parent proxy".into(),
+        (None, _) => "direct".into(),
+    });
+    Ok(ex)
 }
 
 /// Parse `http://host/...` (a plain request) or `host:port` (a CONNECT) and explain it.
@@ -177,6 +226,7 @@ pub fn explain(policy: &Policy, input: &str) -> Result<Explained, String> {
         reason: d.reason.map(|r| r.as_str()),
         why,
         losers,
+        route: None,
     })
 }
 
@@ -194,7 +244,15 @@ impl fmt::Display for Explained {
         }
         writeln!(f, "why:      {}", self.why)?;
         if self.verdict.is_permitted() {
-            writeln!(f, "then:     the name is resolved and every address vetted (private ranges refused unless dns.allow_private covers them)")?;
+            match &self.route {
+                Some(r) if r.starts_with("parent") => writeln!(f, "route:    {r}")?,
+                r => {
+                    if let Some(r) = r {
+                        writeln!(f, "route:    {r}")?;
+                    }
+                    writeln!(f, "then:     the name is resolved and every address vetted (private ranges refused unless dns.allow_private covers them)")?;
+                }
+            }
         }
         for (name, why) in &self.losers {
             writeln!(f, "also matched: \"{name}\": {why}")?;

@@ -91,6 +91,24 @@ pub enum EchMode {
     Deny,
 }
 
+/// Which way a rule's traffic leaves (`route`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Route {
+    /// Straight to the vetted address.
+    Direct,
+    /// Through `[upstream] parent` (direct when none is set).
+    Parent,
+}
+
+impl Route {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Route::Direct => "direct",
+            Route::Parent => "parent",
+        }
+    }
+}
+
 /// An inclusive port range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PortRange {
@@ -132,6 +150,8 @@ pub struct RuleSpec {
     pub pin: bool,
     pub rate: Option<Rate>,
     pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// `route`; None: through the parent when one is set.
+    pub route: Option<Route>,
 }
 
 impl RuleSpec {
@@ -158,6 +178,7 @@ impl RuleSpec {
         self.pin.hash(&mut h);
         self.rate.hash(&mut h);
         self.client_cert.hash(&mut h);
+        self.route.hash(&mut h);
         h.finish()
     }
 

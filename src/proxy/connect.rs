@@ -18,6 +18,7 @@ use tracing::Instrument;
 
 use super::body::ProxyBody;
 use super::inspect::{self, Inspected};
+use super::parent;
 use super::pipeline::Exchange;
 use super::tunnel::{self, Check, TunnelStats};
 use super::txn::Txn;
@@ -33,11 +34,7 @@ pub async fn tunnel(
     mut x: Exchange,
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    let addrs = match dial_target(ctx, &x.snapshot, &x.target, x.rule()).await {
-        Ok(a) => a,
-        Err(r) => return x.refuse(r),
-    };
-    let (upstream, addr) = match super::dial(ctx, &addrs, &x.snapshot).await {
+    let (upstream, addr) = match open_upstream(ctx, &mut x).await {
         Ok(c) => c,
         Err(r) => return x.refuse(r),
     };
@@ -70,6 +67,31 @@ pub async fn tunnel(
             })
         }
     }
+}
+
+/// The upstream connection of a tunnel: the vetted address dialled
+/// directly, or a `CONNECT` through the parent proxy (to the name, or with
+/// `parent_resolve = "local"` and for IP literals to the vetted address).
+async fn open_upstream(
+    ctx: &ConnCtx,
+    x: &mut Exchange,
+) -> Result<(TcpStream, std::net::SocketAddr), super::error::Refusal> {
+    let snapshot = Arc::clone(&x.snapshot);
+    let rule = x.decision.rule.and_then(|i| snapshot.policy.rule(i));
+    let Some(parent) = parent::parent_for(ctx, &snapshot, rule) else {
+        let addrs = dial_target(ctx, &snapshot, &x.target, rule).await?;
+        return super::dial(ctx, &addrs, &snapshot).await;
+    };
+    let vetted = if parent::vets_here(parent, &x.target) {
+        dial_target(ctx, &snapshot, &x.target, rule)
+            .await?
+            .first()
+            .copied()
+    } else {
+        None
+    };
+    let authority = parent::authority(&x.target, vetted);
+    parent::tunnel(ctx, parent, &snapshot, &authority, &mut x.txn).await
 }
 
 /// The SNI check of a spliced tunnel: the rule's, and for a `report` pass

@@ -14,15 +14,38 @@ use hyper_util::rt::TokioIo;
 use super::body::{ProxyBody, RequestBody, ResponseBody, UpCount};
 use super::error::Refusal;
 use super::pipeline::Exchange;
-use super::{dial_target, refuse, ConnCtx};
-use crate::config::Settings;
+use super::txn::Txn;
+use super::{dial_target, parent, refuse, ConnCtx};
+use crate::config::{Parent, Settings};
 use crate::reason::Reason;
 use crate::target::{Host, Target};
 
 /// A kept-alive upstream connection.
 pub struct Pooled {
+    /// Where requests on it go: the vetted address (direct, or tunnelled
+    /// through the parent), or the parent itself.
     addr: SocketAddr,
+    /// The record's `upstream`: the address dialled (the parent's, for
+    /// either way through it).
+    upstream: SocketAddr,
+    via: Via,
+    /// The parent's host and port (a reload may change the parent).
+    parent: Option<(Box<str>, u16)>,
     sender: client::SendRequest<RequestBody>,
+}
+
+/// How a plain request reaches its origin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Via {
+    /// To the vetted address.
+    Direct,
+    /// To the parent, in absolute form with the name (the parent resolves).
+    Proxy,
+    /// In origin form inside a `CONNECT` to the vetted address through the
+    /// parent (`parent_resolve = "local"`, or an IP-literal target): the
+    /// parent connects where we vetted, and `Host` stays the name (a
+    /// request line with the address would make the parent rewrite it).
+    Tunnel,
 }
 
 /// Forward one request and stream the response back.
@@ -35,29 +58,47 @@ pub async fn forward(ctx: &ConnCtx, x: Exchange, req: Request<Incoming>) -> Resp
     } = x;
     let settings: &Settings = &snapshot;
     let rule = decision.rule.and_then(|i| settings.policy.rule(i));
-    let addrs = match dial_target(ctx, &snapshot, &target, rule).await {
-        Ok(a) => a,
-        Err(r) => return refuse(txn, r, settings),
+    let parent = parent::parent_for(ctx, settings, rule);
+    let via = match parent {
+        None => Via::Direct,
+        Some(p) if parent::vets_here(p, &target) => Via::Tunnel,
+        Some(_) => Via::Proxy,
+    };
+    let addrs = match via {
+        Via::Proxy => Vec::new(),
+        _ => match dial_target(ctx, &snapshot, &target, rule).await {
+            Ok(a) => a,
+            Err(r) => return refuse(txn, r, settings),
+        },
     };
     let (parts, body) = req.into_parts();
     let body = RequestBody::counted(body, &mut txn).marking(Arc::clone(&ctx.io));
     let up = body.count();
     let mut out = Request::new(body);
     *out.method_mut() = parts.method;
-    *out.uri_mut() = origin_form(&parts.uri);
     *out.headers_mut() = parts.headers;
     prepare_request_headers(out.headers_mut(), &target, settings.server.via);
+    *out.uri_mut() = match (via, parent) {
+        (Via::Proxy, Some(p)) => {
+            if let Some(auth) = &p.authorization {
+                out.headers_mut()
+                    .insert(header::PROXY_AUTHORIZATION, auth.clone());
+            }
+            absolute_form(&target, &parts.uri)
+        }
+        _ => origin_form(&parts.uri),
+    };
 
-    let mut reused = take_pooled(ctx, &addrs);
+    let mut reused = take_pooled(ctx, &addrs, via, parent);
     let resp = loop {
         let mut pooled = match reused.take() {
             Some(p) => p,
-            None => match connect(ctx, &addrs, settings).await {
+            None => match connect(ctx, &addrs, parent, via, settings, &mut txn).await {
                 Ok(p) => p,
                 Err(r) => return refuse(txn, r, settings),
             },
         };
-        txn.rec().upstream = Some(pooled.addr);
+        txn.rec().upstream = Some(pooled.upstream);
         let was_reused = pooled.sender.is_ready();
         let sent = tokio::time::timeout(settings.limits.response_timeout, async {
             if pooled.sender.ready().await.is_err() {
@@ -88,6 +129,17 @@ pub async fn forward(ctx: &ConnCtx, x: Exchange, req: Request<Incoming>) -> Resp
         }
     };
     let (mut parts, body) = resp.into_parts();
+    match via {
+        Via::Proxy => txn.rec().parent_status = Some(parts.status.as_u16()),
+        // The parent's answer to the CONNECT the connection was opened with.
+        Via::Tunnel => {
+            txn.rec().parent_status.get_or_insert(200);
+        }
+        Via::Direct => {}
+    }
+    if via == Via::Proxy && parent_refused(&parts) {
+        return refuse(txn, Refusal::new(Reason::ParentRefused), settings);
+    }
     strip_hop_by_hop(&mut parts.headers);
     if settings.server.via {
         add_via(&mut parts.headers);
@@ -98,6 +150,14 @@ pub async fn forward(ctx: &ConnCtx, x: Exchange, req: Request<Incoming>) -> Resp
     Response::from_parts(parts, ProxyBody::Streamed(Box::new(body)))
 }
 
+/// The parent's own refusal of a plain request, as against the origin's
+/// answer relayed by it: a 407 (the parent wants credentials), or a
+/// non-2xx that carries Squid's `X-Squid-Error` (its error pages do).
+fn parent_refused(parts: &::http::response::Parts) -> bool {
+    parts.status == ::http::StatusCode::PROXY_AUTHENTICATION_REQUIRED
+        || (!parts.status.is_success() && parts.headers.contains_key("x-squid-error"))
+}
+
 /// Why sending failed: the client's body was malformed (400) or cut by
 /// the client, else the upstream went away.
 fn send_failure(up: Option<&UpCount>) -> Reason {
@@ -105,10 +165,29 @@ fn send_failure(up: Option<&UpCount>) -> Reason {
         .unwrap_or(Reason::UpstreamReset)
 }
 
-fn take_pooled(ctx: &ConnCtx, addrs: &[SocketAddr]) -> Option<Pooled> {
+/// The kept-alive connection, when it goes where this request goes: to
+/// one of its vetted addresses, or to the parent (any target).
+fn take_pooled(
+    ctx: &ConnCtx,
+    addrs: &[SocketAddr],
+    via: Via,
+    parent: Option<&Parent>,
+) -> Option<Pooled> {
+    let same_parent = |pooled: &Pooled| match (&pooled.parent, parent) {
+        (None, None) => true,
+        (Some((host, port)), Some(p)) => **host == *p.host && *port == p.port,
+        _ => false,
+    };
     let mut slot = ctx.upstream.lock().ok()?;
     match slot.take() {
-        Some(p) if addrs.contains(&p.addr) && !p.sender.is_closed() => Some(p),
+        Some(p)
+            if p.via == via
+                && same_parent(&p)
+                && (via == Via::Proxy || addrs.contains(&p.addr))
+                && !p.sender.is_closed() =>
+        {
+            Some(p)
+        }
         _ => None,
     }
 }
@@ -122,9 +201,29 @@ fn put_pooled(ctx: &ConnCtx, p: Pooled) {
 async fn connect(
     ctx: &ConnCtx,
     addrs: &[SocketAddr],
+    parent: Option<&Parent>,
+    via: Via,
     settings: &Settings,
+    txn: &mut Txn,
 ) -> Result<Pooled, Refusal> {
-    let (stream, addr) = super::dial(ctx, addrs, settings).await?;
+    let (stream, addr, upstream) = match (via, parent) {
+        (Via::Proxy, Some(p)) => {
+            let (s, a) = parent::connect(ctx, p, settings).await?;
+            (s, a, a)
+        }
+        (Via::Tunnel, Some(p)) => {
+            // Vetted here (the caller resolved): the first address.
+            let vetted = *addrs
+                .first()
+                .ok_or(Refusal::new(Reason::UpstreamConnectFailed))?;
+            let (s, a) = parent::tunnel(ctx, p, settings, &vetted.to_string(), txn).await?;
+            (s, vetted, a)
+        }
+        _ => {
+            let (s, a) = super::dial(ctx, addrs, settings).await?;
+            (s, a, a)
+        }
+    };
     let (sender, conn) = client::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
@@ -136,7 +235,13 @@ async fn connect(
             () = hard.cancelled() => {}
         }
     });
-    Ok(Pooled { addr, sender })
+    Ok(Pooled {
+        addr,
+        upstream,
+        via,
+        parent: parent.map(|p| (p.host.as_str().into(), p.port)),
+        sender,
+    })
 }
 
 /// The origin-form target sent upstream: the path, `/` when the absolute
@@ -150,6 +255,13 @@ fn origin_form(uri: &Uri) -> Uri {
     };
     // Both parts come from a parsed URI, so they parse again; `/` if not.
     Uri::from(pq.unwrap_or_else(|_| PathAndQuery::from_static("/")))
+}
+
+/// The absolute-form target sent to a parent proxy: `http://`, the
+/// `Host` sent, and the origin-form target.
+fn absolute_form(target: &Target, uri: &Uri) -> Uri {
+    let text = format!("http://{}{}", host_header(target), origin_form(uri));
+    text.parse().unwrap_or_else(|_| origin_form(uri))
 }
 
 /// The record's `url`: exactly what is forwarded, as a URL: the scheme,

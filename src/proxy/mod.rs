@@ -14,6 +14,7 @@ mod dial;
 pub mod error;
 pub mod http;
 pub mod inspect;
+pub mod parent;
 pub mod peek;
 pub(crate) mod pipeline;
 pub mod pp;

@@ -17,6 +17,7 @@ mod inspect_wall;
 mod lenient_tls;
 mod limits;
 mod operator;
+mod parent;
 mod proxy_protocol;
 mod records;
 mod refusals;

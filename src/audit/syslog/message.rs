@@ -139,6 +139,9 @@ fn sd_fields(r: &Record, out: &mut Vec<u8>, cut: Option<usize>) {
     if let Some(v) = r.upstream {
         text("upstream", &v.to_string());
     }
+    if let Some(v) = r.parent_status {
+        text("parent_status", &v.to_string());
+    }
     if let Some(v) = &r.sni {
         text("sni", v);
     }
