@@ -42,9 +42,15 @@ if [ -z "${DEB:-}" ] && ! command -v cargo-deb >/dev/null; then
 fi
 
 if [ -z "${DEB:-}" ]; then
-  phase "build (cargo deb --locked: release profile)"
+  phase "build (release profile), man page and completions, cargo deb --no-build"
+  cargo build --release --locked
+  assets=target/assets
+  target/release/egress-proxy generate man --out "$assets"
+  for shell in bash zsh fish; do
+    target/release/egress-proxy generate completions "$shell" --out "$assets"
+  done
   # cargo-deb prints the package's path last on standard output.
-  DEB=$(cargo deb --locked | tail -n 1)
+  DEB=$(cargo deb --locked --no-build | tail -n 1)
 fi
 [ -f "$DEB" ] || fail "no package at '$DEB'"
 echo "package: $DEB"
@@ -55,9 +61,15 @@ contents=$(dpkg-deb --contents "$DEB")
 echo "$contents"
 for f in ./usr/bin/egress-proxy ./etc/egress-proxy/egress-proxy.toml \
   ./etc/egress-proxy/catalog.toml ./etc/logrotate.d/egress-proxy \
-  ./usr/lib/systemd/system/egress-proxy.service; do
+  ./usr/lib/systemd/system/egress-proxy.service \
+  ./usr/share/bash-completion/completions/egress-proxy \
+  ./usr/share/zsh/vendor-completions/_egress-proxy \
+  ./usr/share/fish/vendor_completions.d/egress-proxy.fish; do
   grep -q " $f\$" <<<"$contents" || fail "$f is not in the package"
 done
+# cargo-deb may gzip the man page.
+grep -qE ' \./usr/share/man/man1/egress-proxy\.1(\.gz)?$' <<<"$contents" ||
+  fail "the man page is not in the package"
 conffiles=$(dpkg-deb --ctrl-tarfile "$DEB" | tar -xO ./conffiles)
 for f in /etc/egress-proxy/egress-proxy.toml /etc/egress-proxy/catalog.toml /etc/logrotate.d/egress-proxy; do
   grep -qx "$f" <<<"$conffiles" || fail "$f is not a conffile"
@@ -70,7 +82,17 @@ getent passwd egress-proxy >/dev/null || fail "no system user egress-proxy"
   fail "/var/log/egress-proxy is $(stat -c '%U:%G %a' /var/log/egress-proxy)"
 grep -qx 'path = "/var/log/egress-proxy/audit.log"' /etc/egress-proxy/egress-proxy.toml ||
   fail "the packaged configuration does not write /var/log/egress-proxy/audit.log"
-/usr/bin/egress-proxy --version
+/usr/bin/egress-proxy --version | grep -E '^egress-proxy [0-9.]+ \(commit ([0-9a-f]{12}|unknown)\)$' ||
+  fail "--version does not name the version and the commit"
+page=$(dpkg -L egress-proxy | grep -E '/man1/egress-proxy\.1(\.gz)?$')
+if command -v man >/dev/null; then
+  man -l "$page" 2>/dev/null | grep -q 'egress-proxy' || fail "man -l $page shows nothing"
+fi
+
+phase "configuration discovery (no --config, from /: the packaged one)"
+used=$(cd / && env -u EGRESS_PROXY_CONFIG /usr/bin/egress-proxy check 2>&1 >/dev/null)
+grep -qx 'egress-proxy: configuration /etc/egress-proxy/egress-proxy.toml, catalog /etc/egress-proxy/catalog.toml' <<<"$used" ||
+  fail "check without --config does not use /etc/egress-proxy/egress-proxy.toml: $used"
 
 phase "systemd unit (systemd-analyze verify)"
 unit=$(dpkg -L egress-proxy | grep -E '/systemd/system/egress-proxy\.service$')
@@ -85,14 +107,17 @@ verify() {
   echo "$out" | grep -E "$(basename "$1")|Unknown|ignoring|No such file|not executable" && return 1
   return "$rc"
 }
-verify "$unit" || fail "systemd-analyze verify $unit"
+grep -qx 'Type=notify' "$unit" || fail "$unit is not Type=notify"
+grep -qx 'ExecReload=/bin/kill -HUP $MAINPID' "$unit" || fail "$unit does not reload with SIGHUP"
+unit_checked=$unit
+verify "$unit_checked" || fail "systemd-analyze verify $unit_checked"
 # The check can fail: the same unit with a missing binary must be refused.
 broken=$(mktemp -d)
-sed 's#^ExecStart=/usr/bin/egress-proxy #ExecStart=/usr/bin/egress-proxy-missing #' "$unit" >"$broken/egress-proxy.service"
+sed 's#^ExecStart=/usr/bin/egress-proxy #ExecStart=/usr/bin/egress-proxy-missing #' "$unit_checked" >"$broken/egress-proxy.service"
 if verify "$broken/egress-proxy.service" >/dev/null; then
   fail "systemd-analyze verify accepts a unit whose binary is missing: the check above proves nothing"
 fi
-sed 's#^User=egress-proxy$#User=egress-proxy\nNoSuchKey=yes#' "$unit" >"$broken/egress-proxy.service"
+sed 's#^User=egress-proxy$#User=egress-proxy\nNoSuchKey=yes#' "$unit_checked" >"$broken/egress-proxy.service"
 if verify "$broken/egress-proxy.service" >/dev/null; then
   fail "systemd-analyze verify accepts a unit with an unknown key: the check above proves nothing"
 fi

@@ -22,6 +22,12 @@
 //! data path calls into it.
 #![forbid(unsafe_code)]
 
+/// The crate version (Cargo.toml).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The git commit built (`git rev-parse --short=12 HEAD` at build time;
+/// "unknown" outside a git checkout). See build.rs.
+pub const COMMIT: &str = env!("EGRESS_PROXY_COMMIT");
+
 pub mod audit;
 pub mod auth;
 pub mod config;

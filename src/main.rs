@@ -1,21 +1,32 @@
 //! The `egress-proxy` binary: command line, logging, configuration, signals.
-use std::path::PathBuf;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use egress_proxy::audit::LineSink;
 use egress_proxy::config::Settings;
 use egress_proxy::operator::cli;
 use egress_proxy::{reload, Proxy};
 use tokio::net::TcpListener;
 
+/// `--version`: the version and the git commit it was built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("EGRESS_PROXY_COMMIT"),
+    ")"
+);
+
 /// Egress allowlist forward proxy.
 #[derive(Parser)]
-#[command(name = "egress-proxy", version, about)]
+#[command(name = "egress-proxy", version = VERSION, about)]
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
-    /// Configuration file (default: config/egress-proxy.toml, else the built-in default).
+    /// Configuration file (default: $EGRESS_PROXY_CONFIG, else
+    /// /etc/egress-proxy/egress-proxy.toml, else config/egress-proxy.toml, if
+    /// present, else the built-in default).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
 }
@@ -26,9 +37,11 @@ enum Cmd {
     Run,
     /// Validate the configuration and catalog; print a summary and warnings.
     Check,
-    /// Say what the policy decides for a target: "http://host/path" or "host:port".
+    /// Say what the policy decides for a target: "http://host/path", "https://host/path" or "host:port".
     Explain {
-        /// "http://host/…" (a plain request) or "host:port" (a CONNECT).
+        /// "http://host/…" (a plain request), "https://host/…" (the CONNECT a
+        /// gateway sends for it: host, port 443 or the URL's) or "host:port"
+        /// (a CONNECT).
         target: String,
     },
     /// The inspection CA.
@@ -65,6 +78,34 @@ enum Cmd {
         #[arg(long)]
         catalog: PathBuf,
     },
+    /// The man page or shell completions, from these definitions (packaging).
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: GenerateCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum GenerateCmd {
+    /// egress-proxy.1 in DIR.
+    Man {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// The completion script for SHELL in DIR, named as SHELL looks it up.
+    Completions {
+        shell: Shell,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Shell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 #[derive(Subcommand)]
@@ -189,81 +230,154 @@ fn main() -> ExitCode {
     }
 }
 
+/// Write `text` to standard output through one lock; a closed pipe
+/// (`egress-proxy check | head -1`) is not an error.
+fn out(text: &str) -> Result<(), Fail> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(Fail(format!("cannot write to standard output: {e}")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Load the configuration and say on standard error which one (and which
+/// catalog) it is.
+fn load(config: Option<&Path>) -> Result<Settings, Fail> {
+    let settings = Settings::load(config, std::env::vars()).map_err(invalid)?;
+    eprintln!("egress-proxy: {}", cli::used(&settings));
+    Ok(settings)
+}
+
 /// Run one command.
 fn command(cli: Cli) -> Result<ExitCode, Fail> {
-    let load = |config: Option<&std::path::Path>| {
-        Settings::load(config, std::env::vars()).map_err(invalid)
-    };
+    // Found once (--config, $EGRESS_PROXY_CONFIG, /etc, ./config), so a
+    // reload reads the same file.
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let config = cli
+        .config
+        .clone()
+        .or_else(|| egress_proxy::config::discover(&env));
     match cli.cmd.unwrap_or(Cmd::Run) {
         Cmd::Auth { cmd: AuthCmd::Hash } => auth_hash(),
         Cmd::Ca {
             cmd: CaCmd::Generate { out, force },
         } => ca_generate(&out, force),
+        Cmd::Generate { what } => generate(what),
         Cmd::Suggest { audit, since } => {
-            // Needs no configuration; with an explicit `--config`, the
-            // destinations its catalog already lets through are left out.
-            let settings = cli.config.as_deref().map(|c| load(Some(c))).transpose()?;
+            // Needs no configuration; with `--config` or $EGRESS_PROXY_CONFIG,
+            // the destinations its catalog already lets through are left out.
+            let explicit = cli.config.clone().or_else(|| {
+                env.iter()
+                    .find(|(k, v)| k == egress_proxy::config::CONFIG_ENV && !v.is_empty())
+                    .map(|(_, v)| PathBuf::from(v))
+            });
+            let settings = explicit.as_deref().map(|c| load(Some(c))).transpose()?;
             let policy = settings.as_ref().map(|s| &*s.policy);
-            let out = egress_proxy::operator::suggest::command(&audit, since.as_deref(), policy)?;
-            for n in &out.notes {
+            let result =
+                egress_proxy::operator::suggest::command(&audit, since.as_deref(), policy)?;
+            for n in &result.notes {
                 eprintln!("egress-proxy: {n}");
             }
-            print!("{}", out.toml);
+            out(&result.toml)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Check => {
-            let settings = load(cli.config.as_deref())?;
-            print!("{}", cli::summary(&settings));
+            let settings = load(config.as_deref())?;
+            out(&cli::summary(&settings))?;
             egress_proxy::check_tls(&settings).map_err(invalid)?;
-            println!("configuration OK");
+            out("configuration OK\n")?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Explain { target } => {
-            let settings = load(cli.config.as_deref())?;
-            print!("{}", cli::explain_routed(&settings, &target)?);
+            let settings = load(config.as_deref())?;
+            out(&cli::explain_routed(&settings, &target)?.to_string())?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Import {
             cmd: ImportCmd::Squid { file },
         } => {
-            print!("{}", egress_proxy::operator::import::squid(&file)?);
+            out(&egress_proxy::operator::import::squid(&file)?)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Run => serve(load(cli.config.as_deref())?, cli.config),
+        Cmd::Run => serve(load(config.as_deref())?, config),
         Cmd::Replay { audit, catalog } => {
-            let settings = load(cli.config.as_deref())?;
-            let out = egress_proxy::operator::replay::command(&settings, &audit, &catalog)?;
-            for n in &out.notes {
+            let settings = load(config.as_deref())?;
+            let result = egress_proxy::operator::replay::command(&settings, &audit, &catalog)?;
+            for n in &result.notes {
                 eprintln!("egress-proxy: {n}");
             }
-            print!("{}", out.report);
+            out(&result.report)?;
             // 3: the new catalog would deny something the old one let through.
-            Ok(ExitCode::from(if out.newly_denied > 0 { 3 } else { 0 }))
+            Ok(ExitCode::from(if result.newly_denied > 0 { 3 } else { 0 }))
         }
     }
 }
 
+/// `generate man|completions`: files for the package, from the clap
+/// definitions above.
+fn generate(what: GenerateCmd) -> Result<ExitCode, Fail> {
+    let mut cmd = Cli::command();
+    let (dir, name) = match &what {
+        GenerateCmd::Man { out } => (out, "egress-proxy.1"),
+        GenerateCmd::Completions { shell, out } => (
+            out,
+            match shell {
+                Shell::Bash => "egress-proxy",
+                Shell::Zsh => "_egress-proxy",
+                Shell::Fish => "egress-proxy.fish",
+            },
+        ),
+    };
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Fail(format!("cannot create {}: {e}", dir.display())))?;
+    let path = dir.join(name);
+    let mut buf = Vec::new();
+    match what {
+        GenerateCmd::Man { .. } => clap_mangen::Man::new(cmd).render(&mut buf)?,
+        GenerateCmd::Completions { shell, .. } => {
+            let bin = "egress-proxy";
+            match shell {
+                Shell::Bash => {
+                    clap_complete::generate(clap_complete::Shell::Bash, &mut cmd, bin, &mut buf)
+                }
+                Shell::Zsh => {
+                    clap_complete::generate(clap_complete::Shell::Zsh, &mut cmd, bin, &mut buf)
+                }
+                Shell::Fish => {
+                    clap_complete::generate(clap_complete::Shell::Fish, &mut cmd, bin, &mut buf)
+                }
+            }
+        }
+    }
+    std::fs::write(&path, buf)
+        .map_err(|e| Fail(format!("cannot write {}: {e}", path.display())))?;
+    eprintln!("egress-proxy: wrote {}", path.display());
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `ca generate`: write the CA and say how to trust it.
-fn ca_generate(out: &std::path::Path, force: bool) -> Result<ExitCode, Fail> {
-    let (cert, key) = egress_proxy::tls::ca::generate(out, force)?;
-    println!(
-        "wrote {} and {} (mode 0600; never commit it)",
-        cert.display(),
-        key.display()
-    );
-    println!();
-    println!("To inspect `allow` tunnels, set in the config:");
-    println!("  [tls]");
-    println!("  ca_cert = \"{}\"", cert.display());
-    println!("  ca_key  = \"{}\"", key.display());
-    println!();
-    println!(
-        "and make the gateway trust {} as a root CA: import it into the",
-        cert.display()
-    );
-    println!("gateway's trusted certificate store (on Debian: copy it to");
-    println!("/usr/local/share/ca-certificates/egress-proxy.crt and run update-ca-certificates).");
-    println!("bypass rules are never inspected, whatever the CA.");
+fn ca_generate(dir: &Path, force: bool) -> Result<ExitCode, Fail> {
+    let (cert, key) = egress_proxy::tls::ca::generate(dir, force)?;
+    let (cert, key) = (cert.display(), key.display());
+    out(&format!(
+        "wrote {cert} and {key} (mode 0600; never commit it)
+
+To inspect `allow` tunnels, set in the config:
+  [tls]
+  ca_cert = \"{cert}\"
+  ca_key  = \"{key}\"
+
+and make the gateway trust {cert} as a root CA: import it into the
+gateway's trusted certificate store (on Debian: copy it to
+/usr/local/share/ca-certificates/egress-proxy.crt and run update-ca-certificates).
+bypass rules are never inspected, whatever the CA.
+"
+    ))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -277,7 +391,10 @@ fn auth_hash() -> Result<ExitCode, Fail> {
     if password.is_empty() {
         return Err(Fail("empty password".into()));
     }
-    println!("{}", egress_proxy::auth::hash_password(password)?);
+    out(&format!(
+        "{}\n",
+        egress_proxy::auth::hash_password(password)?
+    ))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -348,6 +465,8 @@ async fn run(settings: Settings, config: Option<PathBuf>) -> Result<ExitCode, Fa
         proxy = proxy.with_admin(l);
     }
     let handle = proxy.handle();
+    // Bound (the ports answer: the kernel queues connections): READY=1.
+    reload::notify::ready(&handle, "none");
     let hup = tokio::spawn(reload::on_hangup(
         handle.clone(),
         config.clone(),
@@ -359,7 +478,12 @@ async fn run(settings: Settings, config: Option<PathBuf>) -> Result<ExitCode, Fa
         reload::process_env,
         std::time::Duration::from_secs(1),
     ));
-    proxy.run(signals::terminate()).await;
+    proxy
+        .run(async {
+            signals::terminate().await;
+            reload::notify::stopping();
+        })
+        .await;
     hup.abort();
     watch.abort();
     tokio::task::spawn_blocking(move || writer.join())

@@ -122,8 +122,10 @@ pub async fn on_hangup(handle: Handle, config: Option<PathBuf>, env: EnvFn) {
     };
     while hup.recv().await.is_some() {
         tracing::info!("SIGHUP: reopening the audit file and reloading");
+        notify::reloading();
         handle.reopen_audit();
-        let _ = reload(&handle, config.as_deref(), env);
+        let result = reload(&handle, config.as_deref(), env);
+        notify::ready(&handle, notify::outcome(&result));
     }
 }
 
@@ -139,7 +141,9 @@ pub async fn watch(handle: Handle, config: Option<PathBuf>, env: EnvFn, every: D
         let now = stamps(&handle, config.as_deref());
         if now != last {
             tracing::info!("configuration files changed; reloading");
-            let _ = reload(&handle, config.as_deref(), env);
+            notify::reloading();
+            let result = reload(&handle, config.as_deref(), env);
+            notify::ready(&handle, notify::outcome(&result));
             last = stamps(&handle, config.as_deref());
         }
     }
@@ -157,4 +161,54 @@ fn stamps(handle: &Handle, config: Option<&Path>) -> Vec<Option<(SystemTime, u64
                 .and_then(|m| Some((m.modified().ok()?, m.len())))
         })
         .collect()
+}
+
+/// systemd notifications for `Type=notify-reload` (sd_notify(3)): no-ops
+/// unless systemd set `$NOTIFY_SOCKET`.
+pub mod notify {
+    use sd_notify::NotifyState;
+
+    use super::ConfigErrors;
+    use crate::Handle;
+
+    fn send(states: &[NotifyState<'_>]) {
+        if std::env::var_os("NOTIFY_SOCKET").is_none() {
+            return;
+        }
+        if let Err(e) = sd_notify::notify(states) {
+            tracing::warn!(error = %e, "cannot notify systemd");
+        }
+    }
+
+    /// How a reload ended, for the `STATUS=` line.
+    pub fn outcome(result: &Result<(), ConfigErrors>) -> &'static str {
+        match result {
+            Ok(()) => "ok",
+            Err(_) => "failed, the running configuration stays",
+        }
+    }
+
+    /// `READY=1` with a `STATUS=` line: the catalog hash now in force and
+    /// the last reload's result ("none" at start).
+    pub fn ready(handle: &Handle, last_reload: &str) {
+        let status = format!(
+            "serving; catalog {:016x} ({} rules); last reload: {last_reload}",
+            handle.settings().policy.hash(),
+            handle.settings().policy.rules().len()
+        );
+        send(&[NotifyState::Ready, NotifyState::Status(&status)]);
+    }
+
+    /// `RELOADING=1` with `MONOTONIC_USEC=`, as `Type=notify-reload` requires.
+    pub fn reloading() {
+        match NotifyState::monotonic_usec_now() {
+            Ok(now) => send(&[NotifyState::Reloading, now]),
+            Err(e) => tracing::warn!(error = %e, "cannot read the monotonic clock for systemd"),
+        }
+    }
+
+    /// `STOPPING=1`: the drain begins.
+    pub fn stopping() {
+        send(&[NotifyState::Stopping, NotifyState::Status("draining")]);
+    }
 }

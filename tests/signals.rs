@@ -73,6 +73,11 @@ fn address_after(line: &str, key: &str) -> Option<SocketAddr> {
 impl Running {
     /// Write the files and start the binary; returns once both listeners are bound.
     async fn start(config: &str, catalog: &str) -> Running {
+        Running::start_env(config, catalog, &[]).await
+    }
+
+    /// [`Running::start`] with `env` set for the process too.
+    async fn start_env(config: &str, catalog: &str, env: &[(&str, &std::ffi::OsStr)]) -> Running {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("egress-proxy.toml"), config).expect("write config");
         std::fs::write(dir.path().join("catalog.toml"), catalog).expect("write catalog");
@@ -90,6 +95,7 @@ impl Running {
                 cmd.env_remove(k);
             }
         }
+        cmd.envs(env.iter().copied());
         let mut child = cmd.spawn().expect("spawn egress-proxy");
         let stderr = child.stderr.take().expect("stderr");
         let log = Arc::new(Mutex::new(Vec::new()));
@@ -737,6 +743,68 @@ async fn sigterm_on_an_idle_proxy_exits_0_at_once() {
     assert_eq!(status.code(), Some(0), "{}", p.stderr());
     let log = p.stderr();
     assert!(log.contains("stopped"), "{log}");
+}
+
+/// The next sd_notify datagram on `sock` (waits up to [`WAIT`]).
+fn notification(sock: &std::os::unix::net::UnixDatagram, log: &dyn Fn() -> String) -> String {
+    let mut buf = vec![0u8; 4096];
+    match sock.recv(&mut buf) {
+        Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+        Err(e) => panic!("no sd_notify message ({e}):\n{}", log()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sd_notify_ready_then_reloading_and_ready_on_sighup_then_stopping() {
+    let sock_dir = tempfile::tempdir().expect("tempdir");
+    let sock_path = sock_dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).expect("bind the notify socket");
+    sock.set_read_timeout(Some(WAIT)).expect("timeout");
+    let mut p = Running::start_env(
+        &config(&["old.test"], "5s", false),
+        &rule("Old", "old.test", 8080),
+        &[("NOTIFY_SOCKET", sock_path.as_os_str())],
+    )
+    .await;
+    let log = || p.stderr();
+
+    let ready = notification(&sock, &log);
+    let lines: Vec<&str> = ready.lines().collect();
+    assert!(lines.contains(&"READY=1"), "{ready}");
+    let status = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("STATUS="))
+        .unwrap_or_else(|| panic!("no STATUS= in {ready:?}"));
+    assert!(
+        status.contains("catalog ") && status.contains("last reload: none"),
+        "{status}"
+    );
+    // Ready means the ports answer.
+    TcpStream::connect(p.proxy)
+        .await
+        .expect("the proxy port answers after READY=1");
+    TcpStream::connect(p.admin)
+        .await
+        .expect("the admin port answers after READY=1");
+
+    p.signal("-HUP");
+    let reloading = notification(&sock, &log);
+    let lines: Vec<&str> = reloading.lines().collect();
+    assert!(lines.contains(&"RELOADING=1"), "{reloading}");
+    let usec = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .unwrap_or_else(|| panic!("no MONOTONIC_USEC= in {reloading:?}"));
+    assert!(usec.parse::<u64>().is_ok_and(|n| n > 0), "{reloading}");
+    let ready = notification(&sock, &log);
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready}");
+    assert!(ready.contains("last reload: ok"), "{ready}");
+
+    p.signal("-TERM");
+    let stopping = notification(&sock, &log);
+    assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping}");
+    let status = p.wait_exit(WAIT).await;
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", p.stderr());
 }
 
 /// An origin that sends its head at once, then `chunks` pieces of 100 bytes

@@ -22,8 +22,33 @@ use crate::target::{self, Host};
 pub const BUILTIN_CONFIG: &str = include_str!("../../config/egress-proxy.toml");
 /// The shipped catalog, used with the built-in configuration.
 pub const BUILTIN_CATALOG: &str = include_str!("../../config/catalog.toml");
-/// Where `run` looks for a configuration when `--config` is not given.
+/// Where every command looks for a configuration, relative to the working
+/// directory, when `--config`, `$EGRESS_PROXY_CONFIG` and
+/// [`SYSTEM_CONFIG_PATH`] are not there ([`discover`]).
 pub const DEFAULT_CONFIG_PATH: &str = "config/egress-proxy.toml";
+/// The packaged configuration, used when it exists and neither `--config`
+/// nor `$EGRESS_PROXY_CONFIG` names another ([`discover`]).
+pub const SYSTEM_CONFIG_PATH: &str = "/etc/egress-proxy/egress-proxy.toml";
+/// The environment variable naming the configuration file ([`discover`]).
+pub const CONFIG_ENV: &str = "EGRESS_PROXY_CONFIG";
+
+/// The configuration file to use without `--config`: `$EGRESS_PROXY_CONFIG`
+/// (taken from `env`; a missing file is then an error when loading), else
+/// [`SYSTEM_CONFIG_PATH`] when it exists, else [`DEFAULT_CONFIG_PATH`] under
+/// the working directory when it exists, else None (the built-in default).
+pub fn discover<'a>(env: impl IntoIterator<Item = &'a (String, String)>) -> Option<PathBuf> {
+    if let Some((_, v)) = env
+        .into_iter()
+        .find(|(k, v)| k == CONFIG_ENV && !v.is_empty())
+    {
+        return Some(PathBuf::from(v));
+    }
+    [SYSTEM_CONFIG_PATH, DEFAULT_CONFIG_PATH]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.exists())
+        .map(Path::to_path_buf)
+}
 
 /// One configuration error: where it is and what is wrong.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -238,9 +263,9 @@ const LIST_KEYS: [&str; 6] = [
 ];
 
 impl Settings {
-    /// Load from `path`, or when it is None from [`DEFAULT_CONFIG_PATH`] if it
-    /// exists, else the built-in default; `env` supplies the environment
-    /// (normally `std::env::vars()`).
+    /// Load from `path`, or when it is None from the file [`discover`] finds,
+    /// else the built-in default; `env` supplies the environment (normally
+    /// `std::env::vars()`).
     ///
     /// # Errors
     /// Every problem found, each naming file and key or rule.
@@ -248,16 +273,14 @@ impl Settings {
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, ConfigErrors> {
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let path = path.map(Path::to_path_buf).or_else(|| discover(&env));
         let (source, text) = match path {
-            Some(p) => (ConfigSource::File(p.to_path_buf()), read_file(p)?),
-            None => {
-                let p = Path::new(DEFAULT_CONFIG_PATH);
-                if p.exists() {
-                    (ConfigSource::File(p.to_path_buf()), read_file(p)?)
-                } else {
-                    (ConfigSource::Builtin, BUILTIN_CONFIG.to_string())
-                }
+            Some(p) => {
+                let text = read_file(&p)?;
+                (ConfigSource::File(p), text)
             }
+            None => (ConfigSource::Builtin, BUILTIN_CONFIG.to_string()),
         };
         Settings::from_toml(source, &text, env)
     }
@@ -272,15 +295,25 @@ impl Settings {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, ConfigErrors> {
         let file_name = source.to_string();
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        // The built-in configuration brings the built-in catalog, unless the
+        // environment names a catalog file (relative to the working directory).
+        let env_catalog = env
+            .iter()
+            .find(|(k, v)| k == "EGRESS_PROXY__POLICY__CATALOG" && !v.is_empty())
+            .map(|(_, v)| PathBuf::from(v));
         let raw = read_raw(&file_name, text, env)?;
         let base = match &source {
             ConfigSource::File(p) => p.parent().map(Path::to_path_buf).unwrap_or_default(),
             ConfigSource::Builtin => PathBuf::new(),
         };
         let mut v = Validator::new(&file_name);
-        let settings = v.settings(raw, &source, &base);
+        let mut settings = v.settings(raw, &source, &base);
+        if source == ConfigSource::Builtin {
+            settings.policy_settings.catalog = env_catalog;
+        }
         let (catalog_name, catalog_text) = match &settings.policy_settings.catalog {
-            Some(p) if source != ConfigSource::Builtin => match std::fs::read_to_string(p) {
+            Some(p) => match std::fs::read_to_string(p) {
                 Ok(t) => (p.display().to_string(), t),
                 Err(e) => {
                     v.err(
@@ -303,7 +336,6 @@ impl Settings {
                 return Err(ConfigErrors(v.errors));
             }
         };
-        let mut settings = settings;
         let inspect = settings.tls.inspection_enabled();
         for (i, s) in specs.iter().enumerate() {
             if s.client_cert.is_some() && (!inspect || s.action != Action::Allow) {

@@ -97,6 +97,14 @@ impl Metrics {
         m.register_traffic();
         m.register_catalog();
         m.register_audit();
+        m.registry.register(
+            "build",
+            "The running build: version and git commit",
+            prometheus_client::metrics::info::Info::new(vec![
+                ("version", crate::VERSION),
+                ("commit", crate::COMMIT),
+            ]),
+        );
         m
     }
 

@@ -265,7 +265,7 @@ fn status_route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes
             let Some(target) = target.filter(|t| !t.trim().is_empty()) else {
                 return json(
                     StatusCode::BAD_REQUEST,
-                    &serde_json::json!({"error": "give a target: /api/explain?target=http://host/path or host:port"}),
+                    &serde_json::json!({"error": "give a target: /api/explain?target=http://host/path, https://host/path or host:port"}),
                 );
             };
             match super::cli::explain_routed(&settings, &target) {
@@ -280,6 +280,7 @@ fn status_route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes
                         "reason": ex.reason,
                         "why": ex.why,
                         "route": ex.route,
+                        "note": ex.note,
                         "losers": ex.losers.iter().map(|(rule, why)| serde_json::json!({"rule": rule, "why": why})).collect::<Vec<_>>(),
                     }),
                 ),

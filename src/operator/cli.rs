@@ -5,7 +5,22 @@ use std::fmt::{self, Write as _};
 
 use crate::config::{DefaultAction, Settings};
 use crate::policy::{Policy, Verdict};
-use crate::target::{self, Target};
+use crate::target::{self, Host, Target};
+
+/// The line every command prints on standard error (after `egress-proxy: `):
+/// which configuration and catalog it used.
+pub fn used(settings: &Settings) -> String {
+    let config = match &settings.source {
+        crate::config::ConfigSource::File(p) => p.display().to_string(),
+        crate::config::ConfigSource::Builtin => "built-in default".to_string(),
+    };
+    let catalog = settings
+        .policy_settings
+        .catalog
+        .as_ref()
+        .map_or_else(|| "built-in".to_string(), |c| c.display().to_string());
+    format!("configuration {config}, catalog {catalog}")
+}
 
 /// A one-screen summary of a loaded configuration and catalog.
 pub fn summary(settings: &Settings) -> String {
@@ -137,6 +152,9 @@ pub struct Explained {
     pub reason: Option<&'static str>,
     pub why: String,
     pub losers: Vec<(String, &'static str)>,
+    /// How the input was read when it is not literally what the gateway
+    /// sends (an `https://` URL: the CONNECT to its host and port).
+    pub note: Option<String>,
     /// How a permitted target leaves: direct, or through `[upstream]
     /// parent` (set by [`explain_routed`]).
     pub route: Option<String>,
@@ -173,13 +191,43 @@ pub fn explain_routed(
     Ok(ex)
 }
 
-/// Parse `http://host/...` (a plain request) or `host:port` (a CONNECT) and explain it.
+/// The authority a gateway CONNECTs to for an `https://` URL: the URL's
+/// host and port, 443 when it names none. None when `input` is not one.
+fn https_authority(input: &str) -> Option<Result<String, String>> {
+    let scheme = input.get(..8)?;
+    if !scheme.eq_ignore_ascii_case("https://") {
+        return None;
+    }
+    let uri: http::Uri = match input.parse() {
+        Ok(u) => u,
+        Err(e) => return Some(Err(format!("not a URL: {e}"))),
+    };
+    let Some(authority) = uri.authority() else {
+        return Some(Err("bad_request: the URL has no host".into()));
+    };
+    Some(Ok(if authority.port().is_some() {
+        authority.as_str().to_string()
+    } else {
+        format!("{}:443", authority.as_str())
+    }))
+}
+
+/// Parse `http://host/...` (a plain request), `https://host/...` (the
+/// CONNECT a gateway sends for it: host, port 443 unless the URL names one)
+/// or `host:port` (a CONNECT) and explain it.
 ///
 /// # Errors
 /// The target does not parse; the message says why.
 pub fn explain(policy: &Policy, input: &str) -> Result<Explained, String> {
     let input = input.trim();
-    let (target, method) = if input.contains("://") {
+    let mut note = None;
+    let (target, method) = if let Some(authority) = https_authority(input) {
+        let t = target::parse_authority(&authority?).map_err(|e| format!("bad_request: {e}"))?;
+        note = Some(format!(
+            "an https:// URL: the gateway sends CONNECT {t}; the path and the request stay inside the tunnel"
+        ));
+        (t, http::Method::CONNECT)
+    } else if input.contains("://") {
         let uri: http::Uri = input.parse().map_err(|e| format!("not a URL: {e}"))?;
         let t = target::parse_absolute(&uri).map_err(|e| format!("bad_request: {e}"))?;
         (t, http::Method::GET)
@@ -227,6 +275,7 @@ pub fn explain(policy: &Policy, input: &str) -> Result<Explained, String> {
         why,
         losers,
         route: None,
+        note,
     })
 }
 
@@ -237,6 +286,9 @@ impl fmt::Display for Explained {
             "target:   {} ({} {})",
             self.input, self.method, self.target
         )?;
+        if let Some(n) = &self.note {
+            writeln!(f, "note:     {n}")?;
+        }
         writeln!(f, "decision: {}", self.verdict.as_str())?;
         writeln!(f, "rule:     {}", self.rule.as_deref().unwrap_or("(none)"))?;
         if let Some(r) = self.reason {
@@ -244,14 +296,17 @@ impl fmt::Display for Explained {
         }
         writeln!(f, "why:      {}", self.why)?;
         if self.verdict.is_permitted() {
-            match &self.route {
-                Some(r) if r.starts_with("parent") => writeln!(f, "route:    {r}")?,
-                r => {
-                    if let Some(r) = r {
-                        writeln!(f, "route:    {r}")?;
-                    }
-                    writeln!(f, "then:     the name is resolved and every address vetted (private ranges refused unless dns.allow_private covers them)")?;
-                }
+            if let Some(r) = &self.route {
+                writeln!(f, "route:    {r}")?;
+            }
+            let via_parent = self
+                .route
+                .as_deref()
+                .is_some_and(|r| r.starts_with("parent"));
+            match self.target.host {
+                _ if via_parent => {}
+                Host::Ip(_) => writeln!(f, "then:     the address is vetted (private ranges refused unless dns.allow_private covers them)")?,
+                Host::Name(_) => writeln!(f, "then:     the name is resolved and every address vetted (private ranges refused unless dns.allow_private covers them)")?,
             }
         }
         for (name, why) in &self.losers {

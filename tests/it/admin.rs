@@ -149,6 +149,12 @@ async fn healthz_readyz_and_metrics_answer() {
         1,
         "{m:#?}"
     );
+    let build = format!(
+        "egress_build_info{{version=\"{}\",commit=\"{}\"}}",
+        env!("CARGO_PKG_VERSION"),
+        egress_proxy::COMMIT
+    );
+    assert_eq!(value(&m, &build), 1.0, "{}", a.body);
     for series in [
         "egress_open_connections",
         "egress_open_tunnels",

@@ -940,6 +940,7 @@ fn systemd_analyze_accepts_the_unit() {
     .expect("config/egress-proxy.service");
     for key in [
         "ExecStart=/usr/bin/egress-proxy run --config /etc/egress-proxy/egress-proxy.toml",
+        "Type=notify",
         "ExecReload=/bin/kill -HUP $MAINPID",
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",

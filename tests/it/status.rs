@@ -333,7 +333,7 @@ async fn explain_runs_the_policy_in_force() {
     assert!(v["error"].as_str().unwrap().contains("target"), "{v:#}");
     let (status, v) = get_json(
         proxy.admin,
-        "/api/explain?target=https://repo.clearswift.net/",
+        "/api/explain?target=ftp://repo.clearswift.net/",
     )
     .await;
     assert_eq!(status, 400);
@@ -341,6 +341,29 @@ async fn explain_runs_the_policy_in_force() {
         v["error"].as_str().unwrap().starts_with("bad_request"),
         "{v:#}"
     );
+}
+
+#[tokio::test]
+async fn explain_api_takes_an_https_url_as_its_connect() {
+    let proxy = TestProxy::start(&config(&[], ""), &catalog(80)).await;
+    let (status, v) = get_json(
+        proxy.admin,
+        "/api/explain?target=https%3A%2F%2Frepo.clearswift.net%2Fpub%2Frepomd.xml",
+    )
+    .await;
+    assert_eq!(status, 200, "{v:#}");
+    assert_eq!(v["method"], "CONNECT");
+    assert_eq!(v["normalised"], "repo.clearswift.net:443");
+    assert!(
+        v["note"]
+            .as_str()
+            .unwrap()
+            .contains("the gateway sends CONNECT repo.clearswift.net:443"),
+        "{v:#}"
+    );
+    let (status, v) = get_json(proxy.admin, "/api/explain?target=repo.clearswift.net:443").await;
+    assert_eq!(status, 200, "{v:#}");
+    assert_eq!(v["note"], Value::Null);
 }
 
 #[tokio::test]
