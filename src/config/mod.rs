@@ -305,6 +305,7 @@ impl Settings {
         settings.warnings = policy
             .shadowed()
             .into_iter()
+            .chain(policy.public_suffix_wildcards())
             .map(|w| format!("{catalog_name}: {w}"))
             .collect();
         settings.policy = Arc::new(policy);

@@ -14,12 +14,12 @@
 //! broader than the evidence. IP-literal targets get a commented-out rule
 //! with `addresses`.
 //!
-//! The registrable domain is a heuristic, not the Public Suffix List: the
-//! last two labels of the name, or the last three when the last label is a
-//! two-letter country code and the one before it is a common second-level
-//! label ([`SECOND_LEVEL`]: `co.uk`, `com.au`, `ac.jp`, `gov.in`, …). It only
-//! decides how hosts are grouped into rules; every host is still listed
-//! exactly, so a wrong guess costs an extra or a merged rule, never access.
+//! The registrable domain comes from the Public Suffix List, compiled in
+//! ([`crate::policy::suffix`]), with its private section: a name under a
+//! shared platform where anyone can publish (`d1a.cloudfront.net`,
+//! `foo.s3.amazonaws.com`, `x.github.io`) is its own registrable domain, so
+//! tenants are never merged, and a wildcard whose suffix is a public suffix
+//! is never mentioned: such a group says why it lists exact names only.
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
@@ -33,37 +33,10 @@ use crate::policy::{Policy, Verdict};
 use crate::reason::Reason;
 use crate::target::{self, Host, Target};
 
-/// Second-level labels under a two-letter country code that are public
-/// suffixes often enough to group by the label after them.
-pub const SECOND_LEVEL: [&str; 11] = [
-    "co", "com", "net", "org", "ac", "gov", "edu", "or", "ne", "go", "mil",
-];
-
 /// Distinct hosts under one domain from which a comment mentions `*.domain`.
 pub const WILDCARD_HINT_HOSTS: usize = 3;
 
-/// The registrable domain of a normalised host name, by the heuristic above.
-pub fn registrable_domain(host: &str) -> &str {
-    let labels: Vec<&str> = host.rsplit('.').take(3).collect();
-    let keep = match labels.as_slice() {
-        [tld, sld, _]
-            if tld.len() == 2
-                && tld.bytes().all(|b| b.is_ascii_lowercase())
-                && SECOND_LEVEL.contains(sld) =>
-        {
-            3
-        }
-        _ => 2,
-    };
-    let mut cut = host.len();
-    for _ in 0..keep {
-        match host[..cut].rfind('.') {
-            Some(i) => cut = i,
-            None => return host,
-        }
-    }
-    &host[cut + 1..]
-}
+pub use crate::policy::suffix::registrable_domain;
 
 // === evidence ===
 
@@ -480,7 +453,15 @@ impl Group<'_> {
             .map(|(h, _)| *h)
             .filter(|h| *h != self.domain)
             .collect();
-        if subdomains.len() >= WILDCARD_HINT_HOSTS {
+        if let Some(platform) = crate::policy::suffix::shared_platform(&self.domain) {
+            let _ = writeln!(
+                out,
+                "# {platform} is a public suffix (Public Suffix List, private section): anyone can\n# publish a name under it, so only exact names are suggested, never *.{platform}."
+            );
+        }
+        if subdomains.len() >= WILDCARD_HINT_HOSTS
+            && !crate::policy::suffix::is_public_suffix(&self.domain)
+        {
             let _ = writeln!(
                 out,
                 "# {} hosts under {d} were seen. If the vendor documents the whole domain,\n# hosts = [\"*.{d}\"] covers them and names not seen yet: broader than this evidence.",
