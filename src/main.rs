@@ -43,9 +43,10 @@ enum Cmd {
     },
     /// Print catalog rules (TOML) for the destinations an audit log shows denied.
     Suggest {
-        /// The JSON-lines audit log ("-": standard input).
-        #[arg(long)]
-        audit: PathBuf,
+        /// Audit logs: files, globs ('audit.log*'), .gz, "-" for standard input;
+        /// JSON or Squid lines. Repeat for more.
+        #[arg(long, required = true)]
+        audit: Vec<PathBuf>,
         /// Only records since then: a duration back from now ("1h", "30m") or an RFC 3339 time.
         #[arg(long)]
         since: Option<String>,
@@ -53,9 +54,10 @@ enum Cmd {
     /// Decide every transaction of an audit log again under a proposed catalog
     /// and print what would change; exit status 3 if something would be newly denied.
     Replay {
-        /// The JSON-lines audit log ("-": standard input).
-        #[arg(long)]
-        audit: PathBuf,
+        /// Audit logs: files, globs ('audit.log*'), .gz, "-" for standard input;
+        /// JSON or Squid lines. Repeat for more.
+        #[arg(long, required = true)]
+        audit: Vec<PathBuf>,
         /// The proposed catalog file.
         #[arg(long)]
         catalog: PathBuf,

@@ -23,10 +23,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
-use std::path::Path;
+use std::path::PathBuf;
 use std::time::SystemTime;
 
-use crate::audit::read::{open_log, parse_since, read_log, Logged};
+use crate::audit::read::{expand, parse_since, read_logs, Logged};
 use crate::audit::Decided;
 use crate::metrics::status::Status;
 use crate::policy::{Policy, Verdict};
@@ -55,6 +55,14 @@ struct Dest {
 #[derive(Clone, Debug, Default)]
 pub struct Evidence {
     dests: BTreeMap<(String, u16), Dest>,
+}
+
+/// The label of a Squid `TCP_DENIED/403` line whose reason is not known.
+pub const SQUID_DENIED: &str = "TCP_DENIED/403 (Squid line, reason not logged)";
+
+/// A host that can be written back into a catalog unchanged.
+fn port_ok_name(host: &str) -> bool {
+    host.parse::<IpAddr>().is_ok() || target::is_normalized_name(host)
 }
 
 /// The label a record is counted under when a new allow rule would admit
@@ -116,6 +124,22 @@ impl Evidence {
         let Some(label) = wanted(decision, reason, is_ip) else {
             return false;
         };
+        self.insert(host, port, label, decision, clients, first, last, count);
+        true
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn insert(
+        &mut self,
+        host: &str,
+        port: u16,
+        label: &'static str,
+        decision: Decided,
+        clients: &[(IpAddr, u64)],
+        first: SystemTime,
+        last: SystemTime,
+        count: u64,
+    ) {
         let d = self.dests.entry((host.to_string(), port)).or_insert(Dest {
             count: 0,
             reported: 0,
@@ -134,7 +158,6 @@ impl Evidence {
         for (c, n) in clients {
             *d.clients.entry(*c).or_default() += n;
         }
-        true
     }
 
     /// Add one audit log record; false when it is not evidence.
@@ -146,6 +169,25 @@ impl Evidence {
             return false;
         };
         let clients: Vec<(IpAddr, u64)> = l.client_ip().map(|c| (c, 1)).into_iter().collect();
+        // A Squid line's TCP_DENIED/403 carries no reason: it is evidence,
+        // labelled as such, unless a catalog (`--config`) told the reason.
+        if l.squid && decision == Decided::Deny && l.reason.is_none() && l.status == Some(403) {
+            let host = target.host.to_string();
+            if port_ok_name(&host) {
+                self.insert(
+                    &host,
+                    target.port,
+                    SQUID_DENIED,
+                    decision,
+                    &clients,
+                    t,
+                    t,
+                    1,
+                );
+                return true;
+            }
+            return false;
+        }
         self.add(
             &target.host.to_string(),
             target.port,
@@ -524,28 +566,31 @@ pub struct Suggestion {
     pub notes: Vec<String>,
 }
 
-/// `egress-proxy suggest --audit FILE [--since D]`; with `policy` (an explicit
-/// `--config`), destinations it already lets through are left out.
+/// `egress-proxy suggest --audit FILE... [--since D]`; with `policy` (an
+/// explicit `--config`), destinations it already lets through are left out,
+/// and Squid lines get their reason from it.
 ///
 /// # Errors
-/// The log cannot be read, `--since` does not parse, or no line of a
+/// A log cannot be read, `--since` does not parse, or no line of a
 /// non-empty log is an audit record.
 pub fn command(
-    audit: &Path,
+    audit: &[PathBuf],
     since: Option<&str>,
     policy: Option<&Policy>,
 ) -> Result<Suggestion, String> {
     let since = since
         .map(|s| parse_since(s, SystemTime::now()))
         .transpose()?;
-    let source = audit.display().to_string();
-    let reader = open_log(audit).map_err(|e| format!("cannot read {source}: {e}"))?;
+    let files = expand(audit)?;
+    let source = source_label(&files);
     let mut ev = Evidence::default();
-    let stats = read_log(reader, since, |l| {
+    let stats = read_logs(&files, since, |mut l| {
+        if let Some(p) = policy {
+            l.fill_from(p);
+        }
         ev.add_logged(&l);
-    })
-    .map_err(|e| format!("cannot read {source}: {e}"))?;
-    let mut notes: Vec<String> = stats.skipped_note(&source).into_iter().collect();
+    })?;
+    let mut notes = vec![stats.summary()];
     if stats.records == 0 && stats.before_since == 0 && stats.skipped > 0 {
         return Err(format!(
             "no audit records in {source}: {}",
@@ -569,6 +614,20 @@ pub fn command(
         toml: ev.to_toml(&label),
         notes,
     })
+}
+
+/// The files read, for headers: one name, or the first and how many more.
+pub fn source_label(files: &[PathBuf]) -> String {
+    match files {
+        [one] => one.display().to_string(),
+        [first, rest @ ..] => format!(
+            "{} and {} more file{}",
+            first.display(),
+            rest.len(),
+            plural(rest.len() as u64)
+        ),
+        [] => "no files".into(),
+    }
 }
 
 #[cfg(test)]

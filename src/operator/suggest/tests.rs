@@ -1,4 +1,6 @@
 use super::*;
+use crate::audit::read::read_log;
+use std::path::Path;
 use std::time::Duration;
 
 #[test]
