@@ -312,6 +312,7 @@ async fn run(settings: Settings, config: Option<PathBuf>) -> Result<ExitCode, Fa
         listeners.push(l);
     }
     let sink = LineSink::open(settings.audit.path.clone(), settings.audit.format)
+        .map(|s| s.log_query(settings.audit.log_query))
         .map_err(|e| Fail(format!("cannot open the audit log: {e}")))?;
     let (audit, writer, metrics) =
         egress_proxy::start_audit_with(Box::new(sink), settings.audit.syslog.as_deref())

@@ -187,6 +187,9 @@ pub struct AuditSettings {
     pub path: AuditPath,
     pub format: AuditFormat,
     pub syslog: Option<String>,
+    /// Keep URL query strings in the `audit.path` lines: `log_query`, by
+    /// default true for JSON and false for Squid (Squid's `strip_query_terms`).
+    pub log_query: bool,
 }
 
 /// Validated configuration and the compiled policy.

@@ -147,6 +147,7 @@ pub(super) struct RawAudit {
     pub(super) path: String,
     pub(super) format: String,
     pub(super) syslog: Option<String>,
+    pub(super) log_query: Option<bool>,
 }
 
 impl Default for RawAudit {
@@ -155,6 +156,7 @@ impl Default for RawAudit {
             path: "-".into(),
             format: "json".into(),
             syslog: None,
+            log_query: None,
         }
     }
 }

@@ -843,6 +843,18 @@ action = "deny"
     assert!(w[1].contains("rule #2 \"uk\" host \"*.co.uk\""), "{w:#?}");
 }
 
+#[test]
+fn log_query_defaults_by_format() {
+    let s = load("[audit]\nformat = \"squid\"\n", "");
+    assert!(!s.settings().audit.log_query);
+    let s = load("[audit]\nformat = \"squid\"\nlog_query = true\n", "");
+    assert!(s.settings().audit.log_query);
+    let s = load("", "");
+    assert!(s.settings().audit.log_query);
+    let s = load("[audit]\nlog_query = false\n", "");
+    assert!(!s.settings().audit.log_query);
+}
+
 // === durations and rates ===
 
 #[test]

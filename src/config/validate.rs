@@ -341,6 +341,7 @@ impl<'a> Validator<'a> {
         AuditSettings {
             path,
             format,
+            log_query: raw.log_query.unwrap_or(format == AuditFormat::Json),
             syslog: raw.syslog,
         }
     }
