@@ -825,6 +825,49 @@ fn replay_under_the_recording_catalog_changes_nothing() {
 }
 
 #[test]
+fn replay_reads_repeated_audit_files_and_squid_lines() {
+    // The same log twice, and a Squid line the recording catalog explains.
+    let dir = tempfile::tempdir().unwrap();
+    let squid = dir.path().join("access.log");
+    std::fs::write(
+        &squid,
+        "1748855040.000      0 10.20.0.11 TCP_TUNNEL/200 10 CONNECT query-api.eu1.apc.avira.com:443 - HIER_DIRECT/52.28.144.19 -\n",
+    )
+    .unwrap();
+    let r = run(&[
+        "replay",
+        "--config",
+        &fx("egress-proxy.toml"),
+        "--audit",
+        &fx("gateway.jsonl"),
+        "--audit",
+        &fx("gateway.jsonl"),
+        "--audit",
+        squid.to_str().unwrap(),
+        "--catalog",
+        &fx("catalog-drops.toml"),
+    ]);
+    assert_eq!(r.code, Some(3), "{}", r.show());
+    assert!(
+        r.stdout.contains("records: 47; re-decided: 39"),
+        "{}",
+        r.show()
+    );
+    assert!(
+        r.stderr.contains("read 3 files: 47 records (1 Squid line)"),
+        "{}",
+        r.show()
+    );
+    // The Squid line was a bypass under "Avira APC Cloud lookup", as the JSON ones.
+    assert!(
+        r.stdout
+            .contains("bypass \"Avira APC Cloud lookup\" -> deny not_in_catalog: 7"),
+        "{}",
+        r.show()
+    );
+}
+
+#[test]
 fn replay_of_a_catalog_that_only_adds_exits_0() {
     let r = replay(&fx("catalog-adds.toml"));
     assert_eq!(r.code, Some(0), "{}", r.show());
