@@ -56,9 +56,10 @@ enum Cmd {
     },
     /// Print catalog rules (TOML) for the destinations an audit log shows denied.
     Suggest {
-        /// The JSON-lines audit log ("-": standard input).
-        #[arg(long)]
-        audit: PathBuf,
+        /// Audit logs: files, globs ('audit.log*'), .gz, "-" for standard input;
+        /// JSON or Squid lines. Repeat for more.
+        #[arg(long, required = true)]
+        audit: Vec<PathBuf>,
         /// Only records since then: a duration back from now ("1h", "30m") or an RFC 3339 time.
         #[arg(long)]
         since: Option<String>,
@@ -71,9 +72,10 @@ enum Cmd {
     /// Decide every transaction of an audit log again under a proposed catalog
     /// and print what would change; exit status 3 if something would be newly denied.
     Replay {
-        /// The JSON-lines audit log ("-": standard input).
-        #[arg(long)]
-        audit: PathBuf,
+        /// Audit logs: files, globs ('audit.log*'), .gz, "-" for standard input;
+        /// JSON or Squid lines. Repeat for more.
+        #[arg(long, required = true)]
+        audit: Vec<PathBuf>,
         /// The proposed catalog file.
         #[arg(long)]
         catalog: PathBuf,
@@ -448,6 +450,7 @@ async fn run(settings: Settings, config: Option<PathBuf>) -> Result<ExitCode, Fa
         listeners.push(l);
     }
     let sink = LineSink::open(settings.audit.path.clone(), settings.audit.format)
+        .map(|s| s.log_query(settings.audit.log_query))
         .map_err(|e| Fail(format!("cannot open the audit log: {e}")))?;
     let (audit, writer, metrics) =
         egress_proxy::start_audit_with(Box::new(sink), settings.audit.syslog.as_deref())

@@ -50,6 +50,8 @@ pub struct LineSink {
     /// Where [`AuditSink::reopen`] reopens; `None` for an injected writer.
     path: Option<AuditPath>,
     format: AuditFormat,
+    /// Keep URL query strings (`audit.log_query`).
+    log_query: bool,
     out: Box<dyn Write + Send>,
     /// Serialised lines not yet accepted by `out`, from `done` on.
     pending: Vec<u8>,
@@ -79,10 +81,20 @@ impl LineSink {
         LineSink {
             path: None,
             format,
+            log_query: format == AuditFormat::Json,
             out,
             pending: Vec::with_capacity(64 * 1024),
             done: 0,
         }
+    }
+
+    /// Keep URL query strings (true) or cut each URL after its `?` as Squid's
+    /// `strip_query_terms` does (`audit.log_query`; the default is true for
+    /// JSON, false for Squid lines).
+    #[must_use]
+    pub fn log_query(mut self, keep: bool) -> Self {
+        self.log_query = keep;
+        self
     }
 
     /// Write `pending[done..]`, advancing `done` by what each call took.
@@ -125,6 +137,17 @@ impl AuditSink for LineSink {
         // Appended after anything still pending, so order holds even if a
         // caller skips `resume`.
         for r in records {
+            let stripped;
+            let r = match r.url.as_deref().and_then(|u| u.find('?')) {
+                Some(q) if !self.log_query && q + 1 < r.url.as_deref().map_or(0, str::len) => {
+                    // As Squid: the `?` stays, to show there was a query.
+                    let mut c = r.clone();
+                    c.url = r.url.as_deref().map(|u| u[..=q].to_string());
+                    stripped = c;
+                    &stripped
+                }
+                _ => r,
+            };
             match self.format {
                 AuditFormat::Json => r.write_json(&mut self.pending),
                 // Writing into a Vec cannot fail.
@@ -276,6 +299,56 @@ mod tests {
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
         }
+    }
+
+    /// What one record with a query string becomes in `format`, with
+    /// `log_query` set or left at the format's default.
+    fn with_query(format: AuditFormat, keep: Option<bool>) -> String {
+        let disk = Disk::with_room(1 << 20);
+        let mut sink = LineSink::from_writer(Box::new(disk.clone()), format);
+        if let Some(k) = keep {
+            sink = sink.log_query(k);
+        }
+        let mut r = record(1);
+        r.url = Some("http://repo.clearswift.net/file?token=s3cret&x=1".into());
+        let mut plain = record(2);
+        plain.url = Some("http://repo.clearswift.net/list?".into());
+        sink.write(&[r, plain]).unwrap();
+        String::from_utf8(disk.bytes()).unwrap()
+    }
+
+    #[test]
+    fn squid_lines_strip_query_strings_unless_log_query() {
+        let text = with_query(AuditFormat::Squid, None);
+        assert!(
+            text.contains(" http://repo.clearswift.net/file? "),
+            "{text}"
+        );
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(
+            text.contains(" http://repo.clearswift.net/list? "),
+            "{text}"
+        );
+        let text = with_query(AuditFormat::Squid, Some(true));
+        assert!(
+            text.contains(" http://repo.clearswift.net/file?token=s3cret&x=1 "),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn json_keeps_query_strings_unless_log_query_is_false() {
+        let text = with_query(AuditFormat::Json, None);
+        assert!(
+            text.contains(r#""url":"http://repo.clearswift.net/file?token=s3cret&x=1""#),
+            "{text}"
+        );
+        let text = with_query(AuditFormat::Json, Some(false));
+        assert!(
+            text.contains(r#""url":"http://repo.clearswift.net/file?""#),
+            "{text}"
+        );
+        assert!(!text.contains("s3cret"), "{text}");
     }
 
     fn record(i: u64) -> Record {

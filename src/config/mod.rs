@@ -215,6 +215,9 @@ pub struct AuditSettings {
     pub format: AuditFormat,
     /// `audit.syslog`, with what a `tls://` destination needs.
     pub syslog: Option<Box<SyslogSettings>>,
+    /// Keep URL query strings in the `audit.path` lines: `log_query`, by
+    /// default true for JSON and false for Squid (Squid's `strip_query_terms`).
+    pub log_query: bool,
 }
 
 /// `audit.syslog` and the TLS material for `tls://` (RFC 5425).
@@ -353,6 +356,7 @@ impl Settings {
         settings.warnings = policy
             .shadowed()
             .into_iter()
+            .chain(policy.public_suffix_wildcards())
             .map(|w| format!("{catalog_name}: {w}"))
             .collect();
         settings.policy = Arc::new(policy);

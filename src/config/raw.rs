@@ -149,6 +149,7 @@ pub(super) struct RawAudit {
     pub(super) format: String,
     pub(super) syslog: Option<String>,
     pub(super) syslog_client_cert: Option<RawClientCert>,
+    pub(super) log_query: Option<bool>,
 }
 
 impl Default for RawAudit {
@@ -158,6 +159,7 @@ impl Default for RawAudit {
             format: "json".into(),
             syslog: None,
             syslog_client_cert: None,
+            log_query: None,
         }
     }
 }

@@ -816,6 +816,50 @@ action = "deny"
     );
 }
 
+#[test]
+fn a_wildcard_over_a_public_suffix_is_a_warning() {
+    let catalog = r#"
+[[rule]]
+name   = "cdn"
+hosts  = ["*.cloudfront.net", "*.example.co.uk"]
+ports  = [443]
+action = "allow"
+
+[[rule]]
+name   = "uk"
+hosts  = ["*.co.uk"]
+ports  = [443]
+action = "bypass"
+
+[[rule]]
+name   = "never github pages"
+hosts  = ["*.github.io"]
+ports  = [443]
+action = "deny"
+"#;
+    let loaded = load("", catalog);
+    let w = &loaded.settings().warnings;
+    assert_eq!(w.len(), 2, "{w:#?}");
+    assert!(
+        w[0].contains("rule #1 \"cdn\" host \"*.cloudfront.net\" covers the whole public suffix cloudfront.net")
+            && w[0].contains("anyone can register a name under it"),
+        "{w:#?}"
+    );
+    assert!(w[1].contains("rule #2 \"uk\" host \"*.co.uk\""), "{w:#?}");
+}
+
+#[test]
+fn log_query_defaults_by_format() {
+    let s = load("[audit]\nformat = \"squid\"\n", "");
+    assert!(!s.settings().audit.log_query);
+    let s = load("[audit]\nformat = \"squid\"\nlog_query = true\n", "");
+    assert!(s.settings().audit.log_query);
+    let s = load("", "");
+    assert!(s.settings().audit.log_query);
+    let s = load("[audit]\nlog_query = false\n", "");
+    assert!(!s.settings().audit.log_query);
+}
+
 // === durations and rates ===
 
 #[test]

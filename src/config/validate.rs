@@ -372,6 +372,7 @@ impl<'a> Validator<'a> {
         AuditSettings {
             path,
             format,
+            log_query: raw.log_query.unwrap_or(format == AuditFormat::Json),
             syslog: raw.syslog.map(|url| {
                 Box::new(SyslogSettings {
                     url,

@@ -20,7 +20,7 @@
 //! something would, 1 on bad input.
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use crate::audit::read::{self, Logged};
@@ -113,6 +113,12 @@ fn recorded(l: &Logged) -> Result<Side, String> {
             // Policy reasons are re-decided; others need what the record lacks.
             Some(r) if r.class() == reason::Class::Policy => Class::Deny,
             Some(r) => return Err(r.as_str().to_string()),
+            None if l.squid => {
+                return Err(l
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| "Squid TCP_DENIED/403, reason not logged".into()))
+            }
             None => {
                 return Err(l
                     .reason
@@ -393,19 +399,24 @@ pub fn compile_catalog(settings: &Settings, catalog: &Path) -> Result<Policy, St
     ))
 }
 
-/// `egress-proxy replay --audit FILE --catalog NEW` under `settings`.
+/// `egress-proxy replay --audit FILE... --catalog NEW` under `settings`.
+/// Squid lines get what they lack (rule, reason, bypass or report) from
+/// the configuration's catalog, which wrote them ([`Logged::fill_from`]).
 ///
 /// # Errors
-/// Bad input: the catalog or the log cannot be read, or no line of a
+/// Bad input: the catalog or a log cannot be read, or no line of a
 /// non-empty log is an audit record.
-pub fn command(settings: &Settings, audit: &Path, catalog: &Path) -> Result<Outcome, String> {
+pub fn command(settings: &Settings, audit: &[PathBuf], catalog: &Path) -> Result<Outcome, String> {
     let policy = compile_catalog(settings, catalog)?;
-    let source = audit.display().to_string();
-    let reader = read::open_log(audit).map_err(|e| format!("cannot read {source}: {e}"))?;
+    let files = read::expand(audit)?;
+    let source = crate::operator::suggest::source_label(&files);
     let mut replay = Replay::default();
-    let stats = read::read_log(reader, None, |l| replay.add(&policy, &l))
-        .map_err(|e| format!("cannot read {source}: {e}"))?;
-    let notes: Vec<String> = stats.skipped_note(&source).into_iter().collect();
+    let current = &*settings.policy;
+    let stats = read::read_logs(&files, None, |mut l| {
+        l.fill_from(current);
+        replay.add(&policy, &l);
+    })?;
+    let notes = vec![stats.summary()];
     if stats.records == 0 && stats.skipped > 0 {
         return Err(format!(
             "no audit records in {source}: {}",
@@ -477,5 +488,37 @@ mod tests {
         );
         assert!(text.contains("\"Old\": 1 -> 0"), "{text}");
         assert!(text.contains("exit status 3"), "{text}");
+    }
+
+    #[test]
+    fn squid_lines_take_what_they_lack_from_the_current_catalog() {
+        let current = policy(
+            "[[rule]]\nname = \"A\"\nhosts = [\"a.example.com\"]\nports = [443]\naction = \"bypass\"\n",
+        );
+        let new = policy(
+            "[[rule]]\nname = \"B\"\nhosts = [\"b.example.com\"]\nports = [443]\naction = \"allow\"\n",
+        );
+        let mut r = Replay::default();
+        for line in [
+            "1767323047.178   1500 192.0.2.10 TCP_TUNNEL/200 4242 CONNECT a.example.com:443 - HIER_DIRECT/203.0.113.7 -",
+            "1767323047.178      0 192.0.2.10 TCP_DENIED/403 0 CONNECT b.example.com:443 - HIER_NONE/- -",
+            "1767323047.178      0 192.0.2.10 TCP_DENIED/407 0 CONNECT b.example.com:443 - HIER_NONE/- -",
+        ] {
+            let mut l = read::squid_record(line).unwrap();
+            l.fill_from(&current);
+            r.add(&new, &l);
+        }
+        assert_eq!(r.newly_denied(), 1);
+        assert_eq!(r.count(Change::NewlyAllowed), 1);
+        assert_eq!(r.not_redecided.get("squid TCP_DENIED/407"), Some(&1));
+        let text = r.render("t");
+        assert!(
+            text.contains("bypass \"A\" -> deny not_in_catalog: 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("deny not_in_catalog -> allow \"B\": 1"),
+            "{text}"
+        );
     }
 }

@@ -14,56 +14,29 @@
 //! broader than the evidence. IP-literal targets get a commented-out rule
 //! with `addresses`.
 //!
-//! The registrable domain is a heuristic, not the Public Suffix List: the
-//! last two labels of the name, or the last three when the last label is a
-//! two-letter country code and the one before it is a common second-level
-//! label ([`SECOND_LEVEL`]: `co.uk`, `com.au`, `ac.jp`, `gov.in`, …). It only
-//! decides how hosts are grouped into rules; every host is still listed
-//! exactly, so a wrong guess costs an extra or a merged rule, never access.
+//! The registrable domain comes from the Public Suffix List, compiled in
+//! ([`crate::policy::suffix`]), with its private section: a name under a
+//! shared platform where anyone can publish (`d1a.cloudfront.net`,
+//! `foo.s3.amazonaws.com`, `x.github.io`) is its own registrable domain, so
+//! tenants are never merged, and a wildcard whose suffix is a public suffix
+//! is never mentioned: such a group says why it lists exact names only.
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
-use std::path::Path;
+use std::path::PathBuf;
 use std::time::SystemTime;
 
-use crate::audit::read::{open_log, parse_since, read_log, Logged};
+use crate::audit::read::{expand, parse_since, read_logs, Logged};
 use crate::audit::Decided;
 use crate::metrics::status::Status;
 use crate::policy::{Policy, Verdict};
 use crate::reason::Reason;
 use crate::target::{self, Host, Target};
 
-/// Second-level labels under a two-letter country code that are public
-/// suffixes often enough to group by the label after them.
-pub const SECOND_LEVEL: [&str; 11] = [
-    "co", "com", "net", "org", "ac", "gov", "edu", "or", "ne", "go", "mil",
-];
-
 /// Distinct hosts under one domain from which a comment mentions `*.domain`.
 pub const WILDCARD_HINT_HOSTS: usize = 3;
 
-/// The registrable domain of a normalised host name, by the heuristic above.
-pub fn registrable_domain(host: &str) -> &str {
-    let labels: Vec<&str> = host.rsplit('.').take(3).collect();
-    let keep = match labels.as_slice() {
-        [tld, sld, _]
-            if tld.len() == 2
-                && tld.bytes().all(|b| b.is_ascii_lowercase())
-                && SECOND_LEVEL.contains(sld) =>
-        {
-            3
-        }
-        _ => 2,
-    };
-    let mut cut = host.len();
-    for _ in 0..keep {
-        match host[..cut].rfind('.') {
-            Some(i) => cut = i,
-            None => return host,
-        }
-    }
-    &host[cut + 1..]
-}
+pub use crate::policy::suffix::registrable_domain;
 
 // === evidence ===
 
@@ -82,6 +55,14 @@ struct Dest {
 #[derive(Clone, Debug, Default)]
 pub struct Evidence {
     dests: BTreeMap<(String, u16), Dest>,
+}
+
+/// The label of a Squid `TCP_DENIED/403` line whose reason is not known.
+pub const SQUID_DENIED: &str = "TCP_DENIED/403 (Squid line, reason not logged)";
+
+/// A host that can be written back into a catalog unchanged.
+fn port_ok_name(host: &str) -> bool {
+    host.parse::<IpAddr>().is_ok() || target::is_normalized_name(host)
 }
 
 /// The label a record is counted under when a new allow rule would admit
@@ -143,6 +124,22 @@ impl Evidence {
         let Some(label) = wanted(decision, reason, is_ip) else {
             return false;
         };
+        self.insert(host, port, label, decision, clients, first, last, count);
+        true
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn insert(
+        &mut self,
+        host: &str,
+        port: u16,
+        label: &'static str,
+        decision: Decided,
+        clients: &[(IpAddr, u64)],
+        first: SystemTime,
+        last: SystemTime,
+        count: u64,
+    ) {
         let d = self.dests.entry((host.to_string(), port)).or_insert(Dest {
             count: 0,
             reported: 0,
@@ -161,7 +158,6 @@ impl Evidence {
         for (c, n) in clients {
             *d.clients.entry(*c).or_default() += n;
         }
-        true
     }
 
     /// Add one audit log record; false when it is not evidence.
@@ -173,6 +169,25 @@ impl Evidence {
             return false;
         };
         let clients: Vec<(IpAddr, u64)> = l.client_ip().map(|c| (c, 1)).into_iter().collect();
+        // A Squid line's TCP_DENIED/403 carries no reason: it is evidence,
+        // labelled as such, unless a catalog (`--config`) told the reason.
+        if l.squid && decision == Decided::Deny && l.reason.is_none() && l.status == Some(403) {
+            let host = target.host.to_string();
+            if port_ok_name(&host) {
+                self.insert(
+                    &host,
+                    target.port,
+                    SQUID_DENIED,
+                    decision,
+                    &clients,
+                    t,
+                    t,
+                    1,
+                );
+                return true;
+            }
+            return false;
+        }
         self.add(
             &target.host.to_string(),
             target.port,
@@ -480,7 +495,15 @@ impl Group<'_> {
             .map(|(h, _)| *h)
             .filter(|h| *h != self.domain)
             .collect();
-        if subdomains.len() >= WILDCARD_HINT_HOSTS {
+        if let Some(platform) = crate::policy::suffix::shared_platform(&self.domain) {
+            let _ = writeln!(
+                out,
+                "# {platform} is a public suffix (Public Suffix List, private section): anyone can\n# publish a name under it, so only exact names are suggested, never *.{platform}."
+            );
+        }
+        if subdomains.len() >= WILDCARD_HINT_HOSTS
+            && !crate::policy::suffix::is_public_suffix(&self.domain)
+        {
             let _ = writeln!(
                 out,
                 "# {} hosts under {d} were seen. If the vendor documents the whole domain,\n# hosts = [\"*.{d}\"] covers them and names not seen yet: broader than this evidence.",
@@ -543,28 +566,31 @@ pub struct Suggestion {
     pub notes: Vec<String>,
 }
 
-/// `egress-proxy suggest --audit FILE [--since D]`; with `policy` (an explicit
-/// `--config`), destinations it already lets through are left out.
+/// `egress-proxy suggest --audit FILE... [--since D]`; with `policy` (an
+/// explicit `--config`), destinations it already lets through are left out,
+/// and Squid lines get their reason from it.
 ///
 /// # Errors
-/// The log cannot be read, `--since` does not parse, or no line of a
+/// A log cannot be read, `--since` does not parse, or no line of a
 /// non-empty log is an audit record.
 pub fn command(
-    audit: &Path,
+    audit: &[PathBuf],
     since: Option<&str>,
     policy: Option<&Policy>,
 ) -> Result<Suggestion, String> {
     let since = since
         .map(|s| parse_since(s, SystemTime::now()))
         .transpose()?;
-    let source = audit.display().to_string();
-    let reader = open_log(audit).map_err(|e| format!("cannot read {source}: {e}"))?;
+    let files = expand(audit)?;
+    let source = source_label(&files);
     let mut ev = Evidence::default();
-    let stats = read_log(reader, since, |l| {
+    let stats = read_logs(&files, since, |mut l| {
+        if let Some(p) = policy {
+            l.fill_from(p);
+        }
         ev.add_logged(&l);
-    })
-    .map_err(|e| format!("cannot read {source}: {e}"))?;
-    let mut notes: Vec<String> = stats.skipped_note(&source).into_iter().collect();
+    })?;
+    let mut notes = vec![stats.summary()];
     if stats.records == 0 && stats.before_since == 0 && stats.skipped > 0 {
         return Err(format!(
             "no audit records in {source}: {}",
@@ -588,6 +614,20 @@ pub fn command(
         toml: ev.to_toml(&label),
         notes,
     })
+}
+
+/// The files read, for headers: one name, or the first and how many more.
+pub fn source_label(files: &[PathBuf]) -> String {
+    match files {
+        [one] => one.display().to_string(),
+        [first, rest @ ..] => format!(
+            "{} and {} more file{}",
+            first.display(),
+            rest.len(),
+            plural(rest.len() as u64)
+        ),
+        [] => "no files".into(),
+    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use super::{DefaultAction, Entry, FastMap, Policy, PortRange, Rule, RuleSpec};
+use super::{Action, DefaultAction, Entry, FastMap, Policy, PortRange, Rule, RuleSpec};
 
 impl Policy {
     /// A policy with no rules (every request is a policy miss).
@@ -102,6 +102,28 @@ impl Policy {
                     r.name,
                     names.join(", ")
                 ));
+            }
+        }
+        out
+    }
+
+    /// Warnings for rules (other than `deny`) with a wildcard over a whole
+    /// public suffix (`*.co.uk`, `*.cloudfront.net`): anyone can register or
+    /// publish a name under it, so the rule admits destinations of anyone's.
+    pub fn public_suffix_wildcards(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, r) in self.rules.iter().enumerate() {
+            if r.action == Action::Deny {
+                continue;
+            }
+            for h in &r.hosts {
+                if let Some(s) = super::suffix::wildcard_over_public_suffix(h) {
+                    out.push(format!(
+                        "warning: rule #{} \"{}\" host \"{h}\" covers the whole public suffix {s} (Public Suffix List): anyone can register a name under it, so this admits anyone's servers; list the exact host names instead",
+                        i + 1,
+                        r.name
+                    ));
+                }
             }
         }
         out

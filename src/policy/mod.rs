@@ -10,6 +10,7 @@
 //! allow, then to the rule written first.
 mod compile;
 pub mod ip;
+pub mod suffix;
 
 use std::collections::HashMap;
 use std::fmt;

@@ -64,6 +64,7 @@ impl Op {
         let mut sinks: Vec<Box<dyn AuditSink>> = vec![Box::new(memory.clone())];
         if let AuditPath::File(_) = &settings.audit.path {
             let file = LineSink::open(settings.audit.path.clone(), settings.audit.format)
+                .map(|s| s.log_query(settings.audit.log_query))
                 .expect("open the audit file");
             sinks.insert(0, Box::new(file));
         }
@@ -759,8 +760,9 @@ async fn squid_lines_for_a_tunnel_a_forward_and_a_denial() {
         .await
         .unwrap();
     assert_eq!(ok.text().await.unwrap(), "hello");
+    // With a query string: Squid's strip_query_terms, by default.
     let no = client
-        .get(format!("http://{UNLISTED}/"))
+        .get(format!("http://{UNLISTED}/?token=s3cret"))
         .send()
         .await
         .unwrap();
@@ -818,10 +820,16 @@ async fn squid_lines_for_a_tunnel_a_forward_and_a_denial() {
             "TCP_DENIED/403",
             "0",
             "GET",
-            format!("http://{UNLISTED}/").as_str(),
+            format!("http://{UNLISTED}/?").as_str(),
             "-",
             "HIER_NONE/-",
         ]
+    );
+    assert!(!file.contains("s3cret"), "{file}");
+    // The record itself (and the syslog copy) keeps the full URL.
+    assert_eq!(
+        records[2].url.as_deref(),
+        Some(format!("http://{UNLISTED}/?token=s3cret").as_str())
     );
 }
 

@@ -696,7 +696,7 @@ fn suggest_prints_catalog_rules_for_what_was_denied() {
     let r = run(&["suggest", "--audit", &fx("gateway.jsonl")]);
     assert_eq!(r.code, Some(0), "{}", r.show());
     assert!(
-        r.stderr.contains("skipped 1 unparsable line") && r.stderr.contains("line 21"),
+        r.stderr.contains("1 line skipped") && r.stderr.contains("gateway.jsonl:21"),
         "{}",
         r.show()
     );
@@ -868,13 +868,84 @@ fn suggest_bad_input_exits_1() {
     let r = run(&["suggest", "--audit", &fx("no-such.jsonl")]);
     assert_eq!(r.code, Some(1), "{}", r.show());
     assert!(r.stderr.contains("cannot read"), "{}", r.show());
-    // A Squid-format log is not JSON: every line skipped is bad input.
+    // A file with no audit record at all is bad input.
     let dir = tempfile::tempdir().unwrap();
-    let squid = dir.path().join("access.log");
-    std::fs::write(&squid, "1717318801.114     87 10.20.0.11 TCP_MISS/200 3921 GET http://repo.clearswift.net/ - HIER_DIRECT/185.155.104.80 -\n").unwrap();
-    let r = run(&["suggest", "--audit", squid.to_str().unwrap()]);
+    let junk = dir.path().join("junk.log");
+    std::fs::write(&junk, "hello\nworld\n").unwrap();
+    let r = run(&["suggest", "--audit", junk.to_str().unwrap()]);
     assert_eq!(r.code, Some(1), "{}", r.show());
     assert!(r.stderr.contains("no audit records"), "{}", r.show());
+    assert!(
+        r.stderr
+            .contains("neither a JSON record nor a Squid line: 2"),
+        "{}",
+        r.show()
+    );
+    // A glob that matches nothing.
+    let glob = dir.path().join("nothing*.log");
+    let r = run(&["suggest", "--audit", glob.to_str().unwrap()]);
+    assert_eq!(r.code, Some(1), "{}", r.show());
+    assert!(r.stderr.contains("no file matches"), "{}", r.show());
+}
+
+#[test]
+fn suggest_reads_globs_gzip_and_squid_lines() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    // Rotated JSON logs, the older one compressed, and a Squid log.
+    let json = std::fs::read_to_string(fx("gateway.jsonl")).unwrap();
+    let (older, newer) = json.split_at(json.len() / 2);
+    let (older, newer) = match older.rfind('\n') {
+        Some(i) => (&json[..=i], &json[i + 1..]),
+        None => (older, newer),
+    };
+    std::fs::write(dir.path().join("audit.log"), newer).unwrap();
+    let gz = std::fs::File::create(dir.path().join("audit.log.1.gz")).unwrap();
+    let mut enc = flate2::write::GzEncoder::new(gz, flate2::Compression::fast());
+    enc.write_all(older.as_bytes()).unwrap();
+    enc.finish().unwrap();
+    let squid = dir.path().join("access.log");
+    std::fs::write(
+        &squid,
+        "1717318801.114     87 10.20.0.11 TCP_MISS/200 3921 GET http://repo.clearswift.net/ - HIER_DIRECT/185.155.104.80 -\n\
+         1717318802.000      0 10.20.0.12 TCP_DENIED/403 0 CONNECT d1a.cloudfront.net:443 - HIER_NONE/- -\n\
+         1717318803.000      0 10.20.0.12 TCP_DENIED/407 0 CONNECT auth.example.com:443 - HIER_NONE/- -\n",
+    )
+    .unwrap();
+    let whole = run(&["suggest", "--audit", &fx("gateway.jsonl")]);
+    let glob = dir.path().join("audit.log*");
+    let r = run(&["suggest", "--audit", glob.to_str().unwrap()]);
+    assert_eq!(r.code, Some(0), "{}", r.show());
+    assert!(r.stderr.contains("read 2 files"), "{}", r.show());
+    // The same rules as from the one uncompressed file.
+    let rules = |t: &str| -> Vec<String> {
+        t.lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(rules(&r.stdout), rules(&whole.stdout), "{}", r.show());
+
+    let r = run(&["suggest", "--audit", squid.to_str().unwrap()]);
+    assert_eq!(r.code, Some(0), "{}", r.show());
+    assert!(
+        r.stderr.contains("3 records (3 Squid lines)"),
+        "{}",
+        r.show()
+    );
+    assert!(
+        r.stdout
+            .contains("TCP_DENIED/403 (Squid line, reason not logged) 1"),
+        "{}",
+        r.show()
+    );
+    assert!(
+        r.stdout.contains("\"d1a.cloudfront.net\", # 1 denied"),
+        "{}",
+        r.show()
+    );
+    assert!(!r.stdout.contains("auth.example.com"), "{}", r.show());
+    assert!(!r.stdout.contains("repo.clearswift.net"), "{}", r.show());
 }
 
 fn replay(catalog: &str) -> Run {
@@ -912,7 +983,50 @@ fn replay_under_the_recording_catalog_changes_nothing() {
         r.show()
     );
     assert!(
-        r.stderr.contains("skipped 1 unparsable line"),
+        r.stderr.contains("1 line skipped") && r.stderr.contains("gateway.jsonl:21"),
+        "{}",
+        r.show()
+    );
+}
+
+#[test]
+fn replay_reads_repeated_audit_files_and_squid_lines() {
+    // The same log twice, and a Squid line the recording catalog explains.
+    let dir = tempfile::tempdir().unwrap();
+    let squid = dir.path().join("access.log");
+    std::fs::write(
+        &squid,
+        "1748855040.000      0 10.20.0.11 TCP_TUNNEL/200 10 CONNECT query-api.eu1.apc.avira.com:443 - HIER_DIRECT/52.28.144.19 -\n",
+    )
+    .unwrap();
+    let r = run(&[
+        "replay",
+        "--config",
+        &fx("egress-proxy.toml"),
+        "--audit",
+        &fx("gateway.jsonl"),
+        "--audit",
+        &fx("gateway.jsonl"),
+        "--audit",
+        squid.to_str().unwrap(),
+        "--catalog",
+        &fx("catalog-drops.toml"),
+    ]);
+    assert_eq!(r.code, Some(3), "{}", r.show());
+    assert!(
+        r.stdout.contains("records: 47; re-decided: 39"),
+        "{}",
+        r.show()
+    );
+    assert!(
+        r.stderr.contains("read 3 files: 47 records (1 Squid line)"),
+        "{}",
+        r.show()
+    );
+    // The Squid line was a bypass under "Avira APC Cloud lookup", as the JSON ones.
+    assert!(
+        r.stdout
+            .contains("bypass \"Avira APC Cloud lookup\" -> deny not_in_catalog: 7"),
         "{}",
         r.show()
     );

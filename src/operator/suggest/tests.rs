@@ -1,4 +1,6 @@
 use super::*;
+use crate::audit::read::read_log;
+use std::path::Path;
 use std::time::Duration;
 
 #[test]
@@ -14,9 +16,110 @@ fn registrable_domains() {
         registrable_domain("ksn1.kaspersky-labs.com"),
         "kaspersky-labs.com"
     );
-    // Only under a two-letter country code.
-    assert_eq!(registrable_domain("a.co.example"), "co.example");
     assert_eq!(registrable_domain("a.net.com"), "net.com");
+    // The list's private section: each tenant is its own domain.
+    assert_eq!(
+        registrable_domain("d1a.cloudfront.net"),
+        "d1a.cloudfront.net"
+    );
+    assert_eq!(
+        registrable_domain("foo.s3.amazonaws.com"),
+        "foo.s3.amazonaws.com"
+    );
+}
+
+/// Add one `not_in_catalog` CONNECT denial per host on port 443.
+fn denied(hosts: &[&str]) -> Evidence {
+    let mut ev = Evidence::default();
+    let c: &[(IpAddr, u64)] = &[("10.0.0.5".parse().unwrap(), 1)];
+    for h in hosts {
+        assert!(ev.add(
+            h,
+            443,
+            Some(Reason::NotInCatalog),
+            Decided::Deny,
+            c,
+            t(0),
+            t(1),
+            1
+        ));
+    }
+    ev
+}
+
+fn wildcards(toml: &str) -> Vec<&str> {
+    toml.lines().filter(|l| l.contains("*.")).collect()
+}
+
+#[test]
+fn never_a_wildcard_over_a_shared_platform() {
+    let ev = denied(&[
+        "d1a.cloudfront.net",
+        "d2b.cloudfront.net",
+        "d3c.cloudfront.net",
+        "foo.s3.amazonaws.com",
+        "bar.s3.amazonaws.com",
+        "baz.s3.amazonaws.com",
+    ]);
+    let toml = ev.to_toml("test");
+    for w in [
+        "*.cloudfront.net\"",
+        "*.amazonaws.com\"",
+        "*.s3.amazonaws.com\"",
+    ] {
+        assert!(!toml.contains(&format!("hosts = [\"{w}")), "{toml}");
+    }
+    assert!(
+        wildcards(&toml).iter().all(|l| l.contains("never *.")),
+        "{toml}"
+    );
+    assert!(
+        toml.contains(
+            "# cloudfront.net is a public suffix (Public Suffix List, private section): anyone can"
+        ),
+        "{toml}"
+    );
+    assert!(toml.contains("never *.s3.amazonaws.com."), "{toml}");
+    // One rule per tenant, each with its exact name.
+    let specs = crate::config::parse_catalog("suggestion", &toml, Path::new(".")).unwrap();
+    assert_eq!(specs.len(), 6, "{toml}");
+    assert!(specs
+        .iter()
+        .all(|s| s.hosts.len() == 1 && !s.hosts[0].contains('*')));
+}
+
+#[test]
+fn never_a_wildcard_over_an_icann_suffix() {
+    // Three different registrants under co.uk: three rules, no *.co.uk.
+    let toml = denied(&["a.co.uk", "b.co.uk", "c.co.uk"]).to_toml("test");
+    assert!(wildcards(&toml).is_empty(), "{toml}");
+    let specs = crate::config::parse_catalog("suggestion", &toml, Path::new(".")).unwrap();
+    assert_eq!(specs.len(), 3, "{toml}");
+    // One registrant under co.uk: grouped, and the hint names its domain.
+    let toml = denied(&["www.bbc.co.uk", "api.bbc.co.uk", "cdn.bbc.co.uk"]).to_toml("test");
+    assert!(
+        toml.contains("hosts = [\"*.bbc.co.uk\"] covers them"),
+        "{toml}"
+    );
+    assert!(!toml.contains("*.co.uk"), "{toml}");
+}
+
+#[test]
+fn a_vendor_domain_is_grouped_as_before() {
+    let toml = denied(&[
+        "ksn1.kaspersky-labs.com",
+        "ksn2.kaspersky-labs.com",
+        "dnl-01.geo.kaspersky-labs.com",
+    ])
+    .to_toml("test");
+    assert!(
+        toml.contains("hosts = [\"*.kaspersky-labs.com\"] covers them"),
+        "{toml}"
+    );
+    assert!(!toml.contains("public suffix"), "{toml}");
+    let specs = crate::config::parse_catalog("suggestion", &toml, Path::new(".")).unwrap();
+    assert_eq!(specs.len(), 1);
+    assert_eq!(specs[0].hosts.len(), 3);
 }
 
 fn t(s: u64) -> SystemTime {
