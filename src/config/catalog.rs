@@ -86,6 +86,7 @@ fn validate_rule(r: RawRule, base: &Path, err: &mut impl FnMut(&str, String)) ->
         pin: r.pin,
         rate,
         client_cert,
+        clients: r.clients,
     })
 }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use super::{DefaultAction, Entry, FastMap, Policy, PortRange, Rule, RuleSpec};
+use super::{ClientGroups, DefaultAction, Entry, FastMap, Policy, PortRange, Rule, RuleSpec};
 
 impl Policy {
     /// A policy with no rules (every request is a policy miss).
@@ -14,7 +14,19 @@ impl Policy {
     }
 
     /// Index validated rules. `inspect` says whether a CA is configured.
+    /// No client groups: a rule with `clients` applies to nobody.
     pub fn compile(rules: Vec<RuleSpec>, default: DefaultAction, inspect: bool) -> Self {
+        Policy::compile_with(rules, default, inspect, Arc::default())
+    }
+
+    /// [`Policy::compile`] with `[clients.groups]`, for rules with `clients`.
+    pub fn compile_with(
+        rules: Vec<RuleSpec>,
+        default: DefaultAction,
+        inspect: bool,
+        groups: Arc<ClientGroups>,
+    ) -> Self {
+        let masks: Vec<u64> = rules.iter().map(|r| groups.mask(&r.clients)).collect();
         let mut exact: FastMap<Box<str>, Vec<Entry>> = FastMap::default();
         let mut wildcard: FastMap<Box<str>, Vec<Entry>> = FastMap::default();
         let mut addresses = Vec::new();
@@ -22,6 +34,7 @@ impl Policy {
             let entry = Entry {
                 rule: u32::try_from(i).unwrap_or(u32::MAX),
                 action: r.action,
+                clients: masks[i],
             };
             for h in &r.hosts {
                 let (map, key) = match h.strip_prefix("*.") {
@@ -62,6 +75,8 @@ impl Policy {
             default,
             inspect,
             hash,
+            groups,
+            masks,
         }
     }
 }
@@ -107,9 +122,12 @@ impl Policy {
         out
     }
 
+    /// Rule `j` wins over rule `i` wherever `i` applies: it applies to
+    /// every client `i` does, and takes precedence.
     fn beats(&self, j: usize, i: usize) -> bool {
         let (a, b) = (&self.rules[j], &self.rules[i]);
-        a.action > b.action || (a.action == b.action && j < i)
+        let covers = self.masks[j] & self.masks[i] == self.masks[i];
+        covers && (a.action > b.action || (a.action == b.action && j < i))
     }
 
     fn pattern_covered(
