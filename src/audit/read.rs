@@ -20,6 +20,10 @@ pub struct Logged {
     #[serde(default)]
     pub client: Option<String>,
     #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub client_group: Option<String>,
+    #[serde(default)]
     pub method: Option<String>,
     #[serde(default)]
     pub host: Option<String>,
