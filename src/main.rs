@@ -28,6 +28,9 @@ enum Cmd {
     Check,
     /// Say what the policy decides for a target: "http://host/path" or "host:port".
     Explain {
+        /// Decide for this client address (its [clients.groups]).
+        #[arg(long)]
+        client: Option<String>,
         /// "http://host/…" (a plain request) or "host:port" (a CONNECT).
         target: String,
     },
@@ -203,9 +206,12 @@ fn command(cli: Cli) -> Result<ExitCode, Fail> {
             println!("configuration OK");
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Explain { target } => {
+        Cmd::Explain { client, target } => {
             let settings = load(cli.config.as_deref())?;
-            print!("{}", cli::explain(&settings.policy, &target)?);
+            print!(
+                "{}",
+                cli::explain_for(&settings.policy, &target, client.as_deref())?
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Run => serve(load(cli.config.as_deref())?, cli.config),

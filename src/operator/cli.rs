@@ -122,6 +122,8 @@ pub struct Explained {
     pub reason: Option<&'static str>,
     pub why: String,
     pub losers: Vec<(String, &'static str)>,
+    /// `--client`: the address decided for, and its groups (None: in none).
+    pub client: Option<(std::net::IpAddr, Option<String>)>,
 }
 
 /// Parse `http://host/...` (a plain request) or `host:port` (a CONNECT) and explain it.
@@ -129,6 +131,31 @@ pub struct Explained {
 /// # Errors
 /// The target does not parse; the message says why.
 pub fn explain(policy: &Policy, input: &str) -> Result<Explained, String> {
+    explain_for(policy, input, None)
+}
+
+/// [`explain`] for the client at address `client` (`--client`,
+/// `/api/explain?client=`): rules with `clients` apply only when it is in
+/// one of their groups. Without it, the client is in no group.
+///
+/// # Errors
+/// The target or the client address does not parse.
+pub fn explain_for(
+    policy: &Policy,
+    input: &str,
+    client: Option<&str>,
+) -> Result<Explained, String> {
+    let client = client
+        .map(|c| {
+            let c = c.trim();
+            c.parse::<std::net::IpAddr>()
+                .or_else(|_| c.parse::<std::net::SocketAddr>().map(|s| s.ip()))
+                .map_err(|_| format!("client {c:?} is not an IP address; write e.g. 10.0.1.5"))
+        })
+        .transpose()?;
+    let groups = client.map_or(crate::policy::GroupSet::EVERYONE, |ip| {
+        policy.groups_of(ip, None)
+    });
     let input = input.trim();
     let (target, method) = if input.contains("://") {
         let uri: http::Uri = input.parse().map_err(|e| format!("not a URL: {e}"))?;
@@ -138,7 +165,7 @@ pub fn explain(policy: &Policy, input: &str) -> Result<Explained, String> {
         let t = target::parse_authority(input).map_err(|e| format!("bad_request: {e}"))?;
         (t, http::Method::CONNECT)
     };
-    let ex = policy.explain(&target, &method);
+    let ex = policy.explain_for(&target, &method, groups);
     let d = ex.decision;
     let rule = d.rule.and_then(|i| policy.rule(i));
     let why = match (d.verdict, rule, d.reason) {
@@ -177,6 +204,7 @@ pub fn explain(policy: &Policy, input: &str) -> Result<Explained, String> {
         reason: d.reason.map(|r| r.as_str()),
         why,
         losers,
+        client: client.map(|ip| (ip, policy.client_groups().names(groups))),
     })
 }
 
@@ -187,6 +215,10 @@ impl fmt::Display for Explained {
             "target:   {} ({} {})",
             self.input, self.method, self.target
         )?;
+        if let Some((ip, groups)) = &self.client {
+            let groups = groups.as_deref().unwrap_or("(none)");
+            writeln!(f, "client:   {ip} (groups: {groups})")?;
+        }
         writeln!(f, "decision: {}", self.verdict.as_str())?;
         writeln!(f, "rule:     {}", self.rule.as_deref().unwrap_or("(none)"))?;
         if let Some(r) = self.reason {
