@@ -96,6 +96,16 @@ impl ClientGroups {
         GroupSet(set)
     }
 
+    /// The set a record's `client_group` names (comma-separated); unknown
+    /// names add nothing.
+    pub fn set_of(&self, names: &str) -> GroupSet {
+        let bits = names
+            .split(',')
+            .filter_map(|n| self.bit(n.trim()))
+            .fold(0, |m, b| m | (1u64 << b));
+        GroupSet(GroupSet::EVERYONE.0 | bits)
+    }
+
     /// The names in `set`, comma-separated in configuration order; None when
     /// the client is in no named group.
     pub fn names(&self, set: GroupSet) -> Option<String> {
