@@ -55,6 +55,17 @@ pub fn summary(settings: &Settings) -> String {
         p.rules().len(),
         acts.join(", ")
     );
+    let groups = p.client_groups();
+    if !groups.is_empty() {
+        let names: Vec<&str> = groups.groups().iter().map(|g| g.name.as_str()).collect();
+        let scoped = p.rules().iter().filter(|r| !r.clients.is_empty()).count();
+        let _ = writeln!(
+            out,
+            "client groups: {} ({}); {scoped} rules scoped with `clients`",
+            names.len(),
+            names.join(", ")
+        );
+    }
     let _ = writeln!(out);
     let _ = writeln!(
         out,
@@ -69,6 +80,11 @@ pub fn summary(settings: &Settings) -> String {
             format!("{} (+{} more)", names[..2].join(" "), names.len() - 2)
         } else {
             names.join(" ")
+        };
+        let shown = if r.clients.is_empty() {
+            shown
+        } else {
+            format!("{shown} [clients: {}]", r.clients.join(", "))
         };
         let _ = writeln!(
             out,
