@@ -225,3 +225,34 @@ fn explain_client_and_check_warnings() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_reload_moves_a_client_between_groups() {
+    let origin = HttpOrigin::start().await;
+    let cfg = config(&[WEB_VENDOR, COMMON], GROUPS);
+    let proxy = TestProxy::start(&cfg, &catalog(origin.port())).await;
+    let before = from(WEB_CLIENT, &proxy, WEB_VENDOR, origin.port()).await;
+    assert_eq!(before.status, 200, "{}", before.head);
+
+    // The web group is now 127.0.0.3: 127.0.0.2 is in no group.
+    let moved = config(
+        &[WEB_VENDOR, COMMON],
+        "[clients.groups]\nweb = [\"127.0.0.3/32\"]\n",
+    );
+    let path = proxy.dir.path().join("egress-proxy.toml");
+    std::fs::write(&path, &moved).expect("config");
+    egress_proxy::reload::reload(&proxy.handle, Some(&path), Vec::new).expect("reload");
+
+    let after = from(WEB_CLIENT, &proxy, WEB_VENDOR, origin.port()).await;
+    assert_eq!(
+        after.header("x-egress-error"),
+        Some("not_in_catalog"),
+        "{}",
+        after.head
+    );
+    let moved_in = from("127.0.0.3", &proxy, WEB_VENDOR, origin.port()).await;
+    assert_eq!(moved_in.status, 200, "{}", moved_in.head);
+    let recs = proxy.exactly(3).await;
+    let groups: Vec<Option<&str>> = recs.iter().map(|r| r.client_group.as_deref()).collect();
+    assert_eq!(groups, [Some("web"), None, Some("web")]);
+}
