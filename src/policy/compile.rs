@@ -63,7 +63,7 @@ impl Policy {
             .keys()
             .map(|k| k.split('.').count())
             .fold(0u64, |m, n| m | (1u64 << n.min(63)));
-        let hash = hash_rules(&rules, default);
+        let hash = hash_rules(&rules, default, &groups);
         let names = rules.iter().map(|r| Arc::from(r.name.as_str())).collect();
         Policy {
             rules,
@@ -180,7 +180,7 @@ impl Policy {
 }
 
 /// FNV-1a over a canonical text of the rules: stable across runs and builds.
-fn hash_rules(rules: &[Rule], default: DefaultAction) -> u64 {
+fn hash_rules(rules: &[Rule], default: DefaultAction, groups: &ClientGroups) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut feed = |s: &str| {
         for b in s.bytes().chain(std::iter::once(0)) {
@@ -194,6 +194,10 @@ fn hash_rules(rules: &[Rule], default: DefaultAction) -> u64 {
     });
     for r in rules {
         feed(&format!("{r:?}"));
+    }
+    // The groups decide what scoped rules admit; none leaves the hash as it was.
+    for g in groups.groups() {
+        feed(&format!("{g:?}"));
     }
     h
 }
