@@ -1483,3 +1483,53 @@ action = "deny"
         "{w:?}"
     );
 }
+
+/// The definition: for a client, deciding with scoped rules is deciding over
+/// the catalog of the rules that apply to it (and only those).
+#[test]
+fn deciding_for_a_client_is_deciding_over_its_own_catalog() {
+    let p = scoped();
+    let targets = [
+        "update.example.com:443",
+        "update.example.com:8443",
+        "update.example.com:80",
+        "a.cdn.example.com:443",
+        "a.cdn.example.com:80",
+        "other.example.com:443",
+        "192.0.2.9:443",
+        "192.0.2.9:80",
+        "unknown.test:443",
+        "http://update.example.com:8443/x",
+    ];
+    for (ip, user) in [
+        ("10.0.1.7", None),
+        ("10.0.2.7", None),
+        ("10.9.9.9", None),
+        ("10.0.1.7", Some("mailgw")),
+    ] {
+        let groups = p.groups_of(ip.parse().unwrap(), user);
+        let own: Vec<(usize, RuleSpec)> = p
+            .rules()
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| groups.admits(p.masks[*i]))
+            .map(|(i, r)| {
+                let mut r = r.clone();
+                r.clients.clear();
+                (i, r)
+            })
+            .collect();
+        let reference = Policy::compile(
+            own.iter().map(|(_, r)| r.clone()).collect(),
+            DefaultAction::Deny,
+            false,
+        );
+        for input in targets {
+            let (t, m) = target(input);
+            let got = p.decide_for(&t, &m, groups);
+            let mut want = reference.decide(&t, &m);
+            want.rule = want.rule.map(|j| own[j].0);
+            assert_eq!(got, want, "{ip} {user:?} {input}");
+        }
+    }
+}
