@@ -6,6 +6,7 @@
 //! most [`MAX_GROUPS`]), and the top bit ([`GroupSet::EVERYONE`]) is in every
 //! client's set, so a rule without `clients` (mask [`u64::MAX`]) and a
 //! client-scoped rule are both checked with one AND.
+use std::collections::HashMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -21,10 +22,14 @@ pub struct ClientGroup {
     pub users: Vec<String>,
 }
 
-/// The groups of a configuration, in name order (index = bit).
+/// The groups of a configuration, in name order (index = bit), with flat
+/// lookup tables: (network, mask, bit) per CIDR by family, and user -> bits.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ClientGroups {
     groups: Vec<ClientGroup>,
+    v4: Vec<(u32, u32, u64)>,
+    v6: Vec<(u128, u128, u64)>,
+    users: HashMap<String, u64>,
 }
 
 /// The groups one client is in, as a bitmask (see the module docs).
@@ -51,7 +56,27 @@ impl ClientGroups {
     /// At most [`MAX_GROUPS`] groups (more are ignored; validation refuses them).
     pub fn new(mut groups: Vec<ClientGroup>) -> Self {
         groups.truncate(MAX_GROUPS);
-        ClientGroups { groups }
+        let (mut v4, mut v6, mut users) = (Vec::new(), Vec::new(), HashMap::new());
+        for (i, g) in groups.iter().enumerate() {
+            let bit = 1u64 << i;
+            for net in &g.cidrs {
+                match net {
+                    IpNet::V4(n) => v4.push((u32::from(n.network()), u32::from(n.netmask()), bit)),
+                    IpNet::V6(n) => {
+                        v6.push((u128::from(n.network()), u128::from(n.netmask()), bit))
+                    }
+                }
+            }
+            for u in &g.users {
+                *users.entry(u.clone()).or_default() |= bit;
+            }
+        }
+        ClientGroups {
+            groups,
+            v4,
+            v6,
+            users,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -86,12 +111,23 @@ impl ClientGroups {
     /// Costs a pass over the groups' CIDRs (a handful), never the catalog.
     pub fn resolve(&self, ip: IpAddr, user: Option<&str>) -> GroupSet {
         let mut set = GroupSet::EVERYONE.0;
-        for (i, g) in self.groups.iter().enumerate() {
-            let by_ip = g.cidrs.iter().any(|n| n.contains(&ip));
-            let by_user = user.is_some_and(|u| g.users.iter().any(|x| x == u));
-            if by_ip || by_user {
-                set |= 1u64 << i;
+        // `::ffff:10.0.1.5` is the IPv4 client (as the door records it).
+        match ip.to_canonical() {
+            IpAddr::V4(a) => {
+                let a = u32::from(a);
+                for &(net, mask, bit) in &self.v4 {
+                    set |= if a & mask == net { bit } else { 0 };
+                }
             }
+            IpAddr::V6(a) => {
+                let a = u128::from(a);
+                for &(net, mask, bit) in &self.v6 {
+                    set |= if a & mask == net { bit } else { 0 };
+                }
+            }
+        }
+        if let Some(bits) = user.and_then(|u| self.users.get(u)) {
+            set |= bits;
         }
         GroupSet(set)
     }
