@@ -39,6 +39,9 @@ enum Cmd {
     Check,
     /// Say what the policy decides for a target: "http://host/path", "https://host/path" or "host:port".
     Explain {
+        /// Decide for this client address (its [clients.groups]).
+        #[arg(long)]
+        client: Option<String>,
         /// "http://host/…" (a plain request), "https://host/…" (the CONNECT a
         /// gateway sends for it: host, port 443 or the URL's) or "host:port"
         /// (a CONNECT).
@@ -295,9 +298,9 @@ fn command(cli: Cli) -> Result<ExitCode, Fail> {
             out("configuration OK\n")?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Explain { target } => {
+        Cmd::Explain { client, target } => {
             let settings = load(config.as_deref())?;
-            out(&cli::explain_routed(&settings, &target)?.to_string())?;
+            out(&cli::explain_routed(&settings, &target, client.as_deref())?.to_string())?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Import {

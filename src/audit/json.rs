@@ -41,6 +41,9 @@ impl Record {
         if let Some(u) = &self.user {
             text(out, "user", u);
         }
+        if let Some(g) = &self.client_group {
+            text(out, "client_group", g);
+        }
         if let Some(m) = &self.method {
             text(out, "method", m.as_str());
         }
@@ -180,6 +183,9 @@ impl Serialize for Record {
         m.serialize_entry("client", &self.client.to_string())?;
         if let Some(u) = &self.user {
             m.serialize_entry("user", u.as_ref())?;
+        }
+        if let Some(g) = &self.client_group {
+            m.serialize_entry("client_group", g.as_ref())?;
         }
         if let Some(v) = &self.method {
             m.serialize_entry("method", v.as_str())?;

@@ -24,6 +24,10 @@ pub struct Logged {
     #[serde(default)]
     pub client: Option<String>,
     #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub client_group: Option<String>,
+    #[serde(default)]
     pub method: Option<String>,
     #[serde(default)]
     pub host: Option<String>,
@@ -360,9 +364,14 @@ fn read_one(
 /// before any policy (reason `squid NONE_NONE/…`), anything else `allow`.
 pub fn squid_record(line: &str) -> Option<Logged> {
     let fields: Vec<&str> = line.split_ascii_whitespace().collect();
-    let [time, elapsed, client, code, _bytes, method, url, ..] = fields[..] else {
+    let [time, elapsed, client, code, _bytes, method, url, ref rest @ ..] = fields[..] else {
         return None;
     };
+    // The proxy-auth user, when the line has one; it decides user groups.
+    let user = rest
+        .first()
+        .filter(|u| **u != "-")
+        .map(|u| (*u).to_string());
     let (secs, millis) = time.split_once('.').unwrap_or((time, "0"));
     let end = SystemTime::UNIX_EPOCH
         + Duration::from_secs(secs.parse().ok()?)
@@ -397,6 +406,8 @@ pub fn squid_record(line: &str) -> Option<Logged> {
         time: Some(start),
         squid: true,
         line: 0,
+        user,
+        client_group: None,
     };
     if method == "CONNECT" {
         let (host, port) = url.rsplit_once(':')?;

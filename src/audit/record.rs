@@ -37,6 +37,9 @@ pub struct Record {
     pub id: u64,
     pub client: SocketAddr,
     pub user: Option<Arc<str>>,
+    /// The client's groups (`[clients.groups]`), comma-separated; absent
+    /// when it is in none.
+    pub client_group: Option<Arc<str>>,
     pub method: Option<http::Method>,
     pub host: Option<String>,
     pub port: Option<u16>,
@@ -65,6 +68,7 @@ impl Record {
             id,
             client,
             user: None,
+            client_group: None,
             method: None,
             host: None,
             port: None,

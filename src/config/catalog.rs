@@ -99,6 +99,7 @@ fn validate_rule(r: RawRule, base: &Path, err: &mut impl FnMut(&str, String)) ->
         rate,
         client_cert,
         route,
+        clients: r.clients,
     })
 }
 

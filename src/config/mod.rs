@@ -14,7 +14,10 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use crate::policy::{Action, EchMode, Policy, PortRange, Route, RuleSpec, SniMode};
+use crate::policy::{
+    Action, ClientGroup, ClientGroups, EchMode, Policy, PortRange, Route, RuleSpec, SniMode,
+    MAX_GROUPS,
+};
 pub use crate::policy::{DefaultAction, Rate};
 use crate::target::{self, Host};
 
@@ -249,6 +252,8 @@ pub struct Settings {
     pub parent: Option<Parent>,
     /// The compiled catalog, ready for `decide`.
     pub policy: Arc<Policy>,
+    /// `[clients.groups]` (also compiled into `policy`).
+    pub client_groups: Arc<ClientGroups>,
     /// Non-fatal findings (shadowed rules and the like).
     pub warnings: Vec<String>,
 }
@@ -349,16 +354,34 @@ impl Settings {
                 });
             }
         }
+        for (i, s) in specs.iter().enumerate() {
+            for g in s
+                .clients
+                .iter()
+                .filter(|g| settings.client_groups.bit(g).is_none())
+            {
+                v.errors.push(ConfigError {
+                    location: format!("{}: clients", rule_location(&catalog_name, i, &s.name)),
+                    message: format!("unknown client group {g:?}; name it in [clients.groups] of the configuration, or remove it"),
+                });
+            }
+        }
         if !v.errors.is_empty() {
             return Err(ConfigErrors(v.errors));
         }
-        let policy = Policy::compile(specs, settings.policy_settings.default, inspect);
-        settings.warnings = policy
-            .shadowed()
-            .into_iter()
-            .chain(policy.public_suffix_wildcards())
-            .map(|w| format!("{catalog_name}: {w}"))
-            .collect();
+        let policy = Policy::compile_with(
+            specs,
+            settings.policy_settings.default,
+            inspect,
+            Arc::clone(&settings.client_groups),
+        );
+        settings.warnings.extend(
+            policy
+                .shadowed()
+                .into_iter()
+                .chain(policy.public_suffix_wildcards())
+                .map(|w| format!("{catalog_name}: {w}")),
+        );
         settings.policy = Arc::new(policy);
         Ok(settings)
     }
@@ -384,7 +407,8 @@ impl Settings {
         if self.policy.inspection_enabled() != inspect {
             let rules = self.policy.rules().to_vec();
             let default = self.policy.default_action();
-            self.policy = Arc::new(Policy::compile(rules, default, inspect));
+            let groups = Arc::clone(self.policy.client_groups());
+            self.policy = Arc::new(Policy::compile_with(rules, default, inspect, groups));
         }
         if self.server.proxy_protocol != running.server.proxy_protocol {
             self.server.proxy_protocol = running.server.proxy_protocol;

@@ -59,12 +59,15 @@ impl Default for RawServer {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawClients {
     pub(super) allow: Vec<String>,
+    /// `[clients.groups]`: name -> `["10.0.1.0/24", "user:webgw"]`.
+    pub(super) groups: BTreeMap<String, Vec<String>>,
 }
 
 impl Default for RawClients {
     fn default() -> Self {
         RawClients {
             allow: vec!["127.0.0.1/32".into(), "::1/128".into()],
+            groups: BTreeMap::new(),
         }
     }
 }
@@ -214,6 +217,8 @@ pub(super) struct RawRule {
     pub(super) rate: Option<String>,
     pub(super) client_cert: Option<RawClientCert>,
     pub(super) route: Option<String>,
+    #[serde(default)]
+    pub(super) clients: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]

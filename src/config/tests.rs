@@ -309,7 +309,59 @@ fn bad_cases() -> Vec<Bad> {
         )
         .catalog(CLIENT_CERT_ALLOW)
         .files(&["client.pem", "client.key"]),
+        bad(
+            "a rule naming an unknown client group",
+            "[clients.groups]\nweb = [\"127.0.0.1/32\"]\n",
+            &["catalog.toml: rule #1 \"example\": clients", "unknown client group \"mail\"", "[clients.groups]"],
+        )
+        .catalog(SCOPED_TO_MAIL),
+        bad(
+            "a client group with a bad name, no entries, a bad CIDR",
+            "[clients.groups]\n\"web gw\" = [\"127.0.0.1/32\"]\nempty = []\nbad = [\"10.0.0.1/8\"]\n",
+            &["clients.groups.web gw: a group name is letters", "clients.groups.empty: empty", "clients.groups.bad: \"10.0.0.1/8\" has host bits set"],
+        ),
+        bad(
+            "a client group naming a user without [auth]",
+            "[clients.groups]\nweb = [\"user:webgw\"]\n",
+            &["clients.groups.web", "\"user:webgw\": no such user in [auth] users"],
+        ),
     ]
+}
+
+const SCOPED_TO_MAIL: &str = r#"
+[[rule]]
+name    = "example"
+hosts   = ["a.example"]
+ports   = [443]
+action  = "allow"
+clients = ["mail"]
+"#;
+
+#[test]
+fn client_groups_load_and_compile_into_the_policy() {
+    let config = "[auth]\nusers = { mailgw = \"$argon2id$x\" }\n[clients.groups]\nmail = [\"127.0.0.2/32\", \"user:mailgw\"]\nfar = [\"10.9.0.0/16\"]\n";
+    let loaded = load(config, SCOPED_TO_MAIL);
+    let s = loaded.settings();
+    let g = s.policy.client_groups();
+    assert_eq!(g.groups().len(), 2);
+    let mail = s.policy.groups_of("127.0.0.2".parse().unwrap(), None);
+    assert_eq!(g.names(mail).as_deref(), Some("mail"));
+    let by_user = s
+        .policy
+        .groups_of("127.0.0.1".parse().unwrap(), Some("mailgw"));
+    assert_eq!(g.names(by_user).as_deref(), Some("mail"));
+    // A CIDR outside clients.allow can never match a connected client.
+    assert!(
+        s.warnings
+            .iter()
+            .any(|w| w.contains("clients.groups.far: 10.9.0.0/16 is outside clients.allow")),
+        "{:?}",
+        s.warnings
+    );
+    // A reload that recompiles (inspection kept as running) keeps the groups.
+    let again = load(config, SCOPED_TO_MAIL).result.unwrap();
+    let kept = again.keeping_restart_only(s);
+    assert_eq!(kept.policy.client_groups().groups().len(), 2);
 }
 
 #[test]

@@ -76,7 +76,7 @@ impl<'a> Validator<'a> {
         base: &Path,
     ) -> Settings {
         let server = self.server(raw.server);
-        let clients = raw
+        let clients: Vec<IpNet> = raw
             .clients
             .allow
             .iter()
@@ -94,6 +94,8 @@ impl<'a> Validator<'a> {
                 .and_then(|r| self.rate("rates.per_client_tunnels", &r)),
         };
         let auth = self.auth(raw.auth);
+        let (client_groups, group_warnings) =
+            self.client_groups(&raw.clients.groups, &clients, &auth);
         let dns = self.dns(raw.dns);
         let policy_settings = PolicySettings {
             catalog: match source {
@@ -130,8 +132,71 @@ impl<'a> Validator<'a> {
             denials_kept: usize::try_from(raw.status.denials_kept).unwrap_or(usize::MAX),
             parent,
             policy: Arc::new(Policy::empty()),
-            warnings: Vec::new(),
+            client_groups: Arc::new(client_groups),
+            warnings: group_warnings,
         }
+    }
+
+    /// `[clients.groups]`: `name = ["10.0.1.0/24", "user:webgw"]`. Names are
+    /// letters, digits, `.`, `_`, `-`; entries are CIDRs (or bare addresses)
+    /// and, with `[auth]` users set, `user:NAME` for a configured user. The
+    /// warnings name CIDRs outside `clients.allow` (no client there connects).
+    pub(super) fn client_groups(
+        &mut self,
+        raw: &BTreeMap<String, Vec<String>>,
+        allow: &[IpNet],
+        auth: &AuthSettings,
+    ) -> (ClientGroups, Vec<String>) {
+        if raw.len() > MAX_GROUPS {
+            self.err(
+                "clients.groups",
+                format!("{} groups; at most {MAX_GROUPS} may be named", raw.len()),
+            );
+        }
+        let mut groups = Vec::with_capacity(raw.len());
+        let mut warnings = Vec::new();
+        for (name, entries) in raw {
+            let key = format!("clients.groups.{name}");
+            let name_ok = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+            if !name_ok {
+                self.err(
+                    &key,
+                    "a group name is letters, digits, '.', '_' and '-', e.g. web-gateways".into(),
+                );
+            }
+            if entries.is_empty() {
+                self.err(
+                    &key,
+                    "empty; list CIDRs and users, e.g. [\"10.0.1.0/24\", \"user:webgw\"]".into(),
+                );
+            }
+            let mut group = ClientGroup {
+                name: name.clone(),
+                cidrs: Vec::new(),
+                users: Vec::new(),
+            };
+            for e in entries {
+                if let Some(user) = e.strip_prefix("user:") {
+                    if !auth.users.contains_key(user) {
+                        self.err(&key, format!("{e:?}: no such user in [auth] users; a user entry needs proxy auth on and the user configured"));
+                    }
+                    group.users.push(user.to_string());
+                } else if let Some(net) = self.cidr(&key, e) {
+                    let overlaps = allow
+                        .iter()
+                        .any(|a| a.contains(&net.network()) || net.contains(&a.network()));
+                    if !overlaps {
+                        warnings.push(format!("{}: warning: {key}: {net} is outside clients.allow; no client from it can connect", self.file));
+                    }
+                    group.cidrs.push(net);
+                }
+            }
+            groups.push(group);
+        }
+        (ClientGroups::new(groups), warnings)
     }
 
     pub(super) fn server(&mut self, raw: RawServer) -> ServerSettings {

@@ -257,18 +257,22 @@ fn status_route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes
             r
         }
         _ => {
-            let target = req.uri().query().and_then(|q| {
-                url::form_urlencoded::parse(q.as_bytes())
-                    .find(|(k, _)| k == "target")
-                    .map(|(_, v)| v.into_owned())
-            });
+            let param = |name: &str| {
+                req.uri().query().and_then(|q| {
+                    url::form_urlencoded::parse(q.as_bytes())
+                        .find(|(k, _)| k == name)
+                        .map(|(_, v)| v.into_owned())
+                })
+            };
+            let target = param("target");
+            let client = param("client").filter(|c| !c.trim().is_empty());
             let Some(target) = target.filter(|t| !t.trim().is_empty()) else {
                 return json(
                     StatusCode::BAD_REQUEST,
                     &serde_json::json!({"error": "give a target: /api/explain?target=http://host/path, https://host/path or host:port"}),
                 );
             };
-            match super::cli::explain_routed(&settings, &target) {
+            match super::cli::explain_routed(&settings, &target, client.as_deref()) {
                 Ok(ex) => json(
                     StatusCode::OK,
                     &serde_json::json!({
@@ -281,6 +285,8 @@ fn status_route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes
                         "why": ex.why,
                         "route": ex.route,
                         "note": ex.note,
+                        "client": ex.client.as_ref().map(|(ip, _)| ip.to_string()),
+                        "client_group": ex.client.as_ref().and_then(|(_, g)| g.clone()),
                         "losers": ex.losers.iter().map(|(rule, why)| serde_json::json!({"rule": rule, "why": why})).collect::<Vec<_>>(),
                     }),
                 ),

@@ -85,6 +85,17 @@ pub fn summary(settings: &Settings) -> String {
         p.rules().len(),
         acts.join(", ")
     );
+    let groups = p.client_groups();
+    if !groups.is_empty() {
+        let names: Vec<&str> = groups.groups().iter().map(|g| g.name.as_str()).collect();
+        let scoped = p.rules().iter().filter(|r| !r.clients.is_empty()).count();
+        let _ = writeln!(
+            out,
+            "client groups: {} ({}); {scoped} rules scoped with `clients`",
+            names.len(),
+            names.join(", ")
+        );
+    }
     let _ = writeln!(out);
     let _ = writeln!(
         out,
@@ -99,6 +110,11 @@ pub fn summary(settings: &Settings) -> String {
             format!("{} (+{} more)", names[..2].join(" "), names.len() - 2)
         } else {
             names.join(" ")
+        };
+        let shown = if r.clients.is_empty() {
+            shown
+        } else {
+            format!("{shown} [clients: {}]", r.clients.join(", "))
         };
         let _ = writeln!(
             out,
@@ -158,6 +174,8 @@ pub struct Explained {
     /// How a permitted target leaves: direct, or through `[upstream]
     /// parent` (set by [`explain_routed`]).
     pub route: Option<String>,
+    /// `--client`: the address decided for, and its groups (None: in none).
+    pub client: Option<(std::net::IpAddr, Option<String>)>,
 }
 
 /// [`explain`], with the route the target takes under `settings`
@@ -168,11 +186,18 @@ pub struct Explained {
 pub fn explain_routed(
     settings: &crate::config::Settings,
     input: &str,
+    client: Option<&str>,
 ) -> Result<Explained, String> {
     use crate::config::ParentResolve;
-    let mut ex = explain(&settings.policy, input)?;
+    let mut ex = explain_for(&settings.policy, input, client)?;
+    let groups = ex
+        .client
+        .as_ref()
+        .map_or(crate::policy::GroupSet::EVERYONE, |(ip, _)| {
+            settings.policy.groups_of(*ip, None)
+        });
     let rule = ex.rule.as_ref().and_then(|_| {
-        let d = settings.policy.decide(&ex.target, &ex.method);
+        let d = settings.policy.decide_for(&ex.target, &ex.method, groups);
         d.rule.and_then(|i| settings.policy.rule(i))
     });
     let route = crate::proxy::parent::route(settings, rule);
@@ -219,6 +244,31 @@ fn https_authority(input: &str) -> Option<Result<String, String>> {
 /// # Errors
 /// The target does not parse; the message says why.
 pub fn explain(policy: &Policy, input: &str) -> Result<Explained, String> {
+    explain_for(policy, input, None)
+}
+
+/// [`explain`] for the client at address `client` (`--client`,
+/// `/api/explain?client=`): rules with `clients` apply only when it is in
+/// one of their groups. Without it, the client is in no group.
+///
+/// # Errors
+/// The target or the client address does not parse.
+pub fn explain_for(
+    policy: &Policy,
+    input: &str,
+    client: Option<&str>,
+) -> Result<Explained, String> {
+    let client = client
+        .map(|c| {
+            let c = c.trim();
+            c.parse::<std::net::IpAddr>()
+                .or_else(|_| c.parse::<std::net::SocketAddr>().map(|s| s.ip()))
+                .map_err(|_| format!("client {c:?} is not an IP address; write e.g. 10.0.1.5"))
+        })
+        .transpose()?;
+    let groups = client.map_or(crate::policy::GroupSet::EVERYONE, |ip| {
+        policy.groups_of(ip, None)
+    });
     let input = input.trim();
     let mut note = None;
     let (target, method) = if let Some(authority) = https_authority(input) {
@@ -235,7 +285,7 @@ pub fn explain(policy: &Policy, input: &str) -> Result<Explained, String> {
         let t = target::parse_authority(input).map_err(|e| format!("bad_request: {e}"))?;
         (t, http::Method::CONNECT)
     };
-    let ex = policy.explain(&target, &method);
+    let ex = policy.explain_for(&target, &method, groups);
     let d = ex.decision;
     let rule = d.rule.and_then(|i| policy.rule(i));
     let why = match (d.verdict, rule, d.reason) {
@@ -276,6 +326,7 @@ pub fn explain(policy: &Policy, input: &str) -> Result<Explained, String> {
         losers,
         route: None,
         note,
+        client: client.map(|ip| (ip, policy.client_groups().names(groups))),
     })
 }
 
@@ -288,6 +339,10 @@ impl fmt::Display for Explained {
         )?;
         if let Some(n) = &self.note {
             writeln!(f, "note:     {n}")?;
+        }
+        if let Some((ip, groups)) = &self.client {
+            let groups = groups.as_deref().unwrap_or("(none)");
+            writeln!(f, "client:   {ip} (groups: {groups})")?;
         }
         writeln!(f, "decision: {}", self.verdict.as_str())?;
         writeln!(f, "rule:     {}", self.rule.as_deref().unwrap_or("(none)"))?;

@@ -140,7 +140,13 @@ fn recorded(l: &Logged) -> Result<Side, String> {
 
 fn decided(policy: &Policy, l: &Logged) -> Option<Side> {
     let target = l.target()?;
-    let d = policy.decide(&target, &l.method());
+    // Each record's own client: its address and user give its groups.
+    let groups = l
+        .client_ip()
+        .map_or(crate::policy::GroupSet::EVERYONE, |ip| {
+            policy.groups_of(ip, l.user.as_deref())
+        });
+    let d = policy.decide_for(&target, &l.method(), groups);
     Some(Side {
         class: match d.verdict {
             Verdict::Allow => Class::Allow,
@@ -392,10 +398,21 @@ pub fn compile_catalog(settings: &Settings, catalog: &Path) -> Result<Policy, St
         let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
         format!("invalid catalog:\n{}", lines.join("\n"))
     })?;
-    Ok(Policy::compile(
+    let groups = &settings.client_groups;
+    let unknown: Vec<String> = specs
+        .iter()
+        .flat_map(|s| s.clients.iter().map(move |g| (s, g)))
+        .filter(|(_, g)| groups.bit(g).is_none())
+        .map(|(s, g)| format!("{name}: rule \"{}\": clients: unknown client group {g:?}; name it in [clients.groups]", s.name))
+        .collect();
+    if !unknown.is_empty() {
+        return Err(format!("invalid catalog:\n{}", unknown.join("\n")));
+    }
+    Ok(Policy::compile_with(
         specs,
         settings.policy_settings.default,
         settings.tls.inspection_enabled(),
+        std::sync::Arc::clone(groups),
     ))
 }
 
@@ -520,5 +537,35 @@ mod tests {
             text.contains("deny not_in_catalog -> allow \"B\": 1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn each_record_is_decided_for_its_own_client() {
+        let net = |c: &str| c.parse::<ipnet::IpNet>().unwrap();
+        let groups = crate::policy::ClientGroups::new(vec![crate::policy::ClientGroup {
+            name: "web".into(),
+            cidrs: vec![net("10.0.1.0/24")],
+            users: vec!["webgw".into()],
+        }]);
+        let specs = config::parse_catalog(
+            "t",
+            "[[rule]]\nname = \"W\"\nhosts = [\"w.example.com\"]\nports = [443]\naction = \"allow\"\nclients = [\"web\"]\n",
+            Path::new("."),
+        )
+        .unwrap();
+        let p = Policy::compile_with(
+            specs,
+            config::DefaultAction::Deny,
+            false,
+            std::sync::Arc::new(groups),
+        );
+        let mut r = Replay::default();
+        // The web gateway (by address, then by user): allowed before and now.
+        r.add(&p, &line(r#"{"ts":"2025-01-01T00:00:00Z","client":"10.0.1.5:1","method":"CONNECT","host":"w.example.com","port":443,"decision":"allow","rule":"W","status":200}"#));
+        r.add(&p, &line(r#"{"ts":"2025-01-01T00:00:00Z","client":"10.0.9.5:1","user":"webgw","method":"CONNECT","host":"w.example.com","port":443,"decision":"allow","rule":"W","status":200}"#));
+        assert_eq!(r.newly_denied(), 0);
+        // Another client: the rule is not in its catalog.
+        r.add(&p, &line(r#"{"ts":"2025-01-01T00:00:00Z","client":"10.0.9.5:1","method":"CONNECT","host":"w.example.com","port":443,"decision":"allow","rule":"W","status":200}"#));
+        assert_eq!(r.newly_denied(), 1);
     }
 }

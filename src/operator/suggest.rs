@@ -8,7 +8,8 @@
 //! `policy.default = "report"`). Other refusals (a deny rule, a private
 //! address, DNS, the upstream) are not fixed by adding an allow rule.
 //!
-//! Grouping: one rule per registrable domain and port, listing the exact
+//! Grouping: one rule per client group (the record's `client_group`; the
+//! rule gets `clients = [...]`), registrable domain and port, listing the exact
 //! hosts seen. Never a wildcard: when three or more hosts under one domain
 //! were seen, a comment says that `*.domain` would cover them, and that it is
 //! broader than the evidence. IP-literal targets get a commented-out rule
@@ -51,10 +52,11 @@ struct Dest {
     clients: BTreeMap<IpAddr, u64>,
 }
 
-/// Denied destinations, aggregated per (host, port).
+/// Denied destinations, aggregated per (host, port, client group); the
+/// group is `""` for clients in none.
 #[derive(Clone, Debug, Default)]
 pub struct Evidence {
-    dests: BTreeMap<(String, u16), Dest>,
+    dests: BTreeMap<(String, u16, String), Dest>,
 }
 
 /// The label of a Squid `TCP_DENIED/403` line whose reason is not known.
@@ -113,7 +115,24 @@ impl Evidence {
         last: SystemTime,
         count: u64,
     ) -> bool {
-        if port == 0 || count == 0 {
+        let seen = (first, last, count);
+        self.add_for("", host, port, reason, decision, clients, seen)
+    }
+
+    /// [`Evidence::add`] for clients in `client_group` (`""`: in none);
+    /// `seen` is (first, last, count).
+    #[allow(clippy::too_many_arguments)]
+    fn add_for(
+        &mut self,
+        client_group: &str,
+        host: &str,
+        port: u16,
+        reason: Option<Reason>,
+        decision: Decided,
+        clients: &[(IpAddr, u64)],
+        seen: (SystemTime, SystemTime, u64),
+    ) -> bool {
+        if port == 0 || seen.2 == 0 {
             return false;
         }
         // Only hosts that can be written back into a catalog unchanged.
@@ -124,23 +143,22 @@ impl Evidence {
         let Some(label) = wanted(decision, reason, is_ip) else {
             return false;
         };
-        self.insert(host, port, label, decision, clients, first, last, count);
+        let key = (host.to_string(), port, client_group.to_string());
+        self.insert(key, label, decision, clients, seen);
         true
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Count `seen` = (first, last, count) sightings of the destination
+    /// `key` = (host, port, client group) under `label`.
     fn insert(
         &mut self,
-        host: &str,
-        port: u16,
+        key: (String, u16, String),
         label: &'static str,
         decision: Decided,
         clients: &[(IpAddr, u64)],
-        first: SystemTime,
-        last: SystemTime,
-        count: u64,
+        (first, last, count): (SystemTime, SystemTime, u64),
     ) {
-        let d = self.dests.entry((host.to_string(), port)).or_insert(Dest {
+        let d = self.dests.entry(key).or_insert(Dest {
             count: 0,
             reported: 0,
             reasons: BTreeMap::new(),
@@ -169,34 +187,26 @@ impl Evidence {
             return false;
         };
         let clients: Vec<(IpAddr, u64)> = l.client_ip().map(|c| (c, 1)).into_iter().collect();
+        let group = l.client_group.as_deref().unwrap_or("");
         // A Squid line's TCP_DENIED/403 carries no reason: it is evidence,
         // labelled as such, unless a catalog (`--config`) told the reason.
         if l.squid && decision == Decided::Deny && l.reason.is_none() && l.status == Some(403) {
             let host = target.host.to_string();
-            if port_ok_name(&host) {
-                self.insert(
-                    &host,
-                    target.port,
-                    SQUID_DENIED,
-                    decision,
-                    &clients,
-                    t,
-                    t,
-                    1,
-                );
-                return true;
+            if !port_ok_name(&host) {
+                return false;
             }
-            return false;
+            let key = (host, target.port, group.to_string());
+            self.insert(key, SQUID_DENIED, decision, &clients, (t, t, 1));
+            return true;
         }
-        self.add(
+        self.add_for(
+            group,
             &target.host.to_string(),
             target.port,
             l.reason_code(),
             decision,
             &clients,
-            t,
-            t,
-            1,
+            (t, t, 1),
         )
     }
 
@@ -218,7 +228,7 @@ impl Evidence {
     /// `GET` or `CONNECT`); returns how many were dropped.
     pub fn drop_permitted(&mut self, policy: &Policy) -> usize {
         let before = self.dests.len();
-        self.dests.retain(|(host, port), _| {
+        self.dests.retain(|(host, port, group), _| {
             let host = match host.parse::<IpAddr>() {
                 Ok(ip) => Host::Ip(ip),
                 Err(_) => match target::normalize_host(host) {
@@ -227,8 +237,9 @@ impl Evidence {
                 },
             };
             let t = Target { host, port: *port };
+            let groups = policy.client_groups().set_of(group);
             ![http::Method::CONNECT, http::Method::GET].iter().any(|m| {
-                let d = policy.decide(&t, m);
+                let d = policy.decide_for(&t, m, groups);
                 matches!(d.verdict, Verdict::Allow | Verdict::Bypass)
             })
         });
@@ -298,25 +309,26 @@ impl Evidence {
     }
 
     fn groups(&self) -> Vec<Group<'_>> {
-        // (is an address, domain, port) -> hosts.
-        type GroupKey = (bool, String, u16);
-        let mut by: BTreeMap<GroupKey, Vec<(&str, &Dest)>> = BTreeMap::new();
-        for ((host, port), d) in &self.dests {
+        // (client group, is an address, domain, port) -> hosts.
+        type GroupKey<'a> = (&'a str, bool, String, u16);
+        let mut by: BTreeMap<GroupKey<'_>, Vec<(&str, &Dest)>> = BTreeMap::new();
+        for ((host, port, client_group), d) in &self.dests {
             let is_ip = host.parse::<IpAddr>().is_ok();
             let domain = if is_ip {
                 String::new()
             } else {
                 registrable_domain(host).to_string()
             };
-            by.entry((is_ip, domain, *port))
+            by.entry((client_group.as_str(), is_ip, domain, *port))
                 .or_default()
                 .push((host.as_str(), d));
         }
         let mut groups: Vec<Group<'_>> = by
             .into_iter()
-            .map(|((is_ip, domain, port), mut hosts)| {
+            .map(|((client_group, is_ip, domain, port), mut hosts)| {
                 hosts.sort_by(|a, b| b.1.count.cmp(&a.1.count).then_with(|| a.0.cmp(b.0)));
                 Group {
+                    client_group,
                     is_ip,
                     domain,
                     port,
@@ -325,8 +337,9 @@ impl Evidence {
             })
             .collect();
         groups.sort_by(|a, b| {
-            a.is_ip
-                .cmp(&b.is_ip)
+            a.client_group
+                .cmp(b.client_group)
+                .then_with(|| a.is_ip.cmp(&b.is_ip))
                 .then_with(|| b.count().cmp(&a.count()))
                 .then_with(|| a.domain.cmp(&b.domain))
                 .then_with(|| a.port.cmp(&b.port))
@@ -336,6 +349,8 @@ impl Evidence {
 }
 
 struct Group<'a> {
+    /// The clients' groups, comma-separated; `""` for clients in none.
+    client_group: &'a str,
     is_ip: bool,
     domain: String,
     port: u16,
@@ -397,6 +412,13 @@ impl Group<'_> {
     fn write(&self, out: &mut String) {
         let (reasons, clients, reported) = self.tally();
         self.write_heading(out, &reasons, reported);
+        if self.client_group.contains(',') {
+            let _ = writeln!(
+                out,
+                "# the clients were in several groups ({}); keep only the one this rule is for",
+                self.client_group
+            );
+        }
         write_clients(out, clients);
         self.write_seen(out);
         if self.is_ip {
@@ -514,8 +536,10 @@ impl Group<'_> {
         let _ = writeln!(out, "[[rule]]");
         let _ = writeln!(
             out,
-            "name = \"suggested: {} port {}\"",
-            self.domain, self.port
+            "name = \"suggested: {} port {}{}\"",
+            self.domain,
+            self.port,
+            self.for_group()
         );
         let _ = writeln!(out, "hosts = [");
         for (h, d) in &self.hosts {
@@ -530,6 +554,31 @@ impl Group<'_> {
         let _ = writeln!(out, "]");
         let _ = writeln!(out, "ports = [{}]", self.port);
         let _ = writeln!(out, "action = \"allow\"");
+        if let Some(clients) = self.clients_line() {
+            let _ = writeln!(out, "{clients}");
+        }
+    }
+
+    /// `" for web"` in a rule name, `""` for clients in no group.
+    fn for_group(&self) -> String {
+        if self.client_group.is_empty() {
+            String::new()
+        } else {
+            format!(" for {}", self.client_group)
+        }
+    }
+
+    /// `clients = ["web"]` for a client group; None for clients in none.
+    fn clients_line(&self) -> Option<String> {
+        if self.client_group.is_empty() {
+            return None;
+        }
+        let names: Vec<String> = self
+            .client_group
+            .split(',')
+            .map(|g| format!("\"{g}\""))
+            .collect();
+        Some(format!("clients = [{}]", names.join(", ")))
     }
 
     fn write_addresses(&self, out: &mut String) {
@@ -542,7 +591,12 @@ impl Group<'_> {
             "# name if the client can use one; uncomment only for published addresses."
         );
         let _ = writeln!(out, "# [[rule]]");
-        let _ = writeln!(out, "# name = \"suggested: addresses port {}\"", self.port);
+        let _ = writeln!(
+            out,
+            "# name = \"suggested: addresses port {}{}\"",
+            self.port,
+            self.for_group()
+        );
         let _ = writeln!(out, "# addresses = [");
         for (h, d) in &self.hosts {
             let bits = if h.contains(':') { 128 } else { 32 };
@@ -557,6 +611,9 @@ impl Group<'_> {
         let _ = writeln!(out, "# ]");
         let _ = writeln!(out, "# ports = [{}]", self.port);
         let _ = writeln!(out, "# action = \"allow\"");
+        if let Some(clients) = self.clients_line() {
+            let _ = writeln!(out, "# {clients}");
+        }
     }
 }
 

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use super::{Action, DefaultAction, Entry, FastMap, Policy, PortRange, Rule, RuleSpec};
+use super::{
+    Action, ClientGroups, DefaultAction, Entry, FastMap, Policy, PortRange, Rule, RuleSpec,
+};
 
 impl Policy {
     /// A policy with no rules (every request is a policy miss).
@@ -14,7 +16,19 @@ impl Policy {
     }
 
     /// Index validated rules. `inspect` says whether a CA is configured.
+    /// No client groups: a rule with `clients` applies to nobody.
     pub fn compile(rules: Vec<RuleSpec>, default: DefaultAction, inspect: bool) -> Self {
+        Policy::compile_with(rules, default, inspect, Arc::default())
+    }
+
+    /// [`Policy::compile`] with `[clients.groups]`, for rules with `clients`.
+    pub fn compile_with(
+        rules: Vec<RuleSpec>,
+        default: DefaultAction,
+        inspect: bool,
+        groups: Arc<ClientGroups>,
+    ) -> Self {
+        let masks: Vec<u64> = rules.iter().map(|r| groups.mask(&r.clients)).collect();
         let mut exact: FastMap<Box<str>, Vec<Entry>> = FastMap::default();
         let mut wildcard: FastMap<Box<str>, Vec<Entry>> = FastMap::default();
         let mut addresses = Vec::new();
@@ -22,6 +36,7 @@ impl Policy {
             let entry = Entry {
                 rule: u32::try_from(i).unwrap_or(u32::MAX),
                 action: r.action,
+                clients: masks[i],
             };
             for h in &r.hosts {
                 let (map, key) = match h.strip_prefix("*.") {
@@ -50,7 +65,7 @@ impl Policy {
             .keys()
             .map(|k| k.split('.').count())
             .fold(0u64, |m, n| m | (1u64 << n.min(63)));
-        let hash = hash_rules(&rules, default);
+        let hash = hash_rules(&rules, default, &groups);
         let names = rules.iter().map(|r| Arc::from(r.name.as_str())).collect();
         Policy {
             rules,
@@ -62,6 +77,8 @@ impl Policy {
             default,
             inspect,
             hash,
+            groups,
+            masks,
         }
     }
 }
@@ -129,9 +146,12 @@ impl Policy {
         out
     }
 
+    /// Rule `j` wins over rule `i` wherever `i` applies: it applies to
+    /// every client `i` does, and takes precedence.
     fn beats(&self, j: usize, i: usize) -> bool {
         let (a, b) = (&self.rules[j], &self.rules[i]);
-        a.action > b.action || (a.action == b.action && j < i)
+        let covers = self.masks[j] & self.masks[i] == self.masks[i];
+        covers && (a.action > b.action || (a.action == b.action && j < i))
     }
 
     fn pattern_covered(
@@ -184,7 +204,7 @@ impl Policy {
 }
 
 /// FNV-1a over a canonical text of the rules: stable across runs and builds.
-fn hash_rules(rules: &[Rule], default: DefaultAction) -> u64 {
+fn hash_rules(rules: &[Rule], default: DefaultAction, groups: &ClientGroups) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut feed = |s: &str| {
         for b in s.bytes().chain(std::iter::once(0)) {
@@ -198,6 +218,10 @@ fn hash_rules(rules: &[Rule], default: DefaultAction) -> u64 {
     });
     for r in rules {
         feed(&format!("{r:?}"));
+    }
+    // The groups decide what scoped rules admit; none leaves the hash as it was.
+    for g in groups.groups() {
+        feed(&format!("{g:?}"));
     }
     h
 }

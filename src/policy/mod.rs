@@ -7,10 +7,16 @@
 //! Matching (DESIGN.md "Policy"): the candidates are the rules whose host
 //! pattern matches and whose ports contain the port; the most specific pattern
 //! wins (exact, then wildcards with more labels); ties go deny > bypass >
-//! allow, then to the rule written first.
+//! allow, then to the rule written first. A rule with `clients` is a
+//! candidate only for a client in one of those groups ([`GroupSet`]): for
+//! any other client it does not exist, so a host only another group's rule
+//! names is `not_in_catalog` for this client, not `port_not_allowed`.
+mod clients;
 mod compile;
 pub mod ip;
 pub mod suffix;
+
+pub use clients::{ClientGroup, ClientGroups, GroupSet, MAX_GROUPS};
 
 use std::collections::HashMap;
 use std::fmt;
@@ -153,6 +159,8 @@ pub struct RuleSpec {
     pub client_cert: Option<(PathBuf, PathBuf)>,
     /// `route`; None: through the parent when one is set.
     pub route: Option<Route>,
+    /// Client group names (`[clients.groups]`); empty: every client.
+    pub clients: Vec<String>,
 }
 
 impl RuleSpec {
@@ -180,6 +188,7 @@ impl RuleSpec {
         self.rate.hash(&mut h);
         self.client_cert.hash(&mut h);
         self.route.hash(&mut h);
+        self.clients.hash(&mut h);
         h.finish()
     }
 
@@ -261,6 +270,8 @@ impl Decision {
 struct Entry {
     rule: u32,
     action: Action,
+    /// The client groups it applies to ([`GroupSet::admits`]).
+    clients: u64,
 }
 
 /// The compiled catalog.
@@ -283,6 +294,9 @@ pub struct Policy {
     inspect: bool,
     /// Stable hash of the rules, for metrics and the status page.
     hash: u64,
+    /// `[clients.groups]`, and each rule's client mask (by rule index).
+    groups: Arc<ClientGroups>,
+    masks: Vec<u64>,
 }
 
 /// Why a matching rule lost, for `explain`.
@@ -296,6 +310,8 @@ pub enum Loss {
     Precedence,
     /// Same pattern specificity and action; the winner is written first.
     LaterInFile,
+    /// The rule is scoped to client groups this client is not in.
+    OtherClients,
 }
 
 impl Loss {
@@ -305,6 +321,7 @@ impl Loss {
             Loss::LessSpecific => "a more specific host pattern decided",
             Loss::Precedence => "same host pattern specificity; deny beats bypass beats allow",
             Loss::LaterInFile => "same pattern and action; the rule written first wins",
+            Loss::OtherClients => "its `clients` are groups this client is not in",
         }
     }
 }
@@ -349,13 +366,29 @@ impl Policy {
         self.hash
     }
 
-    /// Decide a target. `method` is the request method (`CONNECT` for a tunnel).
+    /// `[clients.groups]` as compiled into this policy.
+    pub fn client_groups(&self) -> &Arc<ClientGroups> {
+        &self.groups
+    }
+
+    /// The groups of a client (address, and authenticated user if any).
+    pub fn groups_of(&self, ip: IpAddr, user: Option<&str>) -> GroupSet {
+        self.groups.resolve(ip, user)
+    }
+
+    /// Decide a target for a client in no named group (only rules without
+    /// `clients` apply). `method` is the request method (`CONNECT` for a tunnel).
+    pub fn decide(&self, target: &Target, method: &http::Method) -> Decision {
+        self.decide_for(target, method, GroupSet::EVERYONE)
+    }
+
+    /// Decide a target for a client in `groups` ([`Policy::groups_of`]).
     ///
     /// Does not allocate. Address vetting after DNS is separate ([`ip`]).
-    pub fn decide(&self, target: &Target, method: &http::Method) -> Decision {
+    pub fn decide_for(&self, target: &Target, method: &http::Method, groups: GroupSet) -> Decision {
         let found = match &target.host {
-            Host::Name(name) => self.lookup_name(name, target.port),
-            Host::Ip(ip) => self.lookup_ip(*ip, target.port),
+            Host::Name(name) => self.lookup_name(name, target.port, groups),
+            Host::Ip(ip) => self.lookup_ip(*ip, target.port, groups),
         };
         let rule = match found {
             Lookup::Rule(r) => r,
@@ -414,11 +447,10 @@ impl Policy {
         }
     }
 
-    fn lookup_name(&self, name: &str, port: u16) -> Lookup {
+    fn lookup_name(&self, name: &str, port: u16, groups: GroupSet) -> Lookup {
         let mut matched = false;
         if let Some(entries) = self.exact.get(name) {
-            matched = true;
-            if let Some(r) = self.first_with_port(entries, port) {
+            if let Some(r) = self.first_with_port(entries, port, groups, &mut matched) {
                 return Lookup::Rule(r);
             }
         }
@@ -433,8 +465,7 @@ impl Policy {
                 continue;
             }
             if let Some(entries) = self.wildcard.get(rest) {
-                matched = true;
-                if let Some(r) = self.first_with_port(entries, port) {
+                if let Some(r) = self.first_with_port(entries, port, groups, &mut matched) {
                     return Lookup::Rule(r);
                 }
             }
@@ -446,10 +477,10 @@ impl Policy {
         }
     }
 
-    fn lookup_ip(&self, ip: IpAddr, port: u16) -> Lookup {
+    fn lookup_ip(&self, ip: IpAddr, port: u16, groups: GroupSet) -> Lookup {
         let mut matched = false;
         for (net, entry) in &self.addresses {
-            if net.contains(&ip) {
+            if groups.admits(entry.clients) && net.contains(&ip) {
                 matched = true;
                 if self.rules[entry.rule as usize].allows_port(port) {
                     return Lookup::Rule(entry.rule as usize);
@@ -463,17 +494,39 @@ impl Policy {
         }
     }
 
+    /// The first entry for this client whose ports contain `port`;
+    /// `matched` is set when any entry applies to this client.
     #[inline]
-    fn first_with_port(&self, entries: &[Entry], port: u16) -> Option<usize> {
+    fn first_with_port(
+        &self,
+        entries: &[Entry],
+        port: u16,
+        groups: GroupSet,
+        matched: &mut bool,
+    ) -> Option<usize> {
         entries
             .iter()
-            .find(|e| self.rules[e.rule as usize].allows_port(port))
+            .filter(|e| groups.admits(e.clients))
+            .find(|e| {
+                *matched = true;
+                self.rules[e.rule as usize].allows_port(port)
+            })
             .map(|e| e.rule as usize)
     }
 
     /// The decision plus every other rule that matched the host, and why it lost.
     pub fn explain(&self, target: &Target, method: &http::Method) -> Explanation {
-        let decision = self.decide(target, method);
+        self.explain_for(target, method, GroupSet::EVERYONE)
+    }
+
+    /// [`Policy::explain`] for a client in `groups`.
+    pub fn explain_for(
+        &self,
+        target: &Target,
+        method: &http::Method,
+        groups: GroupSet,
+    ) -> Explanation {
+        let decision = self.decide_for(target, method, groups);
         let winner = decision
             .rule
             .map(|w| (w, self.specificity(w, &target.host)));
@@ -485,7 +538,9 @@ impl Policy {
             let Some(spec) = self.specificity(i, &target.host) else {
                 continue;
             };
-            let loss = if !r.allows_port(target.port) {
+            let loss = if !groups.admits(self.masks[i]) {
+                Loss::OtherClients
+            } else if !r.allows_port(target.port) {
                 Loss::Port
             } else {
                 match winner {

@@ -1273,3 +1273,263 @@ fn the_most_specific_address_rule_decides() {
         "the /24 deny covers other ports"
     );
 }
+
+// === client-scoped rules ===
+
+const SCOPED: &str = r#"
+[[rule]]
+name = "web vendor"
+hosts = ["update.example.com", "*.cdn.example.com"]
+ports = [443]
+action = "bypass"
+clients = ["web"]
+
+[[rule]]
+name = "mail vendor"
+hosts = ["update.example.com"]
+ports = [8443]
+action = "allow"
+clients = ["mail"]
+
+[[rule]]
+name = "everyone"
+hosts = ["*.example.com"]
+ports = [443]
+action = "allow"
+
+[[rule]]
+name = "web literal"
+addresses = ["192.0.2.0/24"]
+ports = [443]
+action = "allow"
+clients = ["web"]
+"#;
+
+fn scoped() -> Policy {
+    let net = |s: &str| s.parse::<ipnet::IpNet>().unwrap();
+    let groups = ClientGroups::new(vec![
+        ClientGroup {
+            name: "mail".into(),
+            cidrs: vec![net("10.0.2.0/24")],
+            users: vec!["mailgw".into()],
+        },
+        ClientGroup {
+            name: "web".into(),
+            cidrs: vec![net("10.0.1.0/24")],
+            users: vec![],
+        },
+    ]);
+    Policy::compile_with(
+        specs_from("scoped.toml", SCOPED),
+        DefaultAction::Deny,
+        false,
+        Arc::new(groups),
+    )
+}
+
+fn decide_as(
+    p: &Policy,
+    ip: &str,
+    user: Option<&str>,
+    input: &str,
+) -> (Verdict, Option<String>, Option<Reason>) {
+    let (t, m) = target(input);
+    let d = p.decide_for(&t, &m, p.groups_of(ip.parse().unwrap(), user));
+    (d.verdict, rule_name(p, &d), d.reason)
+}
+
+#[test]
+fn client_groups_resolve_by_address_and_user() {
+    let p = scoped();
+    let g = p.client_groups();
+    let web = p.groups_of("10.0.1.7".parse().unwrap(), None);
+    assert_eq!(g.names(web).as_deref(), Some("web"));
+    let both = p.groups_of("10.0.1.7".parse().unwrap(), Some("mailgw"));
+    assert_eq!(g.names(both).as_deref(), Some("mail,web"));
+    let none = p.groups_of("10.9.9.9".parse().unwrap(), Some("someone"));
+    assert_eq!(none, GroupSet::EVERYONE);
+    assert_eq!(g.names(none), None);
+}
+
+#[test]
+fn a_scoped_rule_is_a_candidate_only_for_its_clients() {
+    let p = scoped();
+    // The web gateway: its exact rule is more specific than the wildcard.
+    let web = decide_as(&p, "10.0.1.7", None, "update.example.com:443");
+    assert_eq!(web, (Verdict::Bypass, Some("web vendor".into()), None));
+    // Anyone else: the web rule does not exist; the unscoped wildcard decides.
+    let other = decide_as(&p, "10.9.9.9", None, "update.example.com:443");
+    assert_eq!(other, (Verdict::Allow, Some("everyone".into()), None));
+    // The mail gateway's own port, by address or by user.
+    let mail = decide_as(&p, "10.0.2.5", None, "update.example.com:8443");
+    assert_eq!(mail, (Verdict::Allow, Some("mail vendor".into()), None));
+    let by_user = decide_as(&p, "10.9.9.9", Some("mailgw"), "update.example.com:8443");
+    assert_eq!(by_user.1.as_deref(), Some("mail vendor"));
+    // Not the mail port for the web gateway: the wildcard names the host for
+    // every client, so it is a port miss.
+    let web8443 = decide_as(&p, "10.0.1.7", None, "update.example.com:8443");
+    assert_eq!(web8443, (Verdict::Deny, None, Some(Reason::PortNotAllowed)));
+    // `decide` without a client: a client in no group.
+    let (t, m) = target("update.example.com:443");
+    assert_eq!(p.decide(&t, &m).rule, other_rule(&p, "everyone"));
+}
+
+fn other_rule(p: &Policy, name: &str) -> Option<usize> {
+    p.rules().iter().position(|r| r.name == name)
+}
+
+#[test]
+fn a_host_only_another_groups_rule_names_is_not_in_catalog() {
+    let p = scoped();
+    // `*.cdn.example.com` is the web group's; for others `a.cdn.example.com`
+    // still falls to the unscoped `*.example.com` on 443 …
+    let other = decide_as(&p, "10.9.9.9", None, "a.cdn.example.com:443");
+    assert_eq!(other.1.as_deref(), Some("everyone"));
+    // … but an IP literal only the web group's rule names is, for anyone
+    // else, outside its catalog: `ip_literal`, not `port_not_allowed`.
+    let web = decide_as(&p, "10.0.1.7", None, "192.0.2.9:443");
+    assert_eq!(web.0, Verdict::Allow);
+    let web_port = decide_as(&p, "10.0.1.7", None, "192.0.2.9:80");
+    assert_eq!(web_port.2, Some(Reason::PortNotAllowed));
+    let other_port = decide_as(&p, "10.9.9.9", None, "192.0.2.9:80");
+    assert_eq!(other_port.2, Some(Reason::IpLiteral));
+}
+
+#[test]
+fn a_name_only_another_groups_rule_names_is_not_in_catalog_for_others() {
+    let text = r#"
+[[rule]]
+name = "mail only"
+hosts = ["mx-update.example.net"]
+ports = [443]
+action = "allow"
+clients = ["mail"]
+"#;
+    let p = Policy::compile_with(
+        specs_from("t.toml", text),
+        DefaultAction::Deny,
+        false,
+        Arc::clone(scoped().client_groups()),
+    );
+    let other = decide_as(&p, "10.0.1.7", None, "mx-update.example.net:443");
+    assert_eq!(other, (Verdict::Deny, None, Some(Reason::NotInCatalog)));
+    let mail_port = decide_as(&p, "10.0.2.5", None, "mx-update.example.net:80");
+    assert_eq!(mail_port.2, Some(Reason::PortNotAllowed));
+    let mail = decide_as(&p, "10.0.2.5", None, "mx-update.example.net:443");
+    assert_eq!(mail.0, Verdict::Allow);
+}
+
+#[test]
+fn explain_names_a_rule_scoped_to_other_clients() {
+    let p = scoped();
+    let (t, m) = target("update.example.com:443");
+    let ex = p.explain_for(&t, &m, p.groups_of("10.9.9.9".parse().unwrap(), None));
+    assert_eq!(ex.decision.rule, other_rule(&p, "everyone"));
+    assert!(ex
+        .losers
+        .contains(&(other_rule(&p, "web vendor").unwrap(), Loss::OtherClients)));
+}
+
+#[test]
+fn a_scoped_rule_shadows_only_within_its_groups() {
+    // A scoped rule written first decides for its clients and the unscoped
+    // one for everyone else: neither is shadowed. An unscoped rule that wins
+    // on precedence does shadow a scoped one.
+    let text = r#"
+[[rule]]
+name = "web allow"
+hosts = ["x.example.com"]
+ports = [443]
+action = "allow"
+clients = ["web"]
+
+[[rule]]
+name = "all allow"
+hosts = ["x.example.com"]
+ports = [443]
+action = "allow"
+
+[[rule]]
+name = "web bypass"
+hosts = ["y.example.com"]
+ports = [443]
+action = "bypass"
+clients = ["web"]
+
+[[rule]]
+name = "all deny"
+hosts = ["y.example.com"]
+ports = [443]
+action = "deny"
+"#;
+    let p = Policy::compile_with(
+        specs_from("t.toml", text),
+        DefaultAction::Deny,
+        false,
+        Arc::clone(scoped().client_groups()),
+    );
+    let w = p.shadowed();
+    assert!(
+        w.iter()
+            .any(|l| l.contains("\"web bypass\"") && l.contains("\"all deny\"")),
+        "{w:?}"
+    );
+    assert!(
+        !w.iter().any(|l| l.contains("rule #2 \"all allow\"")),
+        "{w:?}"
+    );
+    assert!(
+        !w.iter().any(|l| l.contains("rule #1 \"web allow\"")),
+        "{w:?}"
+    );
+}
+
+/// The definition: for a client, deciding with scoped rules is deciding over
+/// the catalog of the rules that apply to it (and only those).
+#[test]
+fn deciding_for_a_client_is_deciding_over_its_own_catalog() {
+    let p = scoped();
+    let targets = [
+        "update.example.com:443",
+        "update.example.com:8443",
+        "update.example.com:80",
+        "a.cdn.example.com:443",
+        "a.cdn.example.com:80",
+        "other.example.com:443",
+        "192.0.2.9:443",
+        "192.0.2.9:80",
+        "unknown.test:443",
+        "http://update.example.com:8443/x",
+    ];
+    for (ip, user) in [
+        ("10.0.1.7", None),
+        ("10.0.2.7", None),
+        ("10.9.9.9", None),
+        ("10.0.1.7", Some("mailgw")),
+    ] {
+        let groups = p.groups_of(ip.parse().unwrap(), user);
+        let own: Vec<(usize, RuleSpec)> = p
+            .rules()
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| groups.admits(p.masks[*i]))
+            .map(|(i, r)| {
+                let mut r = r.clone();
+                r.clients.clear();
+                (i, r)
+            })
+            .collect();
+        let reference = Policy::compile(
+            own.iter().map(|(_, r)| r.clone()).collect(),
+            DefaultAction::Deny,
+            false,
+        );
+        for input in targets {
+            let (t, m) = target(input);
+            let got = p.decide_for(&t, &m, groups);
+            let mut want = reference.decide(&t, &m);
+            want.rule = want.rule.map(|j| own[j].0);
+            assert_eq!(got, want, "{ip} {user:?} {input}");
+        }
+    }
+}

@@ -202,7 +202,17 @@ pub(crate) fn decide<B: hyper::body::Body>(
     req: &Request<B>,
 ) -> Result<Decision, Refusal> {
     let policy = &snapshot.policy;
-    let decision = policy.decide(target, req.method());
+    // The client's groups: a pass over [clients.groups] (none configured:
+    // nothing to do), never over the catalog; with the user after proxy auth.
+    let groups = if policy.client_groups().is_empty() {
+        crate::policy::GroupSet::EVERYONE
+    } else {
+        let rec = txn.rec();
+        let groups = policy.groups_of(rec.client.ip(), rec.user.as_deref());
+        rec.client_group = policy.client_groups().names(groups).map(Arc::from);
+        groups
+    };
+    let decision = policy.decide_for(target, req.method(), groups);
     txn.set_rule(decision.rule.and_then(|i| policy.rule_name(i)));
     if decision.verdict == Verdict::Deny {
         let reason = decision.reason.unwrap_or(Reason::NotInCatalog);

@@ -8,6 +8,7 @@ mod audit_faults;
 mod auth;
 mod catalog_seed;
 mod cli;
+mod client_groups;
 mod connect;
 mod docs;
 mod http_forward;

@@ -515,7 +515,7 @@ fn explain_names_the_route() {
             "route = \"direct\"",
         );
     let (settings, _dir) = load(&cfg, &catalog);
-    let ex = egress_proxy::operator::cli::explain_routed(&settings, "ksn.example:443")
+    let ex = egress_proxy::operator::cli::explain_routed(&settings, "ksn.example:443", None)
         .expect("explain")
         .to_string();
     assert!(
@@ -523,7 +523,7 @@ fn explain_names_the_route() {
         "{ex}"
     );
     assert!(!ex.contains("secret"), "{ex}");
-    let ex = egress_proxy::operator::cli::explain_routed(&settings, "http://mirror.example/")
+    let ex = egress_proxy::operator::cli::explain_routed(&settings, "http://mirror.example/", None)
         .expect("explain")
         .to_string();
     assert!(ex.contains("route:    direct"), "{ex}");

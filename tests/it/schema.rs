@@ -461,3 +461,27 @@ async fn an_inspected_tunnel_and_its_request_validate() {
         .iter()
         .any(|r| r.url.as_deref() == Some(url.as_str())));
 }
+
+#[tokio::test]
+async fn a_record_with_a_client_group_validates() {
+    let origin = HttpOrigin::start().await;
+    let cfg = config(
+        &[UP],
+        "[clients.groups]\nweb = [\"127.0.0.2/32\"]\nall-loopback = [\"127.0.0.0/8\"]\n",
+    );
+    let catalog = rule("up", &[UP], origin.port(), "allow", "clients = [\"web\"]");
+    let (settings, dir) = load_in(tempfile::tempdir().expect("tempdir"), &cfg, &catalog);
+    let (proxy, lines) = proxy_with_lines(settings, dir).await;
+    let get = format!(
+        "GET http://{UP}:{p}/ HTTP/1.1\r\nHost: {UP}:{p}\r\nConnection: close\r\n\r\n",
+        p = origin.port()
+    );
+    let web = "127.0.0.2".parse().expect("ip");
+    let r = parse_response(&raw_bytes_from(web, proxy.addr, get.as_bytes()).await);
+    assert_eq!(r.status, 200, "{}", r.head);
+    let records = assert_lines_validate(&proxy, &lines, 1).await;
+    assert_eq!(records[0].client_group.as_deref(), Some("all-loopback,web"));
+    assert!(lines
+        .text()
+        .contains("\"client_group\":\"all-loopback,web\""));
+}

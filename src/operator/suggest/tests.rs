@@ -203,3 +203,38 @@ fn reads_logs_and_counts_bad_lines() {
     assert_eq!(got[0].method(), http::Method::GET);
     assert_eq!(got[0].target().unwrap().to_string(), "new.example.org:80");
 }
+
+#[test]
+fn groups_by_client_group_and_scopes_the_rule() {
+    let mut ev = Evidence::default();
+    let lines = [
+        r#"{"ts":"2025-01-01T00:00:00Z","client":"10.0.1.5:1","client_group":"web","method":"CONNECT","host":"a.example.com","port":443,"decision":"deny","reason":"not_in_catalog","status":403}"#,
+        r#"{"ts":"2025-01-01T00:00:00Z","client":"10.0.2.5:1","client_group":"mail","method":"CONNECT","host":"a.example.com","port":443,"decision":"deny","reason":"not_in_catalog","status":403}"#,
+        r#"{"ts":"2025-01-01T00:00:00Z","client":"10.0.9.5:1","method":"CONNECT","host":"a.example.com","port":443,"decision":"deny","reason":"not_in_catalog","status":403}"#,
+    ];
+    read_log(lines.join("\n").as_bytes(), None, |l| {
+        assert!(ev.add_logged(&l));
+    })
+    .unwrap();
+    let toml = ev.to_toml("test");
+    let specs = crate::config::parse_catalog("suggestion", &toml, Path::new(".")).unwrap();
+    let scopes: Vec<(&str, Vec<String>)> = specs
+        .iter()
+        .map(|s| (s.name.as_str(), s.clients.clone()))
+        .collect();
+    assert_eq!(
+        scopes,
+        [
+            ("suggested: example.com port 443", vec![]),
+            (
+                "suggested: example.com port 443 for mail",
+                vec!["mail".to_string()]
+            ),
+            (
+                "suggested: example.com port 443 for web",
+                vec!["web".to_string()]
+            ),
+        ],
+        "{toml}"
+    );
+}
