@@ -320,21 +320,10 @@ impl Settings {
         if source == ConfigSource::Builtin {
             settings.policy_settings.catalog = env_catalog;
         }
-        let (catalog_name, catalog_text) = match &settings.policy_settings.catalog {
-            Some(p) => match std::fs::read_to_string(p) {
-                Ok(t) => (p.display().to_string(), t),
-                Err(e) => {
-                    v.err(
-                        "policy.catalog",
-                        format!(
-                            "cannot read {}: {e}; point policy.catalog at the catalog TOML file",
-                            p.display()
-                        ),
-                    );
-                    return Err(ConfigErrors(v.errors));
-                }
-            },
-            _ => ("built-in catalog".to_string(), BUILTIN_CATALOG.to_string()),
+        let Some((catalog_name, catalog_text)) =
+            read_catalog(&mut v, settings.policy_settings.catalog.as_deref())
+        else {
+            return Err(ConfigErrors(v.errors));
         };
         let specs = parse_catalog(&catalog_name, &catalog_text, &base);
         let specs = match specs {
@@ -345,27 +334,7 @@ impl Settings {
             }
         };
         let inspect = settings.tls.inspection_enabled();
-        for (i, s) in specs.iter().enumerate() {
-            if s.client_cert.is_some() && (!inspect || s.action != Action::Allow) {
-                // Located in the catalog, not under the config file's name.
-                v.errors.push(ConfigError {
-                    location: format!("{}: client_cert", rule_location(&catalog_name, i, &s.name)),
-                    message: "client_cert is only presented when the proxy inspects the tunnel (an allow rule with [tls] ca_cert and ca_key set); remove it, or set action = \"allow\" and configure the CA".into(),
-                });
-            }
-        }
-        for (i, s) in specs.iter().enumerate() {
-            for g in s
-                .clients
-                .iter()
-                .filter(|g| settings.client_groups.bit(g).is_none())
-            {
-                v.errors.push(ConfigError {
-                    location: format!("{}: clients", rule_location(&catalog_name, i, &s.name)),
-                    message: format!("unknown client group {g:?}; name it in [clients.groups] of the configuration, or remove it"),
-                });
-            }
-        }
+        check_rule_refs(&mut v, &specs, &settings, &catalog_name);
         if !v.errors.is_empty() {
             return Err(ConfigErrors(v.errors));
         }
@@ -466,6 +435,59 @@ fn one_error(location: &str, message: String) -> ConfigErrors {
 
 fn rule_location(file: &str, index: usize, name: &str) -> String {
     format!("{file}: rule #{} \"{name}\"", index + 1)
+}
+
+/// The catalog's name and text: the file `policy.catalog` names, or the
+/// built-in catalog. `None` (with the error recorded) when it cannot be read.
+fn read_catalog(v: &mut Validator<'_>, catalog: Option<&Path>) -> Option<(String, String)> {
+    match catalog {
+        Some(p) => match std::fs::read_to_string(p) {
+            Ok(t) => Some((p.display().to_string(), t)),
+            Err(e) => {
+                v.err(
+                    "policy.catalog",
+                    format!(
+                        "cannot read {}: {e}; point policy.catalog at the catalog TOML file",
+                        p.display()
+                    ),
+                );
+                None
+            }
+        },
+        _ => Some(("built-in catalog".to_string(), BUILTIN_CATALOG.to_string())),
+    }
+}
+
+/// What a rule names outside the catalog: a `client_cert` needs inspection
+/// and an allow rule; `clients` must be groups of the configuration.
+fn check_rule_refs(
+    v: &mut Validator<'_>,
+    specs: &[RuleSpec],
+    settings: &Settings,
+    catalog_name: &str,
+) {
+    let inspect = settings.tls.inspection_enabled();
+    for (i, s) in specs.iter().enumerate() {
+        if s.client_cert.is_some() && (!inspect || s.action != Action::Allow) {
+            // Located in the catalog, not under the config file's name.
+            v.errors.push(ConfigError {
+                location: format!("{}: client_cert", rule_location(catalog_name, i, &s.name)),
+                message: "client_cert is only presented when the proxy inspects the tunnel (an allow rule with [tls] ca_cert and ca_key set); remove it, or set action = \"allow\" and configure the CA".into(),
+            });
+        }
+    }
+    for (i, s) in specs.iter().enumerate() {
+        for g in s
+            .clients
+            .iter()
+            .filter(|g| settings.client_groups.bit(g).is_none())
+        {
+            v.errors.push(ConfigError {
+                location: format!("{}: clients", rule_location(catalog_name, i, &s.name)),
+                message: format!("unknown client group {g:?}; name it in [clients.groups] of the configuration, or remove it"),
+            });
+        }
+    }
 }
 
 /// A path from the config, relative to the config file's folder.
