@@ -55,7 +55,21 @@ impl Validator<'_> {
     /// `[upstream]`: `parent` (an `http://` URL, credentials in it or in
     /// `parent_user`/`parent_password`), `parent_resolve`.
     pub(super) fn parent(&mut self, raw: RawUpstream) -> Option<Parent> {
-        let resolve = match raw.parent_resolve.as_deref() {
+        let resolve = self.parent_resolve(raw.parent_resolve.as_deref());
+        let text = raw.parent.filter(|p| !p.trim().is_empty())?;
+        let (url, host) = self.parent_url(text.trim())?;
+        let authorization = self.parent_authorization(&url, raw.parent_user, raw.parent_password);
+        Some(Parent {
+            host,
+            port: url.port_or_known_default().unwrap_or(3128),
+            authorization,
+            resolve,
+        })
+    }
+
+    /// `upstream.parent_resolve`: who resolves the destination's name.
+    fn parent_resolve(&mut self, value: Option<&str>) -> ParentResolve {
+        match value {
             None | Some("parent") => ParentResolve::Parent,
             Some("local") => ParentResolve::Local,
             Some(other) => {
@@ -65,9 +79,13 @@ impl Validator<'_> {
                 );
                 ParentResolve::Parent
             }
-        };
-        let text = raw.parent.filter(|p| !p.trim().is_empty())?;
-        let url = match url::Url::parse(text.trim()) {
+        }
+    }
+
+    /// The parent URL and its host; `None` (with the error recorded) when
+    /// it is not an `http://` URL with a host.
+    fn parent_url(&mut self, text: &str) -> Option<(url::Url, String)> {
+        let url = match url::Url::parse(text) {
             Ok(u) => u,
             // The error text never repeats the URL: it may carry a password.
             Err(e) => {
@@ -110,6 +128,17 @@ impl Validator<'_> {
                 "a parent URL names only scheme, host and port; remove the path".into(),
             );
         }
+        Some((url, host))
+    }
+
+    /// The `Proxy-Authorization` value (Basic) from `parent_user` and
+    /// `parent_password`, or the credentials in the URL.
+    fn parent_authorization(
+        &mut self,
+        url: &url::Url,
+        user: Option<String>,
+        password: Option<String>,
+    ) -> Option<http::HeaderValue> {
         let decode = |s: &str| {
             url::form_urlencoded::parse(format!("x={s}").as_bytes())
                 .next()
@@ -122,9 +151,9 @@ impl Validator<'_> {
                 url.password().map(decode).unwrap_or_default(),
             )
         });
-        let user = raw.parent_user.or(in_url.as_ref().map(|c| c.0.clone()));
-        let password = raw.parent_password.or(in_url.map(|c| c.1));
-        let authorization = match (user, password) {
+        let user = user.or(in_url.as_ref().map(|c| c.0.clone()));
+        let password = password.or(in_url.map(|c| c.1));
+        match (user, password) {
             (Some(u), p) if !u.is_empty() => {
                 if u.contains(':') {
                     self.err(
@@ -149,13 +178,7 @@ impl Validator<'_> {
                 None
             }
             _ => None,
-        };
-        Some(Parent {
-            host,
-            port: url.port_or_known_default().unwrap_or(3128),
-            authorization,
-            resolve,
-        })
+        }
     }
 }
 
