@@ -26,6 +26,22 @@ pub fn used(settings: &Settings) -> String {
 pub fn summary(settings: &Settings) -> String {
     let p = &settings.policy;
     let mut out = String::new();
+    write_settings(&mut out, settings, p);
+    write_rule_counts(&mut out, p);
+    let _ = writeln!(out);
+    write_rule_table(&mut out, p);
+    for w in &settings.warnings {
+        let _ = writeln!(out, "{w}");
+    }
+    if let Some(w) = admin_warning(settings) {
+        let _ = writeln!(out, "{w}");
+    }
+    out
+}
+
+/// The summary's first lines: configuration, catalog, listeners, default,
+/// inspection and parent.
+fn write_settings(out: &mut String, settings: &Settings, p: &Policy) {
     let _ = writeln!(out, "configuration: {}", settings.source);
     let catalog = settings
         .policy_settings
@@ -72,6 +88,10 @@ pub fn summary(settings: &Settings) -> String {
             }
         );
     }
+}
+
+/// How many rules of each action, host patterns and client groups.
+fn write_rule_counts(out: &mut String, p: &Policy) {
     let mut actions: BTreeMap<&str, usize> = BTreeMap::new();
     let mut hosts = 0;
     for r in p.rules() {
@@ -96,7 +116,10 @@ pub fn summary(settings: &Settings) -> String {
             names.join(", ")
         );
     }
-    let _ = writeln!(out);
+}
+
+/// One line per rule: action, ports, name and (some of) its hosts.
+fn write_rule_table(out: &mut String, p: &Policy) {
     let _ = writeln!(
         out,
         "  {:<6} {:<12} {:<34} hosts",
@@ -124,13 +147,6 @@ pub fn summary(settings: &Settings) -> String {
             clip(&r.name, 34)
         );
     }
-    for w in &settings.warnings {
-        let _ = writeln!(out, "{w}");
-    }
-    if let Some(w) = admin_warning(settings) {
-        let _ = writeln!(out, "{w}");
-    }
-    out
 }
 
 /// A warning when the admin endpoints listen beyond loopback without
