@@ -48,6 +48,15 @@ enum Via {
     Tunnel,
 }
 
+/// Where one request goes: the vetted addresses (none when the parent
+/// resolves), how, and through which parent.
+#[derive(Clone, Copy)]
+struct Hop<'a> {
+    addrs: &'a [SocketAddr],
+    via: Via,
+    parent: Option<&'a Parent>,
+}
+
 /// Forward one request and stream the response back.
 pub async fn forward(ctx: &ConnCtx, x: Exchange, req: Request<Incoming>) -> Response<ProxyBody> {
     let Exchange {
@@ -71,32 +80,64 @@ pub async fn forward(ctx: &ConnCtx, x: Exchange, req: Request<Incoming>) -> Resp
             Err(r) => return refuse(txn, r, settings),
         },
     };
+    let hop = Hop {
+        addrs: &addrs,
+        via,
+        parent,
+    };
+    let (out, up) = upstream_request(ctx, req, &mut txn, &target, hop, settings);
+    let resp = match send(ctx, hop, settings, &mut txn, out, up.as_deref()).await {
+        Ok(resp) => resp,
+        Err(r) => return refuse(txn, r, settings),
+    };
+    respond(txn, via, resp, settings)
+}
+
+/// The request as it goes upstream (origin form, or absolute form with the
+/// parent's credentials for a proxying parent), and its upload count.
+fn upstream_request(
+    ctx: &ConnCtx,
+    req: Request<Incoming>,
+    txn: &mut Txn,
+    target: &Target,
+    hop: Hop<'_>,
+    settings: &Settings,
+) -> (Request<RequestBody>, Option<Arc<UpCount>>) {
     let (parts, body) = req.into_parts();
-    let body = RequestBody::counted(body, &mut txn).marking(Arc::clone(&ctx.io));
+    let body = RequestBody::counted(body, txn).marking(Arc::clone(&ctx.io));
     let up = body.count();
     let mut out = Request::new(body);
     *out.method_mut() = parts.method;
     *out.headers_mut() = parts.headers;
-    prepare_request_headers(out.headers_mut(), &target, settings.server.via);
-    *out.uri_mut() = match (via, parent) {
+    prepare_request_headers(out.headers_mut(), target, settings.server.via);
+    *out.uri_mut() = match (hop.via, hop.parent) {
         (Via::Proxy, Some(p)) => {
             if let Some(auth) = &p.authorization {
                 out.headers_mut()
                     .insert(header::PROXY_AUTHORIZATION, auth.clone());
             }
-            absolute_form(&target, &parts.uri)
+            absolute_form(target, &parts.uri)
         }
         _ => origin_form(&parts.uri),
     };
+    (out, up)
+}
 
-    let mut reused = take_pooled(ctx, &addrs, via, parent);
-    let resp = loop {
+/// Send on the kept-alive connection when it fits (once more on a fresh
+/// one when a stale connection never sent it), else on a new connection.
+async fn send(
+    ctx: &ConnCtx,
+    hop: Hop<'_>,
+    settings: &Settings,
+    txn: &mut Txn,
+    mut out: Request<RequestBody>,
+    up: Option<&UpCount>,
+) -> Result<Response<Incoming>, Refusal> {
+    let mut reused = take_pooled(ctx, hop.addrs, hop.via, hop.parent);
+    loop {
         let mut pooled = match reused.take() {
             Some(p) => p,
-            None => match connect(ctx, &addrs, parent, via, settings, &mut txn).await {
-                Ok(p) => p,
-                Err(r) => return refuse(txn, r, settings),
-            },
+            None => connect(ctx, hop.addrs, hop.parent, hop.via, settings, txn).await?,
         };
         txn.rec().upstream = Some(pooled.upstream);
         let was_reused = pooled.sender.is_ready();
@@ -110,7 +151,7 @@ pub async fn forward(ctx: &ConnCtx, x: Exchange, req: Request<Incoming>) -> Resp
         match sent {
             Ok(Ok(resp)) => {
                 put_pooled(ctx, pooled);
-                break resp;
+                return Ok(resp);
             }
             Ok(Err(Some(mut e))) => match e.take_message() {
                 // Never sent: a stale kept-alive connection. Try a fresh one.
@@ -120,14 +161,23 @@ pub async fn forward(ctx: &ConnCtx, x: Exchange, req: Request<Incoming>) -> Resp
                 }
                 _ => {
                     tracing::debug!(error = %e.error(), "upstream request failed");
-                    let reason = send_failure(up.as_deref());
-                    return refuse(txn, Refusal::new(reason), settings);
+                    return Err(Refusal::new(send_failure(up)));
                 }
             },
-            Ok(Err(None)) => return refuse(txn, Refusal::new(Reason::UpstreamReset), settings),
-            Err(_) => return refuse(txn, Refusal::new(Reason::Timeout), settings),
+            Ok(Err(None)) => return Err(Refusal::new(Reason::UpstreamReset)),
+            Err(_) => return Err(Refusal::new(Reason::Timeout)),
         }
-    };
+    }
+}
+
+/// The response for the client: the parent's status recorded, a parent's
+/// own refusal refused, hop-by-hop headers stripped, the body streamed.
+fn respond(
+    mut txn: Txn,
+    via: Via,
+    resp: Response<Incoming>,
+    settings: &Settings,
+) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     match via {
         Via::Proxy => txn.rec().parent_status = Some(parts.status.as_u16()),
