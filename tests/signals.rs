@@ -591,6 +591,11 @@ async fn a_broken_catalog_on_sighup_keeps_the_old_policy_and_counts_a_failure() 
         403,
         "nothing from the broken catalog applies"
     );
+    // The log line reaches the reader thread on its own schedule.
+    let deadline = Instant::now() + WAIT;
+    while !p.stderr().contains("reload failed") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let log = p.stderr();
     assert!(
         log.contains("reload failed"),
