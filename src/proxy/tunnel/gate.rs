@@ -160,9 +160,11 @@ pub(super) async fn watch_first(
     retry: tokio::sync::oneshot::Sender<bool>,
 ) -> Result<(), End> {
     let mut first = Vec::new();
-    let mut buf = [0u8; 1024];
     loop {
+        // Nothing but `first` (empty) is held while the upstream is silent:
+        // an idle tunnel waits here, and its memory budget is small.
         dir.from.readable().await.map_err(|_| dir.from_side.end())?;
+        let mut buf = vec![0u8; 1024];
         let n = match dir.from.try_read(&mut buf) {
             // EOF: the relay reads it again and half-closes.
             Ok(0) => return Ok(()),
