@@ -208,9 +208,17 @@ impl Drop for OpensslOrigin {
 }
 
 async fn bypass_proxy(port: u16) -> TestProxy {
-    let catalog = rule("Kaspersky KSN lookup", &[ALLOWED], port, "bypass", "");
-    TestProxy::start(&config(&[ALLOWED], ""), &catalog).await
+    bypass_proxy_with(port, "").await
 }
+
+/// [`bypass_proxy`] with `extra` config sections.
+async fn bypass_proxy_with(port: u16, extra: &str) -> TestProxy {
+    let catalog = rule("Kaspersky KSN lookup", &[ALLOWED], port, "bypass", "");
+    TestProxy::start(&config(&[ALLOWED], extra), &catalog).await
+}
+
+/// A one-second hello time-out, for the tests of what is held and for how long.
+const QUICK_HELLO: &str = "[limits]\nheader_read_timeout = \"1s\"\n";
 
 // ---------------------------------------------------------------- 1. SNI after a HelloRetryRequest
 
@@ -904,12 +912,7 @@ async fn a_slow_origin_answering_after_the_hello_timeout_still_works() {
         let n = s.read(&mut buf).await.unwrap();
         s.write_all(&buf[..n]).await.unwrap();
     });
-    let catalog = rule("Kaspersky KSN lookup", &[ALLOWED], port, "bypass", "");
-    let proxy = TestProxy::start(
-        &config(&[ALLOWED], "[limits]\nheader_read_timeout = \"1s\"\n"),
-        &catalog,
-    )
-    .await;
+    let proxy = bypass_proxy_with(port, QUICK_HELLO).await;
     let mut s = open_tunnel(proxy.addr, &format!("{ALLOWED}:{port}")).await;
     s.write_all(&hello).await.unwrap();
     let answer = read_for(&mut s, Duration::from_millis(4000)).await;
@@ -941,12 +944,7 @@ async fn bytes_held_past_the_hello_are_bounded_in_time() {
         let _ = tokio::time::timeout(Duration::from_secs(6), s.read_to_end(&mut got)).await;
         got
     });
-    let catalog = rule("Kaspersky KSN lookup", &[ALLOWED], port, "bypass", "");
-    let proxy = TestProxy::start(
-        &config(&[ALLOWED], "[limits]\nheader_read_timeout = \"1s\"\n"),
-        &catalog,
-    )
-    .await;
+    let proxy = bypass_proxy_with(port, QUICK_HELLO).await;
     let mut s = open_tunnel(proxy.addr, &format!("{ALLOWED}:{port}")).await;
     let mut flight = hello.clone();
     flight.extend(std::iter::repeat_n(0x17u8, 60 * 1024));
