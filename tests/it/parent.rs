@@ -35,6 +35,8 @@ struct Squid {
     addr: SocketAddr,
     child: Child,
     dir: tempfile::TempDir,
+    /// Squid's service name (`-n`): the prefix of its shared-memory segments.
+    service: String,
 }
 
 /// Squid's binary, or None (after SKIP) when it is not installed; with
@@ -109,7 +111,14 @@ impl Squid {
         );
         write(d, "squid.conf", &conf);
         let conf_path = d.join("squid.conf");
+        // Squid names its shared-memory segments after the service name
+        // ("squid" unless -n): Debian's own squid service, or two parents
+        // started at once by parallel tests, would collide on
+        // /squid-cf__metadata.shm unless each has its own.
+        let service = format!("egressit{port}");
         let parse = Command::new(&bin)
+            .arg("-n")
+            .arg(&service)
             .arg("-k")
             .arg("parse")
             .arg("-f")
@@ -122,6 +131,8 @@ impl Squid {
             String::from_utf8_lossy(&parse.stderr)
         );
         let child = Command::new(&bin)
+            .arg("-n")
+            .arg(&service)
             .arg("-N")
             .arg("-f")
             .arg(&conf_path)
@@ -131,7 +142,12 @@ impl Squid {
             .spawn()
             .expect("start squid");
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let squid = Squid { addr, child, dir };
+        let squid = Squid {
+            addr,
+            child,
+            dir,
+            service,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(addr).is_err() {
             assert!(
@@ -178,6 +194,15 @@ impl Drop for Squid {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A killed Squid leaves its segments behind; they are ours alone.
+        let prefix = format!("{}-", self.service);
+        if let Ok(entries) = std::fs::read_dir("/dev/shm") {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
     }
 }
 
