@@ -27,6 +27,9 @@ pub struct Parent {
     /// Never logged and never recorded: `Debug` leaves it out.
     pub authorization: Option<http::HeaderValue>,
     pub resolve: ParentResolve,
+    /// `https://`: TLS to the parent, verified against the system roots
+    /// plus `[tls] extra_roots` for the parent's host name.
+    pub tls: bool,
 }
 
 impl fmt::Debug for Parent {
@@ -36,24 +39,26 @@ impl fmt::Debug for Parent {
             .field("port", &self.port)
             .field("credentials", &self.authorization.is_some())
             .field("resolve", &self.resolve)
+            .field("tls", &self.tls)
             .finish()
     }
 }
 
 impl fmt::Display for Parent {
-    /// `http://host:port`, without credentials.
+    /// `http://host:port` (or `https://`), without credentials.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "https" } else { "http" };
         if self.host.contains(':') {
-            write!(f, "http://[{}]:{}", self.host, self.port)
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
         } else {
-            write!(f, "http://{}:{}", self.host, self.port)
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
         }
     }
 }
 
 impl Validator<'_> {
-    /// `[upstream]`: `parent` (an `http://` URL, credentials in it or in
-    /// `parent_user`/`parent_password`), `parent_resolve`.
+    /// `[upstream]`: `parent` (an `http://` or `https://` URL, credentials
+    /// in it or in `parent_user`/`parent_password`), `parent_resolve`.
     pub(super) fn parent(&mut self, raw: RawUpstream) -> Option<Parent> {
         let resolve = self.parent_resolve(raw.parent_resolve.as_deref());
         let text = raw.parent.filter(|p| !p.trim().is_empty())?;
@@ -64,6 +69,7 @@ impl Validator<'_> {
             port: url.port_or_known_default().unwrap_or(3128),
             authorization,
             resolve,
+            tls: url.scheme() == "https",
         })
     }
 
@@ -83,7 +89,7 @@ impl Validator<'_> {
     }
 
     /// The parent URL and its host; `None` (with the error recorded) when
-    /// it is not an `http://` URL with a host.
+    /// it is not an `http://` or `https://` URL with a host.
     fn parent_url(&mut self, text: &str) -> Option<(url::Url, String)> {
         let url = match url::Url::parse(text) {
             Ok(u) => u,
@@ -97,18 +103,11 @@ impl Validator<'_> {
             }
         };
         match url.scheme() {
-            "http" => {}
-            "https" => {
-                self.err(
-                    "upstream.parent",
-                    "an https:// parent (TLS to the parent) is not supported yet; write an http:// URL".into(),
-                );
-                return None;
-            }
+            "http" | "https" => {}
             other => {
                 self.err(
                     "upstream.parent",
-                    format!("unknown scheme {other:?}; write an http:// URL"),
+                    format!("unknown scheme {other:?}; write an http:// or https:// URL"),
                 );
                 return None;
             }
@@ -235,15 +234,27 @@ mod tests {
     }
 
     #[test]
+    fn an_https_parent_is_tls_on_port_443_unless_named() {
+        let s = load(r#"parent = "https://u:secret@Proxy.Corp:8443""#, "", &[]).unwrap();
+        let p = s.parent.as_ref().unwrap();
+        assert!(p.tls);
+        assert_eq!((p.host.as_str(), p.port), ("proxy.corp", 8443));
+        assert_eq!(p.to_string(), "https://proxy.corp:8443");
+        let s = load(r#"parent = "https://[2001:db8::1]""#, "", &[]).unwrap();
+        let p = s.parent.as_ref().unwrap();
+        assert_eq!(p.to_string(), "https://[2001:db8::1]:443");
+        let s = load(r#"parent = "http://p""#, "", &[]).unwrap();
+        assert!(!s.parent.as_ref().unwrap().tls);
+    }
+
+    #[test]
     fn bad_parent_settings_are_named_and_never_echo_a_password() {
-        let e = load(r#"parent = "https://u:secret@p:3128""#, "", &[]).unwrap_err();
+        let e = load(r#"parent = "socks5://u:secret@p:1080""#, "", &[]).unwrap_err();
         assert!(
-            e.contains("upstream.parent") && e.contains("http://"),
+            e.contains("upstream.parent") && e.contains("unknown scheme"),
             "{e}"
         );
         assert!(!e.contains("secret"), "{e}");
-        let e = load(r#"parent = "socks5://p:1080""#, "", &[]).unwrap_err();
-        assert!(e.contains("unknown scheme"), "{e}");
         let e = load(
             "parent = \"http://p:3128\"\nparent_resolve = \"nowhere\"",
             "",

@@ -14,6 +14,7 @@ use hyper::upgrade::Upgraded;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio_util::sync::DropGuard;
 use tracing::Instrument;
 
 use super::body::ProxyBody;
@@ -34,7 +35,7 @@ pub async fn tunnel(
     mut x: Exchange,
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    let (upstream, addr) = match open_upstream(ctx, &mut x).await {
+    let (upstream, addr, bridge) = match open_upstream(ctx, &mut x).await {
         Ok(c) => c,
         Err(r) => return x.refuse(r),
     };
@@ -53,6 +54,7 @@ pub async fn tunnel(
                 user: x.txn.rec().user.clone(),
             };
             spawn(ctx, x.txn, &mut req, move |upgraded| async move {
+                let _bridge = bridge;
                 Some(inspect::intercept(t, TokioIo::new(upgraded), upstream).await)
             })
         }
@@ -62,6 +64,7 @@ pub async fn tunnel(
             let hard = ctx.shared.drain.hard.clone();
             let splicer = ctx.shared.splicer.clone();
             spawn(ctx, x.txn, &mut req, move |upgraded| async move {
+                let _bridge = bridge;
                 let (client, early) = take_socket(upgraded)?;
                 Some(tunnel::run(client, early, upstream, check, idle, hard, &splicer).await)
             })
@@ -71,16 +74,19 @@ pub async fn tunnel(
 
 /// The upstream connection of a tunnel: the vetted address dialled
 /// directly, or a `CONNECT` through the parent proxy (to the name, or with
-/// `parent_resolve = "local"` and for IP literals to the vetted address).
+/// `parent_resolve = "local"` and for IP literals to the vetted address);
+/// through an `https://` parent, with the guard of its TLS bridge, held
+/// while the tunnel runs.
 async fn open_upstream(
     ctx: &ConnCtx,
     x: &mut Exchange,
-) -> Result<(TcpStream, std::net::SocketAddr), super::error::Refusal> {
+) -> Result<(TcpStream, std::net::SocketAddr, Option<DropGuard>), super::error::Refusal> {
     let snapshot = Arc::clone(&x.snapshot);
     let rule = x.decision.rule.and_then(|i| snapshot.policy.rule(i));
     let Some(parent) = parent::parent_for(ctx, &snapshot, rule) else {
         let addrs = dial_target(ctx, &snapshot, &x.target, rule).await?;
-        return super::dial(ctx, &addrs, &snapshot).await;
+        let (socket, addr) = super::dial(ctx, &addrs, &snapshot).await?;
+        return Ok((socket, addr, None));
     };
     let vetted = if parent::vets_here(parent, &x.target) {
         dial_target(ctx, &snapshot, &x.target, rule)
@@ -91,7 +97,15 @@ async fn open_upstream(
         None
     };
     let authority = parent::authority(&x.target, vetted);
-    parent::tunnel(ctx, parent, &snapshot, &authority, &mut x.txn).await
+    let (stream, addr) = parent::tunnel(ctx, parent, &snapshot, &authority, &mut x.txn).await?;
+    let (socket, bridge) = stream
+        .into_socket(ctx, snapshot.limits.tunnel_idle_timeout)
+        .map_err(|e| {
+            // A socket pair for a TLS parent: only file descriptors run out.
+            tracing::warn!(error = %e, "no socket pair for a tunnel through the parent");
+            super::error::Refusal::new(Reason::ConnectionLimit)
+        })?;
+    Ok((socket, addr, bridge))
 }
 
 /// The SNI check of a spliced tunnel: the rule's, and for a `report` pass

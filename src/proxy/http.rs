@@ -15,7 +15,7 @@ use super::body::{ProxyBody, RequestBody, ResponseBody, UpCount};
 use super::error::Refusal;
 use super::pipeline::Exchange;
 use super::txn::Txn;
-use super::{dial_target, parent, refuse, ConnCtx};
+use super::{dial_target, parent, refuse, ConnCtx, Snapshot};
 use crate::config::{Parent, Settings};
 use crate::reason::Reason;
 use crate::target::{Host, Target};
@@ -86,7 +86,7 @@ pub async fn forward(ctx: &ConnCtx, x: Exchange, req: Request<Incoming>) -> Resp
         parent,
     };
     let (out, up) = upstream_request(ctx, req, &mut txn, &target, hop, settings);
-    let resp = match send(ctx, hop, settings, &mut txn, out, up.as_deref()).await {
+    let resp = match send(ctx, hop, &snapshot, &mut txn, out, up.as_deref()).await {
         Ok(resp) => resp,
         Err(r) => return refuse(txn, r, settings),
     };
@@ -128,7 +128,7 @@ fn upstream_request(
 async fn send(
     ctx: &ConnCtx,
     hop: Hop<'_>,
-    settings: &Settings,
+    snapshot: &Snapshot,
     txn: &mut Txn,
     mut out: Request<RequestBody>,
     up: Option<&UpCount>,
@@ -137,11 +137,11 @@ async fn send(
     loop {
         let mut pooled = match reused.take() {
             Some(p) => p,
-            None => connect(ctx, hop.addrs, hop.parent, hop.via, settings, txn).await?,
+            None => connect(ctx, hop.addrs, hop.parent, hop.via, snapshot, txn).await?,
         };
         txn.rec().upstream = Some(pooled.upstream);
         let was_reused = pooled.sender.is_ready();
-        let sent = tokio::time::timeout(settings.limits.response_timeout, async {
+        let sent = tokio::time::timeout(snapshot.limits.response_timeout, async {
             if pooled.sender.ready().await.is_err() {
                 return Err(None);
             }
@@ -253,29 +253,44 @@ async fn connect(
     addrs: &[SocketAddr],
     parent: Option<&Parent>,
     via: Via,
-    settings: &Settings,
+    snapshot: &Snapshot,
     txn: &mut Txn,
 ) -> Result<Pooled, Refusal> {
-    let (stream, addr, upstream) = match (via, parent) {
+    let (sender, addr, upstream) = match (via, parent) {
         (Via::Proxy, Some(p)) => {
-            let (s, a) = parent::connect(ctx, p, settings).await?;
-            (s, a, a)
+            let (s, a) = parent::connect(ctx, p, snapshot).await?;
+            (handshake(ctx, s).await?, a, a)
         }
         (Via::Tunnel, Some(p)) => {
             // Vetted here (the caller resolved): the first address.
             let vetted = *addrs
                 .first()
                 .ok_or(Refusal::new(Reason::UpstreamConnectFailed))?;
-            let (s, a) = parent::tunnel(ctx, p, settings, &vetted.to_string(), txn).await?;
-            (s, vetted, a)
+            let (s, a) = parent::tunnel(ctx, p, snapshot, &vetted.to_string(), txn).await?;
+            (handshake(ctx, s).await?, vetted, a)
         }
         _ => {
-            let (s, a) = super::dial(ctx, addrs, settings).await?;
-            (s, a, a)
+            let (s, a) = super::dial(ctx, addrs, snapshot).await?;
+            (handshake(ctx, s).await?, a, a)
         }
     };
+    Ok(Pooled {
+        addr,
+        upstream,
+        via,
+        parent: parent.map(|p| (p.host.as_str().into(), p.port)),
+        sender,
+    })
+}
+
+/// An HTTP/1.1 client connection on `io`, driven by a task until it ends
+/// or the proxy stops hard.
+async fn handshake<I>(ctx: &ConnCtx, io: I) -> Result<client::SendRequest<RequestBody>, Refusal>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
     let (sender, conn) = client::Builder::new()
-        .handshake(TokioIo::new(stream))
+        .handshake(TokioIo::new(io))
         .await
         .map_err(|_| Refusal::new(Reason::UpstreamConnectFailed))?;
     let hard = ctx.shared.drain.hard.clone();
@@ -285,13 +300,7 @@ async fn connect(
             () = hard.cancelled() => {}
         }
     });
-    Ok(Pooled {
-        addr,
-        upstream,
-        via,
-        parent: parent.map(|p| (p.host.as_str().into(), p.port)),
-        sender,
-    })
+    Ok(sender)
 }
 
 /// The origin-form target sent upstream: the path, `/` when the absolute

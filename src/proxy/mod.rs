@@ -42,7 +42,7 @@ use crate::limits::{ClientConns, RateLimits};
 use crate::metrics::Metrics;
 use crate::shutdown::Drain;
 use crate::tls::ca::Ca;
-use crate::tls::client::{ClientTlsError, Upstreams};
+use crate::tls::client::{ClientTlsError, ParentTls, Upstreams};
 use crate::tls::Inspector;
 use txn::Txn;
 
@@ -107,6 +107,8 @@ pub struct Guards {
     pub auth: Option<Arc<Auth>>,
     /// Set when a CA is configured: `allow` tunnels are inspected.
     pub inspector: Option<Arc<Inspector>>,
+    /// Set when the parent is an `https://` URL.
+    pub parent_tls: Option<ParentTls>,
 }
 
 impl Guards {
@@ -126,6 +128,7 @@ impl Guards {
             rates: RateLimits::new(settings),
             auth: Auth::new(&settings.auth).map(Arc::new),
             inspector,
+            parent_tls: ParentTls::new(settings)?,
         })
     }
 }

@@ -6,19 +6,23 @@
 //! the record stay here; the parent only carries the bytes. Its refusal is
 //! `parent_refused` (502, the parent's status in the record's
 //! `parent_status`), a parent that cannot be reached `parent_unreachable`
-//! (502, or 504 when the connect timed out).
+//! (502, or 504 when the connect timed out); so is an `https://` parent
+//! whose certificate does not verify.
 use std::net::{IpAddr, SocketAddr};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::error::Refusal;
 use super::txn::Txn;
-use super::ConnCtx;
+use super::{ConnCtx, Snapshot};
 use crate::config::{Parent, ParentResolve, Settings};
 use crate::policy::{Route, Rule};
 use crate::reason::Reason;
 use crate::target::{Host, Target};
+
+mod stream;
+pub(crate) use stream::ParentStream;
 
 /// The longest response head accepted from the parent for a CONNECT.
 const MAX_HEAD: usize = 16 * 1024;
@@ -46,8 +50,42 @@ pub(crate) fn parent_for<'a>(
     }
 }
 
-/// A TCP connection to the parent, timed like any connect.
+/// A connection to the parent (TLS for an `https://` parent), timed like
+/// any connect.
 pub(crate) async fn connect(
+    ctx: &ConnCtx,
+    parent: &Parent,
+    snapshot: &Snapshot,
+) -> Result<(ParentStream, SocketAddr), Refusal> {
+    let settings: &Settings = snapshot;
+    let (tcp, addr) = connect_tcp(ctx, parent, settings).await?;
+    match (parent.tls, snapshot.guards.parent_tls.as_ref()) {
+        (false, _) => Ok((ParentStream::Plain(tcp), addr)),
+        (true, Some(tls)) => {
+            let shaken = tokio::time::timeout(
+                settings.limits.connect_timeout,
+                tls.connector.connect(tls.name.clone(), tcp),
+            )
+            .await;
+            match shaken {
+                Ok(Ok(s)) => Ok((ParentStream::Tls(Box::new(s)), addr)),
+                Ok(Err(e)) => {
+                    tracing::warn!(parent = %parent, error = %e, "TLS with the parent proxy failed");
+                    Err(Refusal::new(Reason::ParentUnreachable))
+                }
+                Err(_) => Err(Refusal::with_status(
+                    Reason::ParentUnreachable,
+                    ::http::StatusCode::GATEWAY_TIMEOUT,
+                )),
+            }
+        }
+        // Built with the snapshot whenever its parent is https://.
+        (true, None) => Err(Refusal::new(Reason::ParentUnreachable)),
+    }
+}
+
+/// The TCP connection to the parent.
+async fn connect_tcp(
     ctx: &ConnCtx,
     parent: &Parent,
     settings: &Settings,
@@ -120,11 +158,12 @@ pub fn authority(target: &Target, vetted: Option<SocketAddr>) -> String {
 pub(crate) async fn tunnel(
     ctx: &ConnCtx,
     parent: &Parent,
-    settings: &Settings,
+    snapshot: &Snapshot,
     authority: &str,
     txn: &mut Txn,
-) -> Result<(TcpStream, SocketAddr), Refusal> {
-    let (mut stream, addr) = connect(ctx, parent, settings).await?;
+) -> Result<(ParentStream, SocketAddr), Refusal> {
+    let settings: &Settings = snapshot;
+    let (mut stream, addr) = connect(ctx, parent, snapshot).await?;
     txn.rec().upstream = Some(addr);
     let mut head = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n");
     if let Some(auth) = &parent.authorization {
@@ -159,7 +198,7 @@ pub(crate) async fn tunnel(
 /// Read a response head up to its blank line, byte by byte so nothing of
 /// the tunnel past it is consumed; its status code, or None when it is not
 /// an HTTP response head.
-async fn read_status(stream: &mut TcpStream) -> std::io::Result<Option<u16>> {
+async fn read_status<S: AsyncRead + Unpin>(stream: &mut S) -> std::io::Result<Option<u16>> {
     let mut head = Vec::with_capacity(256);
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") && !head.ends_with(b"\n\n") {

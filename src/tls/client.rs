@@ -126,3 +126,36 @@ impl Upstreams {
             .unwrap_or_else(|| Arc::clone(&self.default))
     }
 }
+
+/// TLS to an `https://` parent proxy: verified against the system roots
+/// plus `[tls] extra_roots`, for the parent's host name (or IP address).
+pub struct ParentTls {
+    pub connector: tokio_rustls::TlsConnector,
+    pub name: rustls::pki_types::ServerName<'static>,
+}
+
+impl ParentTls {
+    /// Built when `[upstream] parent` is an `https://` URL.
+    ///
+    /// # Errors
+    /// An extra roots file cannot be used, or the parent's host is not a
+    /// name TLS can verify.
+    pub fn new(settings: &Settings) -> Result<Option<Self>, ClientTlsError> {
+        let Some(parent) = settings.parent.as_ref().filter(|p| p.tls) else {
+            return Ok(None);
+        };
+        let name = rustls::pki_types::ServerName::try_from(parent.host.clone()).map_err(|_| {
+            ClientTlsError::Config(format!(
+                "upstream.parent: {:?} is not a name a TLS certificate can be checked for",
+                parent.host
+            ))
+        })?;
+        let config = builder()
+            .with_root_certificates(roots(&settings.tls.extra_roots)?)
+            .with_no_client_auth();
+        Ok(Some(ParentTls {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            name,
+        }))
+    }
+}

@@ -19,6 +19,7 @@ mod lenient_tls;
 mod limits;
 mod operator;
 mod parent;
+mod parent_tls;
 mod proxy_protocol;
 mod records;
 mod refusals;

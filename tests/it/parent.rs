@@ -22,21 +22,23 @@ use tokio_rustls::TlsConnector;
 use crate::inspect;
 use crate::support::*;
 
-const ORIGIN: &str = "origin.test";
-const REFUSED: &str = "refused.test";
-const TLS: &str = "tls.test";
-const FRONT: &str = "front.test";
-const PRIVATE: &str = "private.test";
+pub(crate) const ORIGIN: &str = "origin.test";
+pub(crate) const REFUSED: &str = "refused.test";
+pub(crate) const TLS: &str = "tls.test";
+pub(crate) const FRONT: &str = "front.test";
+pub(crate) const PRIVATE: &str = "private.test";
 const USER: &str = "alice";
 const PASSWORD: &str = "wonder land";
 
 /// A Squid parent on loopback, killed on drop.
-struct Squid {
-    addr: SocketAddr,
+pub(crate) struct Squid {
+    pub(crate) addr: SocketAddr,
     child: Child,
     dir: tempfile::TempDir,
     /// Squid's service name (`-n`): the prefix of its shared-memory segments.
     service: String,
+    /// Listening with TLS (`https_port`): its URL is `https://localhost:…`.
+    tls: bool,
 }
 
 /// Squid's binary, or None (after SKIP) when it is not installed; with
@@ -57,7 +59,7 @@ fn squid_bin() -> Option<PathBuf> {
     found
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr").port()
 }
@@ -65,7 +67,13 @@ fn free_port() -> u16 {
 impl Squid {
     /// Start Squid refusing `refused.test` (`http_access deny`), and with
     /// `auth` requiring Basic credentials (`alice` / `wonder land`).
-    fn start(auth: bool) -> Option<Squid> {
+    pub(crate) fn start(auth: bool) -> Option<Squid> {
+        Squid::start_tls(auth, None)
+    }
+
+    /// [`Squid::start`], listening with TLS (`https_port`, the
+    /// certificate `cert` made for `localhost`) when one is given.
+    pub(crate) fn start_tls(auth: bool, cert: Option<&TestCert>) -> Option<Squid> {
         let bin = squid_bin()?;
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
@@ -95,8 +103,19 @@ impl Squid {
         } else {
             access.push_str("http_access allow all\n");
         }
+        let listen = match cert {
+            Some(c) => {
+                write(d, "parent.pem", &c.cert_pem);
+                write(d, "parent.key", &c.key_pem);
+                format!(
+                    "https_port 127.0.0.1:{port} tls-cert={d}/parent.pem tls-key={d}/parent.key",
+                    d = d.display()
+                )
+            }
+            None => format!("http_port 127.0.0.1:{port}"),
+        };
         let conf = format!(
-            "http_port 127.0.0.1:{port}\n\
+            "{listen}\n\
              pid_filename {d}/squid.pid\n\
              cache_log {d}/cache.log\n\
              access_log stdio:{d}/access.log\n\
@@ -147,6 +166,7 @@ impl Squid {
             child,
             dir,
             service,
+            tls: cert.is_some(),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(addr).is_err() {
@@ -160,8 +180,12 @@ impl Squid {
         Some(squid)
     }
 
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
+    pub(crate) fn url(&self) -> String {
+        if self.tls {
+            format!("https://localhost:{}", self.addr.port())
+        } else {
+            format!("http://{}", self.addr)
+        }
     }
 
     fn cache_log(&self) -> String {
@@ -169,7 +193,7 @@ impl Squid {
     }
 
     /// Wait until Squid's access.log has a line containing `needle`.
-    async fn logged(&self, needle: &str) -> String {
+    pub(crate) async fn logged(&self, needle: &str) -> String {
         let deadline = Instant::now() + WAIT;
         loop {
             let log =
@@ -185,7 +209,7 @@ impl Squid {
         }
     }
 
-    fn access_log(&self) -> String {
+    pub(crate) fn access_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
     }
 }
@@ -220,7 +244,12 @@ fn write(dir: &Path, name: &str, text: &str) {
 /// A proxy whose parent is `parent`, with `upstream` lines added to the
 /// `[upstream]` section, static names (for local resolution and direct
 /// routes) and `catalog`.
-async fn proxy(parent: &str, upstream: &str, statics: &[(&str, &str)], catalog: &str) -> TestProxy {
+pub(crate) async fn proxy(
+    parent: &str,
+    upstream: &str,
+    statics: &[(&str, &str)],
+    catalog: &str,
+) -> TestProxy {
     let extra = format!("[upstream]\nparent = \"{parent}\"\n{upstream}\n");
     let cfg = config_with(&ConfigOpts {
         statics,
@@ -232,7 +261,7 @@ async fn proxy(parent: &str, upstream: &str, statics: &[(&str, &str)], catalog: 
 }
 
 /// A raw GET through the proxy.
-async fn get(proxy: SocketAddr, host: &str, port: u16, path: &str) -> RawResponse {
+pub(crate) async fn get(proxy: SocketAddr, host: &str, port: u16, path: &str) -> RawResponse {
     let mut s = TcpStream::connect(proxy).await.expect("connect");
     let head = format!(
         "GET http://{host}:{port}{path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
@@ -244,7 +273,7 @@ async fn get(proxy: SocketAddr, host: &str, port: u16, path: &str) -> RawRespons
 /// Send `total` pattern bytes through an echo tunnel and read them back,
 /// then close. Not [`echo_through`]: Squid ends a tunnel at the first
 /// half-close, so the bytes must come back before the client closes.
-async fn echo_back(s: TcpStream, total: usize) {
+pub(crate) async fn echo_back(s: TcpStream, total: usize) {
     let (mut rd, mut wr) = s.into_split();
     let writer = tokio::spawn(async move {
         let data: Vec<u8> = (0..total).map(pattern).collect();
@@ -260,7 +289,7 @@ async fn echo_back(s: TcpStream, total: usize) {
     drop(writer.await.expect("writer"));
 }
 
-fn assert_parent_refusal(r: &Record, parent_status: u16) {
+pub(crate) fn assert_parent_refusal(r: &Record, parent_status: u16) {
     assert_eq!(r.status, Some(502), "{r:#?}");
     assert_eq!(r.reason, Some(Reason::ParentRefused), "{r:#?}");
     assert_eq!(r.parent_status, Some(parent_status), "{r:#?}");
