@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
+use super::candidates::Candidates;
 use super::{
     Action, ClientGroups, DefaultAction, Entry, FastMap, Policy, PortRange, Rule, RuleSpec,
 };
@@ -55,6 +56,11 @@ impl Policy {
         let order = |a: &Entry, b: &Entry| b.action.cmp(&a.action).then(a.rule.cmp(&b.rule));
         exact.values_mut().for_each(|v| v.sort_by(order));
         wildcard.values_mut().for_each(|v| v.sort_by(order));
+        let index = |m: FastMap<Box<str>, Vec<Entry>>| {
+            m.into_iter()
+                .map(|(k, v)| (k, Candidates::new(v)))
+                .collect::<FastMap<_, _>>()
+        };
         // Most specific first: longer prefixes, then the tie-break.
         addresses.sort_by(|a, b| {
             b.0.prefix_len()
@@ -71,8 +77,8 @@ impl Policy {
             rules,
             names,
             wildcard_labels,
-            exact,
-            wildcard,
+            exact: index(exact),
+            wildcard: index(wildcard),
             addresses,
             default,
             inspect,

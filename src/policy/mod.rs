@@ -11,6 +11,7 @@
 //! candidate only for a client in one of those groups ([`GroupSet`]): for
 //! any other client it does not exist, so a host only another group's rule
 //! names is `not_in_catalog` for this client, not `port_not_allowed`.
+mod candidates;
 mod clients;
 mod compile;
 pub mod ip;
@@ -281,9 +282,9 @@ pub struct Policy {
     /// Rule names, shared into audit records without copying.
     names: Vec<Arc<str>>,
     /// Exact host -> entries, best first.
-    exact: FastMap<Box<str>, Vec<Entry>>,
+    exact: FastMap<Box<str>, candidates::Candidates>,
     /// Suffix of `*.suffix` -> entries, best first.
-    wildcard: FastMap<Box<str>, Vec<Entry>>,
+    wildcard: FastMap<Box<str>, candidates::Candidates>,
     /// Bit n set when some wildcard suffix has n labels: lookups skip
     /// suffix lengths no rule uses (a miss then costs no hashing at all
     /// in a catalog without wildcards).
@@ -499,12 +500,13 @@ impl Policy {
     #[inline]
     fn first_with_port(
         &self,
-        entries: &[Entry],
+        entries: &candidates::Candidates,
         port: u16,
         groups: GroupSet,
         matched: &mut bool,
     ) -> Option<usize> {
         entries
+            .for_client(groups)
             .iter()
             .filter(|e| groups.admits(e.clients))
             .find(|e| {
