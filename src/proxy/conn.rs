@@ -32,9 +32,18 @@ pub struct ConnCtx {
     pub(super) upstream: Mutex<Option<http::Pooled>>,
     /// What hyper has read, to tell a slow head from an idle connection.
     pub io: Arc<ConnIo>,
-    /// The connection's permits and gauge, held until the connection and
-    /// any tunnel it became are gone (a tunnel task keeps this context).
-    _held: Held,
+    /// The connection's permits and gauge, held until the connection is
+    /// gone, or taken by the tunnel it became ([`ConnCtx::take_held`]).
+    held: Mutex<Option<Held>>,
+}
+
+impl ConnCtx {
+    /// The connection's permits, for a tunnel to hold for its life: the
+    /// tunnel then keeps nothing else of this context (an idle tunnel's
+    /// memory is what its task holds).
+    pub(super) fn take_held(&self) -> Option<Held> {
+        self.held.lock().ok()?.take()
+    }
 }
 
 pub(super) struct Held {
@@ -73,11 +82,11 @@ pub(super) async fn connection(
         client: peer,
         upstream: Mutex::new(None),
         io: Arc::default(),
-        _held: Held {
+        held: Mutex::new(Some(Held {
             _conn: permit,
             _client: client_permit,
             _open: open,
-        },
+        })),
     });
     let io = Arc::clone(&ctx.io);
     let svc = service_fn(move |req| {

@@ -132,11 +132,10 @@ fn sni_check(
 /// tunnel with `run`, and complete the record from its [`TunnelStats`]
 /// (`None`: the client's socket could not be had, `client_closed`).
 ///
-/// The task keeps the connection's context, and with it the connection
-/// permits: an open tunnel counts against the caps; and the connection's
-/// span. Boxed, like the
-/// connection: the tunnel task is moved into the runtime as a pointer, not
-/// as its whole state.
+/// The task takes the connection's permits (an open tunnel counts against
+/// the caps) and the connection's span, but not its context: an idle
+/// tunnel holds only what it needs. Boxed, like the connection: the tunnel
+/// task is moved into the runtime as a pointer, not as its whole state.
 fn spawn<F, Fut>(
     ctx: &Arc<ConnCtx>,
     mut txn: Txn,
@@ -149,7 +148,7 @@ where
 {
     let on_upgrade = hyper::upgrade::on(req);
     let open_tunnels = ctx.shared.metrics.open_tunnels.clone();
-    let held = Arc::clone(ctx);
+    let held = ctx.take_held();
     ctx.shared.drain.tracker.spawn(Box::pin(
         async move {
             let _held = held;

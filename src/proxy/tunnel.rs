@@ -155,7 +155,8 @@ pub async fn run(
         let (mut cr, mut cw) = client.split();
         let (mut ur, mut uw) = upstream.split();
         // Only a checked tunnel watches the upstream's first record.
-        let (retry_tx, retry_rx) = retry_channel(check.is_some());
+        let signal = gate::RetrySignal::default();
+        let retry = check.is_some().then_some(&signal);
         let mut up_dir = Dir {
             from: &mut cr,
             from_side: Side::Client,
@@ -165,7 +166,7 @@ pub async fn run(
             last: &last,
             base,
         };
-        let up_fut = up_direction(&mut up_dir, early, check.as_ref(), retry_rx, &seen, splicer);
+        let up_fut = up_direction(&mut up_dir, early, check.as_ref(), retry, &seen, splicer);
         let mut down_dir = Dir {
             from: &mut ur,
             from_side: Side::Upstream,
@@ -175,7 +176,7 @@ pub async fn run(
             last: &last,
             base,
         };
-        let down_fut = down_direction(&mut down_dir, retry_tx, splicer);
+        let down_fut = down_direction(&mut down_dir, retry, splicer);
         tokio::pin!(up_fut, down_fut);
 
         let timer = tokio::time::sleep(idle);
@@ -244,29 +245,13 @@ fn finish(
     stats
 }
 
-/// The channel by which the down direction tells the up direction whether
-/// the upstream's first record is a HelloRetryRequest (only when `checked`).
-fn retry_channel(
-    checked: bool,
-) -> (
-    Option<tokio::sync::oneshot::Sender<bool>>,
-    Option<tokio::sync::oneshot::Receiver<bool>>,
-) {
-    if checked {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        (Some(tx), Some(rx))
-    } else {
-        (None, None)
-    }
-}
-
 /// Client to upstream: with a check, the client's first bytes (and after a
 /// HelloRetryRequest its second hello) are held until judged; then relay.
 async fn up_direction(
     dir: &mut Dir<'_, '_>,
     early: Bytes,
     check: Option<&Check>,
-    retry_rx: Option<tokio::sync::oneshot::Receiver<bool>>,
+    retry: Option<&gate::RetrySignal>,
     seen: &Mutex<(Option<String>, bool)>,
     splicer: &Splicer,
 ) -> Result<(), End> {
@@ -283,7 +268,7 @@ async fn up_direction(
         None => (early.to_vec(), Vec::new(), false),
     };
     forward_held(dir.to, held, dir.count, dir.last, dir.base).await?;
-    let after = match (hello, check, retry_rx) {
+    let after = match (hello, check, retry) {
         // A HelloRetryRequest makes the client send a second hello,
         // which a lenient server (OpenSSL) takes the name from; what
         // came after the first hello waits for the upstream's answer.
@@ -298,12 +283,17 @@ async fn up_direction(
 /// for a HelloRetryRequest; then relay.
 async fn down_direction(
     dir: &mut Dir<'_, '_>,
-    retry_tx: Option<tokio::sync::oneshot::Sender<bool>>,
+    retry: Option<&gate::RetrySignal>,
     splicer: &Splicer,
 ) -> Result<(), End> {
-    if let Some(tx) = retry_tx {
-        // Boxed, like the gate: nothing of it stays for an idle tunnel.
-        Box::pin(watch_first(dir, tx)).await?;
+    if let Some(signal) = retry {
+        // Boxed, like the gate, and only once the upstream has spoken: an
+        // idle tunnel holds none of it.
+        dir.from.readable().await.map_err(|_| dir.from_side.end())?;
+        let watched = Box::pin(watch_first(dir, signal)).await;
+        // Ended before its first record was whole: no retry to wait for.
+        signal.settle(false);
+        watched?;
     }
     relay(dir, splicer).await
 }

@@ -2,7 +2,7 @@
 //! until its ClientHello is judged against the [`Check`] (and, after a
 //! HelloRetryRequest, its second hello too), then replayed unchanged.
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -63,7 +63,7 @@ pub(super) async fn gate(
 /// to replay.
 pub(super) async fn gate_retry(
     client: &ReadHalf<'_>,
-    retry: tokio::sync::oneshot::Receiver<bool>,
+    retry: &RetrySignal,
     check: &Check,
     seen: &Mutex<(Option<String>, bool)>,
     mut buf: Vec<u8>,
@@ -74,17 +74,16 @@ pub(super) async fn gate_retry(
     // held past the first hello (0-RTT early data, or a pipelined hello) are
     // held no longer than the hello time-out: an upstream that has not
     // answered by then leaves the tunnel refused rather than unwatched.
-    let answer = if buf.is_empty() {
-        retry.await
+    let is_retry = if buf.is_empty() {
+        retry.wait().await
     } else {
-        tokio::time::timeout(check.hello_timeout, retry)
+        tokio::time::timeout(check.hello_timeout, retry.wait())
             .await
             .map_err(|_| End::Denied(Reason::Timeout, None))?
     };
-    match answer {
-        // No retry, or the upstream ended first (the relay sees that too).
-        Ok(false) | Err(_) => return Ok(buf),
-        Ok(true) => {}
+    // No retry, or the upstream ended first (the relay sees that too).
+    if !is_retry {
+        return Ok(buf);
     }
     if buf.is_empty() {
         read_more(client, &mut buf).await?;
@@ -155,10 +154,7 @@ pub(super) async fn forward_held(
 /// Pass the upstream's first bytes to the client as they come (nothing is
 /// held back), and say whether its first record is a HelloRetryRequest.
 /// Keeps at most [`peek::SERVER_FIRST_BYTES`] of it.
-pub(super) async fn watch_first(
-    dir: &mut Dir<'_, '_>,
-    retry: tokio::sync::oneshot::Sender<bool>,
-) -> Result<(), End> {
+pub(super) async fn watch_first(dir: &mut Dir<'_, '_>, retry: &RetrySignal) -> Result<(), End> {
     let mut first = Vec::new();
     loop {
         // Nothing but `first` (empty) is held while the upstream is silent:
@@ -185,8 +181,8 @@ pub(super) async fn watch_first(
             peek::ServerFirst::HelloRetry => true,
             peek::ServerFirst::Other => false,
         };
-        // The client side may have stopped waiting (not a hello): no matter.
-        let _ = retry.send(is_retry);
+        // The client side may not be waiting (not a hello): no matter.
+        retry.settle(is_retry);
         return Ok(());
     }
 }
@@ -271,6 +267,47 @@ async fn read_more(client: &ReadHalf<'_>, buf: &mut Vec<u8>) -> Result<(), End> 
             Ok(_) => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(_) => return Err(End::Client),
+        }
+    }
+}
+
+/// The down direction's word to the up direction: is the upstream's first
+/// record a HelloRetryRequest? Settled once (the first word stands); kept
+/// in the tunnel's own state rather than a channel, so a checked tunnel
+/// allocates nothing for it.
+#[derive(Default)]
+pub(super) struct RetrySignal {
+    /// [`UNSETTLED`], [`NO_RETRY`] or [`RETRY`].
+    state: AtomicU8,
+    settled: tokio::sync::Notify,
+}
+
+const UNSETTLED: u8 = 0;
+const NO_RETRY: u8 = 1;
+const RETRY: u8 = 2;
+
+impl RetrySignal {
+    /// Settle the answer, unless it already is.
+    pub(super) fn settle(&self, retry: bool) {
+        let word = if retry { RETRY } else { NO_RETRY };
+        if self
+            .state
+            .compare_exchange(UNSETTLED, word, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            // A permit if nobody waits yet: the next wait sees it.
+            self.settled.notify_one();
+        }
+    }
+
+    /// The answer, once settled.
+    pub(super) async fn wait(&self) -> bool {
+        loop {
+            let settled = self.settled.notified();
+            match self.state.load(Ordering::Acquire) {
+                UNSETTLED => settled.await,
+                word => return word == RETRY,
+            }
         }
     }
 }

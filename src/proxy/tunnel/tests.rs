@@ -49,8 +49,8 @@ async fn the_watch_of_a_silent_upstream_stays_small() {
         last: &last,
         base: Instant::now(),
     };
-    let (tx, _rx) = tokio::sync::oneshot::channel();
-    let fut = gate::watch_first(&mut dir, tx);
+    let signal = gate::RetrySignal::default();
+    let fut = gate::watch_first(&mut dir, &signal);
     let size = std::mem::size_of_val(&fut);
     assert!(size <= 256, "the watch future grew to {size} bytes");
 }
