@@ -260,7 +260,7 @@ async fn up_direction(
             if early.is_empty() {
                 // Nothing is held (or allocated) while the client is
                 // silent; the idle time-out governs how long it may be.
-                dir.from.readable().await.map_err(|_| End::Client)?;
+                readable(dir.from).await.map_err(|_| End::Client)?;
             }
             // Boxed: the gate's state is freed once the hello is judged.
             Box::pin(gate(dir.from, early, c, seen)).await?
@@ -289,13 +289,21 @@ async fn down_direction(
     if let Some(signal) = retry {
         // Boxed, like the gate, and only once the upstream has spoken: an
         // idle tunnel holds none of it.
-        dir.from.readable().await.map_err(|_| dir.from_side.end())?;
+        readable(dir.from).await.map_err(|_| dir.from_side.end())?;
         let watched = Box::pin(watch_first(dir, signal)).await;
         // Ended before its first record was whole: no retry to wait for.
         signal.settle(false);
         watched?;
     }
     relay(dir, splicer).await
+}
+
+/// Wait until `from` has something to read (or its end), holding no waiter
+/// of its own: the socket's read waker slot serves, as only this direction
+/// reads this socket. A few bytes of an idle tunnel's state, where tokio's
+/// `readable()` future would take 168.
+async fn readable(from: &ReadHalf<'_>) -> io::Result<()> {
+    std::future::poll_fn(|cx| from.as_ref().poll_read_ready(cx)).await
 }
 
 fn touch(last: &AtomicU64, base: Instant) {
