@@ -9,15 +9,19 @@ pub enum Scenario {
     ConnectBulk,
     ConnectRate,
     IdleTunnels,
+    TlsRate,
+    TlsRr,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 5] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::HttpForward,
         Scenario::ConnectRr,
         Scenario::ConnectBulk,
         Scenario::ConnectRate,
         Scenario::IdleTunnels,
+        Scenario::TlsRate,
+        Scenario::TlsRr,
     ];
 
     pub fn name(self) -> &'static str {
@@ -27,7 +31,14 @@ impl Scenario {
             Scenario::ConnectBulk => "connect-bulk",
             Scenario::ConnectRate => "connect-rate",
             Scenario::IdleTunnels => "idle-tunnels",
+            Scenario::TlsRate => "tls-rate",
+            Scenario::TlsRr => "tls-rr",
         }
+    }
+
+    /// Speaks TLS inside the tunnel (or straight to the origin when direct).
+    pub fn tls(self) -> bool {
+        matches!(self, Scenario::TlsRate | Scenario::TlsRr)
     }
 }
 
@@ -35,6 +46,9 @@ pub struct Origins {
     pub http: Option<String>,
     pub echo: Option<String>,
     pub source: Option<String>,
+    pub tls: Option<String>,
+    /// Where the TLS origin writes its CA certificate (PEM).
+    pub tls_ca_out: Option<String>,
     pub threads: Option<usize>,
 }
 
@@ -51,6 +65,10 @@ pub struct Run {
     pub label: String,
     pub json: bool,
     pub threads: Option<usize>,
+    /// TLS scenarios: PEM files of the CAs trusted for the server's certificate.
+    pub cas: Vec<String>,
+    /// TLS scenarios: the SNI sent and the name verified.
+    pub server_name: String,
 }
 
 pub enum Cmd {
@@ -91,6 +109,8 @@ pub fn parse(argv: Vec<String>) -> Result<Cmd, String> {
                 http: None,
                 echo: None,
                 source: None,
+                tls: None,
+                tls_ca_out: None,
                 threads: None,
             };
             for (flag, v) in flags {
@@ -99,12 +119,17 @@ pub fn parse(argv: Vec<String>) -> Result<Cmd, String> {
                     "--http" => o.http = Some(v),
                     "--echo" => o.echo = Some(v),
                     "--source" => o.source = Some(v),
+                    "--tls" => o.tls = Some(v),
+                    "--tls-ca-out" => o.tls_ca_out = Some(v),
                     "--threads" => o.threads = Some(num(&flag, &v)?),
                     _ => return Err(format!("origins: unknown option {flag} (see --help)")),
                 }
             }
-            if o.http.is_none() && o.echo.is_none() && o.source.is_none() {
-                return Err("origins: give at least one of --http, --echo, --source".into());
+            if o.http.is_none() && o.echo.is_none() && o.source.is_none() && o.tls.is_none() {
+                return Err("origins: give at least one of --http, --echo, --source, --tls".into());
+            }
+            if o.tls.is_some() != o.tls_ca_out.is_some() {
+                return Err("origins: --tls and --tls-ca-out go together".into());
             }
             Ok(Cmd::Origins(o))
         }
@@ -124,6 +149,8 @@ pub fn parse(argv: Vec<String>) -> Result<Cmd, String> {
                 label: String::new(),
                 json: false,
                 threads: None,
+                cas: Vec::new(),
+                server_name: "origin.test".into(),
             };
             for (flag, v) in flags {
                 if flag == "--json" {
@@ -155,6 +182,8 @@ pub fn parse(argv: Vec<String>) -> Result<Cmd, String> {
                     "--pid" => r.pids.push(num(&flag, &v)?),
                     "--label" => r.label = v,
                     "--threads" => r.threads = Some(num(&flag, &v)?),
+                    "--ca" => r.cas.push(v),
+                    "--server-name" => r.server_name = v,
                     _ => return Err(format!("run: unknown option {flag} (see --help)")),
                 }
             }
