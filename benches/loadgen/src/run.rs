@@ -74,12 +74,13 @@ impl Ctx {
         Ok(c.into_stream())
     }
 
-    /// A tunnel (or a direct connection) with a completed TLS handshake in it.
-    async fn tls_conn(&self) -> io::Result<Conn<TlsStream<TcpStream>>> {
+    /// A tunnel (or a direct connection) with a completed TLS handshake in it
+    /// (boxed: the TLS state is a kilobyte, the other links a few words).
+    async fn tls_conn(&self) -> io::Result<Conn<Box<TlsStream<TcpStream>>>> {
         let (connector, name) = self.tls.as_ref().ok_or_else(|| err("no TLS client"))?;
         let s = self.tunnel().await?;
         let tls = connector.connect(name.clone(), s).await?;
-        Ok(Conn::new(tls))
+        Ok(Conn::new(Box::new(tls)))
     }
 
     /// One round trip of the message through an echo tunnel.
@@ -232,7 +233,7 @@ enum Link {
     None,
     Http(Conn),
     Tunnel(TcpStream),
-    Tls(Conn<TlsStream<TcpStream>>),
+    Tls(Conn<Box<TlsStream<TcpStream>>>),
 }
 
 async fn timed(ctx: &Arc<Ctx>, sc: Scenario, conns: usize, dur: Duration) -> Stats {
