@@ -93,7 +93,7 @@ fn num<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, String> {
 pub fn parse(argv: Vec<String>) -> Result<Cmd, String> {
     let mut it = argv.into_iter();
     let sub = it.next().unwrap_or_default();
-    let mut flags: Vec<(String, Option<String>)> = Vec::new();
+    let mut flags: Flags = Vec::new();
     while let Some(flag) = it.next() {
         let takes_value = !matches!(flag.as_str(), "--json");
         let value = if takes_value {
@@ -104,100 +104,106 @@ pub fn parse(argv: Vec<String>) -> Result<Cmd, String> {
         flags.push((flag, value));
     }
     match sub.as_str() {
-        "origins" => {
-            let mut o = Origins {
-                http: None,
-                echo: None,
-                source: None,
-                tls: None,
-                tls_ca_out: None,
-                threads: None,
-            };
-            for (flag, v) in flags {
-                let v = v.unwrap_or_default();
-                match flag.as_str() {
-                    "--http" => o.http = Some(v),
-                    "--echo" => o.echo = Some(v),
-                    "--source" => o.source = Some(v),
-                    "--tls" => o.tls = Some(v),
-                    "--tls-ca-out" => o.tls_ca_out = Some(v),
-                    "--threads" => o.threads = Some(num(&flag, &v)?),
-                    _ => return Err(format!("origins: unknown option {flag} (see --help)")),
-                }
-            }
-            if o.http.is_none() && o.echo.is_none() && o.source.is_none() && o.tls.is_none() {
-                return Err("origins: give at least one of --http, --echo, --source, --tls".into());
-            }
-            if o.tls.is_some() != o.tls_ca_out.is_some() {
-                return Err("origins: --tls and --tls-ca-out go together".into());
-            }
-            Ok(Cmd::Origins(o))
-        }
-        "run" => {
-            let mut scenario = None;
-            let mut proxy = None;
-            let mut target = None;
-            let mut r = Run {
-                scenario: Scenario::HttpForward,
-                proxy: None,
-                target: String::new(),
-                conns: 32,
-                duration: Duration::from_secs(5),
-                path: "/small".into(),
-                size: 64,
-                pids: Vec::new(),
-                label: String::new(),
-                json: false,
-                threads: None,
-                cas: Vec::new(),
-                server_name: "origin.test".into(),
-            };
-            for (flag, v) in flags {
-                if flag == "--json" {
-                    r.json = true;
-                    continue;
-                }
-                let v = v.unwrap_or_default();
-                match flag.as_str() {
-                    "--scenario" => {
-                        scenario = Some(
-                            Scenario::ALL
-                                .into_iter()
-                                .find(|s| s.name() == v)
-                                .ok_or_else(|| format!("unknown scenario {v:?}"))?,
-                        )
-                    }
-                    "--proxy" => proxy = Some(v),
-                    "--target" => target = Some(v),
-                    "--conns" => r.conns = num(&flag, &v)?,
-                    "--duration" => {
-                        let secs: f64 = num(&flag, &v)?;
-                        if !(secs > 0.0 && secs <= 3600.0) {
-                            return Err("--duration must be in (0, 3600] seconds".into());
-                        }
-                        r.duration = Duration::from_secs_f64(secs);
-                    }
-                    "--path" => r.path = v,
-                    "--size" => r.size = num(&flag, &v)?,
-                    "--pid" => r.pids.push(num(&flag, &v)?),
-                    "--label" => r.label = v,
-                    "--threads" => r.threads = Some(num(&flag, &v)?),
-                    "--ca" => r.cas.push(v),
-                    "--server-name" => r.server_name = v,
-                    _ => return Err(format!("run: unknown option {flag} (see --help)")),
-                }
-            }
-            r.scenario = scenario.ok_or("run: --scenario is required")?;
-            let proxy = proxy.ok_or("run: --proxy is required (HOST:PORT or direct)")?;
-            r.proxy = (proxy != "direct").then_some(proxy);
-            r.target = target.ok_or("run: --target is required")?;
-            if r.conns == 0 || r.size == 0 {
-                return Err("--conns and --size must be positive".into());
-            }
-            Ok(Cmd::Run(r))
-        }
+        "origins" => origins(flags),
+        "run" => run(flags),
         other => Err(format!(
             "unknown command {other:?}: origins or run (see --help)"
         )),
     }
+}
+
+type Flags = Vec<(String, Option<String>)>;
+
+fn origins(flags: Flags) -> Result<Cmd, String> {
+    let mut o = Origins {
+        http: None,
+        echo: None,
+        source: None,
+        tls: None,
+        tls_ca_out: None,
+        threads: None,
+    };
+    for (flag, v) in flags {
+        let v = v.unwrap_or_default();
+        match flag.as_str() {
+            "--http" => o.http = Some(v),
+            "--echo" => o.echo = Some(v),
+            "--source" => o.source = Some(v),
+            "--tls" => o.tls = Some(v),
+            "--tls-ca-out" => o.tls_ca_out = Some(v),
+            "--threads" => o.threads = Some(num(&flag, &v)?),
+            _ => return Err(format!("origins: unknown option {flag} (see --help)")),
+        }
+    }
+    if o.http.is_none() && o.echo.is_none() && o.source.is_none() && o.tls.is_none() {
+        return Err("origins: give at least one of --http, --echo, --source, --tls".into());
+    }
+    if o.tls.is_some() != o.tls_ca_out.is_some() {
+        return Err("origins: --tls and --tls-ca-out go together".into());
+    }
+    Ok(Cmd::Origins(o))
+}
+
+fn run(flags: Flags) -> Result<Cmd, String> {
+    let mut scenario = None;
+    let mut proxy = None;
+    let mut target = None;
+    let mut r = Run {
+        scenario: Scenario::HttpForward,
+        proxy: None,
+        target: String::new(),
+        conns: 32,
+        duration: Duration::from_secs(5),
+        path: "/small".into(),
+        size: 64,
+        pids: Vec::new(),
+        label: String::new(),
+        json: false,
+        threads: None,
+        cas: Vec::new(),
+        server_name: "origin.test".into(),
+    };
+    for (flag, v) in flags {
+        if flag == "--json" {
+            r.json = true;
+            continue;
+        }
+        let v = v.unwrap_or_default();
+        match flag.as_str() {
+            "--scenario" => {
+                scenario = Some(
+                    Scenario::ALL
+                        .into_iter()
+                        .find(|s| s.name() == v)
+                        .ok_or_else(|| format!("unknown scenario {v:?}"))?,
+                )
+            }
+            "--proxy" => proxy = Some(v),
+            "--target" => target = Some(v),
+            "--conns" => r.conns = num(&flag, &v)?,
+            "--duration" => {
+                let secs: f64 = num(&flag, &v)?;
+                if !(secs > 0.0 && secs <= 3600.0) {
+                    return Err("--duration must be in (0, 3600] seconds".into());
+                }
+                r.duration = Duration::from_secs_f64(secs);
+            }
+            "--path" => r.path = v,
+            "--size" => r.size = num(&flag, &v)?,
+            "--pid" => r.pids.push(num(&flag, &v)?),
+            "--label" => r.label = v,
+            "--threads" => r.threads = Some(num(&flag, &v)?),
+            "--ca" => r.cas.push(v),
+            "--server-name" => r.server_name = v,
+            _ => return Err(format!("run: unknown option {flag} (see --help)")),
+        }
+    }
+    r.scenario = scenario.ok_or("run: --scenario is required")?;
+    let proxy = proxy.ok_or("run: --proxy is required (HOST:PORT or direct)")?;
+    r.proxy = (proxy != "direct").then_some(proxy);
+    r.target = target.ok_or("run: --target is required")?;
+    if r.conns == 0 || r.size == 0 {
+        return Err("--conns and --size must be positive".into());
+    }
+    Ok(Cmd::Run(r))
 }
