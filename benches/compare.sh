@@ -12,12 +12,36 @@ Usage: benches/compare.sh [options]
 
 Runs every scenario against every system: direct (no proxy), squid, tinyproxy
 and egress (this repository's proxy), each proxy allowlisting only origin.test
-on the three origin ports. Needs root (apt installs, unshare/mount for
-tinyproxy's hosts override; squid and tinyproxy drop to their own users).
+on the origin ports. Needs root (apt installs, unshare/mount for tinyproxy's
+hosts override; squid and tinyproxy drop to their own users).
+
+TLS scenarios (not in the default list; the TLS origin is loadgen's, its
+certificate for origin.test from a CA loadgen generates at start):
+  tls-rate      16 workers: new connection, CONNECT, full TLS handshake with the
+                origin through the tunnel (SNI origin.test, no resumption), one
+                GET of 1 KiB, close. Systems: direct (TLS straight to the origin),
+                squid, tinyproxy (plain CONNECT), egress (a bypass rule with the
+                default sni = "match-if-tls": the proxy peeks at the ClientHello
+                and checks its SNI), egress-sni-off (the same rule, sni = "off").
+                The notes give egress ÷ egress-sni-off: the cost of the peek.
+  inspect-rate  the same workers through an inspecting proxy, which terminates
+                TLS with a leaf from its own CA (the client trusts only that CA)
+                and re-originates TLS to the origin. Systems: direct,
+                egress-inspect (an allow rule and a [tls] CA) and squid-bump
+                (Squid's OpenSSL build, ssl_bump bump all with its own CA).
+  inspect-rr    32 inspected tunnels kept alive: CONNECT and TLS once, then
+                keep-alive GETs of 1 KiB. Systems as inspect-rate.
+A system that a scenario does not apply to shows "—". squid-bump needs the
+squid-openssl package, which conflicts with squid: it is fetched with
+apt-get download into --cache-dir and unpacked there, never installed.
+Example: benches/compare.sh --scenarios tls-rate,inspect-rate,inspect-rr \
+           --systems direct,squid,tinyproxy,egress,egress-sni-off,egress-inspect,squid-bump
 
   --duration SECS        seconds per run; idle-tunnels: seconds to hold (default 5)
-  --scenarios LIST       comma list (default http-forward,connect-rr,connect-bulk,connect-rate,idle-tunnels)
-  --systems LIST         comma list (default direct,squid,tinyproxy,egress)
+  --scenarios LIST       comma list (default http-forward,connect-rr,connect-bulk,connect-rate,idle-tunnels;
+                         also tls-rate, inspect-rate, inspect-rr)
+  --systems LIST         comma list (default direct,squid,tinyproxy,egress;
+                         also egress-sni-off, egress-inspect, squid-bump)
   --egress-bin PATH      the proxy binary (default target/release/egress-proxy; built when missing)
   --http-conns N         http-forward keep-alive connections (default 32)
   --rr-conns N           connect-rr tunnels (default 32)
@@ -25,6 +49,9 @@ tinyproxy's hosts override; squid and tinyproxy drop to their own users).
   --rate-conns N         connect-rate workers (default 16)
   --idle-tunnels N       idle-tunnels count (default 5000)
   --origin-ports H,E,S   HTTP, echo and source origin ports (default 18080,18081,18082)
+  --tls-port PORT        the TLS origin's port (default 18443)
+  --cache-dir DIR        where squid-bump's squid-openssl package is fetched and unpacked
+                         (default ${XDG_CACHE_HOME:-$HOME/.cache}/egress-proxy-bench)
   --client-cpus LIST     CPUs for the load generator and origins (default 0)
   --proxy-cpus LIST      CPUs for each proxy (default 1)
   --no-pin               no taskset pinning
@@ -42,7 +69,9 @@ SCENARIOS=http-forward,connect-rr,connect-bulk,connect-rate,idle-tunnels
 SYSTEMS=direct,squid,tinyproxy,egress
 EGRESS_BIN=""
 HTTP_CONNS=32 RR_CONNS=32 BULK_CONNS=4 RATE_CONNS=16 IDLE_TUNNELS=5000
-ORIGIN_PORTS=18080,18081,18082
+ORIGIN_PORTS=18080,18081,18082 TLS_PORT=18443
+# shellcheck disable=SC2034 # used by compare-tls.sh
+CACHE_DIR=${XDG_CACHE_HOME:-$HOME/.cache}/egress-proxy-bench
 CLIENT_CPUS=0 PROXY_CPUS=1 PIN=1 KEEP=0
 TMPBASE=/dev/shm
 
@@ -54,12 +83,14 @@ while (($#)); do
     --no-pin) PIN=0; continue ;;
     --keep) KEEP=1; continue ;;
     --duration | --scenarios | --systems | --egress-bin | --http-conns | --rr-conns | --bulk-conns | \
-      --rate-conns | --idle-tunnels | --origin-ports | --client-cpus | --proxy-cpus | --tmpdir) ;;
+      --rate-conns | --idle-tunnels | --origin-ports | --client-cpus | --proxy-cpus | --tmpdir | \
+      --tls-port | --cache-dir) ;;
     *) echo "unknown option: $opt" >&2; usage >&2; exit 2 ;;
   esac
   (($#)) || { echo "$opt needs a value (see --help)" >&2; exit 2; }
   val=$1
   shift
+  # shellcheck disable=SC2034 # CACHE_DIR is used by compare-tls.sh
   case $opt in
     --duration) DURATION=$val ;;
     --scenarios) SCENARIOS=$val ;;
@@ -74,6 +105,8 @@ while (($#)); do
     --client-cpus) CLIENT_CPUS=$val ;;
     --proxy-cpus) PROXY_CPUS=$val ;;
     --tmpdir) TMPBASE=$val ;;
+    --tls-port) TLS_PORT=$val ;;
+    --cache-dir) CACHE_DIR=$val ;;
   esac
 done
 for n in "$HTTP_CONNS" "$RR_CONNS" "$BULK_CONNS" "$RATE_CONNS" "$IDLE_TUNNELS"; do
@@ -88,21 +121,25 @@ if ! [[ $DURATION =~ ^[0-9]+(\.[0-9]+)?$ ]] || ! awk -v d="$DURATION" 'BEGIN { e
   die "--duration must be a number of seconds in (0, 600]"
 fi
 for sc in ${SCENARIOS//,/ }; do
-  listed "$sc" http-forward,connect-rr,connect-bulk,connect-rate,idle-tunnels || die "unknown scenario: $sc"
+  listed "$sc" http-forward,connect-rr,connect-bulk,connect-rate,idle-tunnels,tls-rate,inspect-rate,inspect-rr ||
+    die "unknown scenario: $sc"
 done
 for sys in ${SYSTEMS//,/ }; do
-  listed "$sys" direct,squid,tinyproxy,egress || die "unknown system: $sys"
+  listed "$sys" direct,squid,tinyproxy,egress,egress-sni-off,egress-inspect,squid-bump || die "unknown system: $sys"
 done
 IFS=, read -r HTTP_PORT ECHO_PORT SOURCE_PORT <<<"$ORIGIN_PORTS"
 [[ -n ${SOURCE_PORT:-} ]] || die "--origin-ports needs three ports"
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 LOADGEN_DIR=$ROOT/benches/loadgen
+# shellcheck source=compare-tls.sh source-path=SCRIPTDIR disable=SC1091
+. "$ROOT/benches/compare-tls.sh"
 
 # --- prerequisites -----------------------------------------------------------------------
 need=()
 listed squid "$SYSTEMS" && ! command -v squid >/dev/null && need+=(squid)
 listed tinyproxy "$SYSTEMS" && ! command -v tinyproxy >/dev/null && need+=(tinyproxy)
+listed squid-bump "$SYSTEMS" && ! command -v openssl >/dev/null && need+=(openssl)
 for tool in curl:curl python3:python3 taskset:util-linux unshare:util-linux ss:iproute2; do
   command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
 done
@@ -116,7 +153,7 @@ log "building benches/loadgen (release)"
 cargo build --release --locked --quiet --manifest-path "$LOADGEN_DIR/Cargo.toml"
 LOADGEN=${CARGO_TARGET_DIR:-$LOADGEN_DIR/target}/release/loadgen
 
-if listed egress "$SYSTEMS"; then
+if [[ ,$SYSTEMS, == *,egress* ]]; then
   if [[ -z $EGRESS_BIN ]]; then
     EGRESS_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/egress-proxy
     if [[ ! -x $EGRESS_BIN ]]; then
@@ -193,13 +230,16 @@ await_listen() {
 }
 
 # --- origins -------------------------------------------------------------------------------
-for p in "$HTTP_PORT" "$ECHO_PORT" "$SOURCE_PORT"; do
-  ! listening "$p" || die "origin port $p is in use (see --origin-ports)"
+for p in "$HTTP_PORT" "$ECHO_PORT" "$SOURCE_PORT" "$TLS_PORT"; do
+  ! listening "$p" || die "origin port $p is in use (see --origin-ports, --tls-port)"
 done
+# The TLS origin writes its CA (origin-ca.pem) before it listens.
 "${CLIENT_PIN[@]}" "$LOADGEN" origins --http "127.0.0.1:$HTTP_PORT" --echo "127.0.0.1:$ECHO_PORT" \
-  --source "127.0.0.1:$SOURCE_PORT" 2>"$TMP/origins.log" &
+  --source "127.0.0.1:$SOURCE_PORT" --tls "127.0.0.1:$TLS_PORT" --tls-ca-out "$TMP/origin-ca.pem" \
+  2>"$TMP/origins.log" &
 PIDS+=($!)
 await_listen "$SOURCE_PORT" $! origins "$TMP/origins.log"
+await_listen "$TLS_PORT" $! origins "$TMP/origins.log"
 
 # origin.test is 127.0.0.1 for every proxy: squid reads this hosts file; tinyproxy, which
 # has no such option, runs in a private mount namespace where it is /etc/hosts and DNS
@@ -211,9 +251,10 @@ HOSTS_NS=(unshare --mount --propagation private sh -c
   'mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/resolv.conf && shift 2 && exec "$@"'
   sh "$TMP/hosts" "$TMP/resolv.conf")
 
-# --- the systems: parallel arrays of name, address ("direct" for none) and PID ---------------
-NAMES=() ADDRS=() SPIDS=()
-add_system() { NAMES+=("$1") ADDRS+=("$2") SPIDS+=("$3"); }
+# --- the systems: parallel arrays of name, address ("direct" for none), PID and the CA its
+# TLS clients trust (the origin's, or the proxy's own when it inspects) ----------------------
+NAMES=() ADDRS=() SPIDS=() CAS=()
+add_system() { NAMES+=("$1") ADDRS+=("$2") SPIDS+=("$3") CAS+=("${4:-$TMP/origin-ca.pem}"); }
 
 for sys in ${SYSTEMS//,/ }; do
   case $sys in
@@ -226,7 +267,7 @@ for sys in ${SYSTEMS//,/ }; do
       cat >"$d/squid.conf" <<EOF
 http_port 127.0.0.1:$port
 acl bench_host dstdomain origin.test
-acl bench_ports port $HTTP_PORT $ECHO_PORT $SOURCE_PORT
+acl bench_ports port $HTTP_PORT $ECHO_PORT $SOURCE_PORT $TLS_PORT
 http_access deny !bench_ports
 http_access allow bench_host
 http_access deny all
@@ -256,7 +297,7 @@ EOF
       free_port port
       d=$TMP/tinyproxy
       install -d -o tinyproxy -g tinyproxy "$d"
-      ports="$HTTP_PORT|$ECHO_PORT|$SOURCE_PORT"
+      ports="$HTTP_PORT|$ECHO_PORT|$SOURCE_PORT|$TLS_PORT"
       # With FilterURLs On, plain requests are matched as http://host:port/path and
       # CONNECTs as host:port: both name the allowed host and ports.
       printf '%s\n' "^http://origin\\.test:($ports)/" "^origin\\.test:($ports)\$" >"$d/filter"
@@ -278,6 +319,7 @@ Filter "$d/filter"
 ConnectPort $HTTP_PORT
 ConnectPort $ECHO_PORT
 ConnectPort $SOURCE_PORT
+ConnectPort $TLS_PORT
 EOF
       # -d: foreground; unshare and sh exec, so $! is tinyproxy's PID
       "${PROXY_PIN[@]}" "${HOSTS_NS[@]}" tinyproxy -d -c "$d/tinyproxy.conf" >"$d/stderr.log" 2>&1 &
@@ -286,49 +328,10 @@ EOF
       add_system tinyproxy "127.0.0.1:$port" $!
       ;;
 
-    egress)
-      free_port port
-      admin=""
-      free_port admin
-      d=$TMP/egress
-      mkdir -p "$d"
-      cat >"$d/egress-proxy.toml" <<EOF
-[server]
-listen = ["127.0.0.1:$port"]
-admin_listen = "127.0.0.1:$admin"
-
-[clients]
-allow = ["127.0.0.0/8"]
-
-[dns]
-static = { "origin.test" = ["127.0.0.1"] }
-allow_private = ["127.0.0.0/8"]
-
-[policy]
-catalog = "catalog.toml"
-default = "deny"
-
-[audit]
-path = "$d/audit.log"
-EOF
-      cat >"$d/catalog.toml" <<EOF
-[[rule]]
-name = "bench http origin"
-hosts = ["origin.test"]
-ports = [$HTTP_PORT]
-action = "allow"
-
-[[rule]]
-name = "bench tunnels"
-hosts = ["origin.test"]
-ports = [$ECHO_PORT, $SOURCE_PORT]
-action = "bypass"
-EOF
-      "${PROXY_PIN[@]}" "$EGRESS_BIN" run --config "$d/egress-proxy.toml" >"$d/stdout.log" 2>"$d/stderr.log" &
-      PIDS+=($!)
-      await_listen "$port" $! egress-proxy "$d/stderr.log"
-      add_system egress "127.0.0.1:$port" $!
-      ;;
+    egress) start_egress egress match-if-tls ;;
+    egress-sni-off) start_egress egress-sni-off off ;;
+    egress-inspect) start_egress egress-inspect inspect ;;
+    squid-bump) start_squid_bump ;;
   esac
 done
 ((${#NAMES[@]})) || die "no systems to measure"
@@ -346,9 +349,18 @@ for i in "${!NAMES[@]}"; do
   got+=" $(status "$addr" http_connect "http://origin.test:$HTTP_PORT/small" -p)"
   got+=" $(status "$addr" http_connect "http://origin.test:9/" -p)"
   verdict=ok
-  [[ $got == "200 403 403 200 403" ]] || verdict=UNEXPECTED
+  if [[ ${NAMES[$i]} == squid-bump && $got == "200 403 403 200 200" ]]; then
+    # Squid bumps a refused CONNECT to tell the client inside TLS (access.log: TCP_DENIED/200)
+    verdict="ok: the refused CONNECT is bumped, its 403 inside TLS"
+  fi
+  [[ $got == "200 403 403 200 403" || $verdict != ok ]] || verdict=UNEXPECTED
   PROBES+=("${NAMES[$i]}: $got ($verdict)")
   log "allowlist ${NAMES[$i]}: GET allowed, GET other host, GET other port, CONNECT allowed, CONNECT other port = $got (want 200 403 403 200 403: $verdict)"
+  if [[ ,$SCENARIOS, =~ ,(tls-rate|inspect-rate|inspect-rr), ]]; then
+    got=$(tls_probe "$addr" "${CAS[$i]}")
+    PROBES+=("${NAMES[$i]}: TLS GET through it, trusting $(basename "$(dirname "${CAS[$i]}")")/$(basename "${CAS[$i]}") only: $got (want 200)")
+    log "TLS ${NAMES[$i]}: GET https://origin.test:$TLS_PORT/small trusting only ${CAS[$i]} = $got (want 200)"
+  fi
 done
 
 # --- the runs --------------------------------------------------------------------------------
@@ -361,22 +373,27 @@ keys = ("rate", "unit", "p50_us", "p99_us", "gbit_s", "alive", "bytes_per_tunnel
 print(d["scenario"], "/", d["label"] + ":", " ".join(f"{k}={d[k]}" for k in keys if d.get(k) is not None))' "$1"
 }
 for sc in ${SCENARIOS//,/ }; do
+  lsc=$sc # the load generator's scenario
   case $sc in
     http-forward) port=$HTTP_PORT conns=$HTTP_CONNS ;;
     connect-rr) port=$ECHO_PORT conns=$RR_CONNS ;;
     connect-bulk) port=$SOURCE_PORT conns=$BULK_CONNS ;;
     connect-rate) port=$ECHO_PORT conns=$RATE_CONNS ;;
     idle-tunnels) port=$ECHO_PORT conns=$IDLE_TUNNELS ;;
+    tls-rate | inspect-rate) port=$TLS_PORT conns=$RATE_CONNS lsc=tls-rate ;;
+    inspect-rr) port=$TLS_PORT conns=$RR_CONNS lsc=tls-rr ;;
   esac
   for i in "${!NAMES[@]}"; do
     name=${NAMES[$i]} addr=${ADDRS[$i]} pid=${SPIDS[$i]}
+    applies "$sc" "$name" || continue
     if [[ $addr == direct ]]; then
       args=(--proxy direct --target "127.0.0.1:$port")
     else
       args=(--proxy "$addr" --target "origin.test:$port")
     fi
-    args+=(--scenario "$sc" --conns "$conns" --duration "$DURATION" --label "$name" --json)
+    args+=(--scenario "$lsc" --conns "$conns" --duration "$DURATION" --label "$name" --json)
     [[ $sc == idle-tunnels && -n $pid ]] && args+=(--pid "$pid")
+    [[ $lsc == tls-* ]] && args+=(--ca "${CAS[$i]}")
     if [[ -n $pid ]] && ! alive "$pid"; then
       echo "{\"scenario\":\"$sc\",\"label\":\"$name\",\"failed\":\"the proxy process is gone\"}" >>"$RESULTS"
       log "$sc / $name: skipped, the proxy process is gone"
@@ -385,6 +402,7 @@ for sc in ${SCENARIOS//,/ }; do
     # the load generator bounds its runs itself; timeout is the safety net
     if out=$(timeout "$(awk -v d="$DURATION" 'BEGIN { printf "%d", d * 3 + 60 }')" \
       "${CLIENT_PIN[@]}" "$LOADGEN" run "${args[@]}" 2>>"$TMP/loadgen.log"); then
+      out=${out/\"scenario\":\"$lsc\"/\"scenario\":\"$sc\"}
       echo "$out" >>"$RESULTS"
       log "$(summary "$out")"
     else
@@ -404,8 +422,11 @@ if [[ -f $TMP/tinyproxy/tinyproxy.log ]]; then
   log "tinyproxy requests logged: $(grep -o 'Request (file descriptor [0-9]*): [A-Z]*' "$TMP/tinyproxy/tinyproxy.log" |
     awk '{print $NF}' | sort | uniq -c | awk '{printf "%s=%s ", $2, $1}')"
 fi
-if [[ -f $TMP/egress/audit.log ]]; then
-  log "egress audit records: $(wc -l <"$TMP/egress/audit.log")"
+for name in egress egress-sni-off egress-inspect; do
+  [[ -f $TMP/$name/audit.log ]] && log "$name audit records: $(wc -l <"$TMP/$name/audit.log")"
+done
+if [[ -f $TMP/squid-bump/access.log ]]; then
+  log "squid-bump access.log result codes: $(awk '{print $4}' "$TMP/squid-bump/access.log" | sort | uniq -c | awk '{printf "%s=%s ", $2, $1}')"
 fi
 
 stop_all
@@ -416,8 +437,10 @@ if ((PIN)); then
 else
   pinning="no CPU pinning"
 fi
-python3 - "$RESULTS" "${SYSTEMS}" "$SCENARIOS" "$DURATION" "$pinning" \
-  "http-forward $HTTP_CONNS, connect-rr $RR_CONNS, connect-bulk $BULK_CONNS, connect-rate $RATE_CONNS, idle-tunnels $IDLE_TUNNELS" \
+conns_note="http-forward $HTTP_CONNS, connect-rr $RR_CONNS, connect-bulk $BULK_CONNS, connect-rate $RATE_CONNS, idle-tunnels $IDLE_TUNNELS"
+[[ ,$SCENARIOS, =~ ,(tls-rate|inspect-rate|inspect-rr), ]] &&
+  conns_note+="; tls-rate and inspect-rate $RATE_CONNS, inspect-rr $RR_CONNS"
+python3 - "$RESULTS" "${SYSTEMS}" "$SCENARIOS" "$DURATION" "$pinning" "$conns_note" \
   "${PROBES[@]}" <<'PY'
 import json, sys
 
@@ -445,6 +468,12 @@ rows = [
     ("connect-rate", "rate", rate, "connect-rate, tunnels/s"),
     ("connect-rate", "p99_us", us, "connect-rate, p99 latency"),
     ("idle-tunnels", "bytes_per_tunnel", size, "idle-tunnels, proxy RSS per tunnel"),
+    ("tls-rate", "rate", rate, "tls-rate, tunnels/s"),
+    ("tls-rate", "p99_us", us, "tls-rate, p99 latency"),
+    ("inspect-rate", "rate", rate, "inspect-rate, tunnels/s"),
+    ("inspect-rate", "p99_us", us, "inspect-rate, p99 latency"),
+    ("inspect-rr", "rate", rate, "inspect-rr, requests/s"),
+    ("inspect-rr", "p50_us", us, "inspect-rr, p50 latency"),
 ]
 print("| scenario, metric | " + " | ".join(systems) + " |")
 print("|---|" + "---|" * len(systems))
@@ -482,7 +511,17 @@ for d in runs.values():
     if d.get("scenario") == "http-forward" and d.get("ok") and d.get("connects", 0) > 2 * d["conns"]:
         print(f"- {d['label']} / http-forward: {d['connects']} client connections for {d['ok']} requests "
               "(the proxy closed keep-alive connections)")
+def versus(sc, a, b, what):
+    x, y = runs.get((sc, a), {}).get("rate"), runs.get((sc, b), {}).get("rate")
+    if x and y:
+        print(f"- {sc}: {a} ÷ {b} = {x / y:.2f}× ({what})")
+versus("tls-rate", "egress", "egress-sni-off", "the SNI peek's cost: 1 − this")
+versus("inspect-rate", "egress-inspect", "squid-bump", "new inspected tunnels against Squid's ssl_bump")
+versus("inspect-rr", "egress-inspect", "squid-bump", "requests on kept-alive inspected tunnels against Squid's ssl_bump")
 for p in probes:
+    if "TLS GET" in p:
+        print(f"- probe {p}")
+        continue
     print(f"- allowlist probe {p}: GET allowed, GET other host, GET other port, CONNECT allowed, "
           "CONNECT other port (want 200 403 403 200 403)")
 PY

@@ -11,9 +11,11 @@
 # and the peers; this tells what a change did to the proxy's own cost, which
 # compare.sh cannot show once core 0 (load and origins) is the bottleneck.
 # Runs ROUNDS (default 2) alternating rounds of DURATION (default 5) seconds.
+# tls-rate goes to loadgen's TLS origin through the bypass rule; SNIS="match-if-tls
+# off" runs each binary with each of the rule's sni values (the SNI peek's cost).
 set -euo pipefail
 if (($# < 2)) || [[ $1 == -h || $1 == --help ]]; then
-  sed -n '2,13p' "$0" | cut -c3-
+  sed -n '2,15p' "$0" | cut -c3-
   exit 2
 fi
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -39,7 +41,8 @@ catalog = "catalog.toml"
 [audit]
 path = "$tmp/audit.log"
 TOML
-cat >"$tmp/catalog.toml" <<TOML
+catalog() { # catalog SNI
+  cat <<TOML
 [[rule]]
 name = "bench http origin"
 hosts = ["origin.test"]
@@ -48,36 +51,46 @@ action = "allow"
 [[rule]]
 name = "bench cloud look-up"
 hosts = ["origin.test"]
-ports = [18081, 18082]
+ports = [18081, 18082, 18443]
 action = "bypass"
+sni = "$1"
 TOML
+}
+extra=()
 case $sc in
   http-forward) target=origin.test:18080; key=rate ;;
   connect-bulk) target=origin.test:18082; key=gbit_s ;;
+  tls-rate | tls-rr) target=origin.test:18443; key=rate; extra=(--ca "$tmp/origin-ca.pem") ;;
   *) target=origin.test:18081; key=rate ;;
 esac
-taskset -c 0 "$lg" origins --http 127.0.0.1:18080 --echo 127.0.0.1:18081 --source 127.0.0.1:18082 >/dev/null 2>&1 &
+taskset -c 0 "$lg" origins --http 127.0.0.1:18080 --echo 127.0.0.1:18081 --source 127.0.0.1:18082 \
+  --tls 127.0.0.1:18443 --tls-ca-out "$tmp/origin-ca.pem" >/dev/null 2>&1 &
 sleep 0.3
-printf '%-40s %12s %8s %8s %12s\n' binary "$key" user_s sys_s cpu_us/op
+printf '%-48s %12s %8s %8s %12s\n' binary "$key" user_s sys_s cpu_us/op
 for _ in $(seq "${ROUNDS:-2}"); do
   for bin in "${bins[@]}"; do
-    taskset -c 1 "$bin" run --config "$tmp/egress-proxy.toml" >/dev/null 2>"$tmp/stderr.log" &
-    pid=$!
-    for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/13128) 2>/dev/null && break; sleep 0.1; done
-    read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$pid/stat")
-    taskset -c 0 "$lg" run --scenario "$sc" --proxy 127.0.0.1:13128 --target "$target" \
-      --duration "${DURATION:-5}" --json "$@" >"$tmp/out.json"
-    read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$pid/stat")
-    kill "$pid"; wait "$pid" 2>/dev/null || true
-    hz=$(getconf CLK_TCK)
-    python3 - "$tmp/out.json" "$key" "$bin" $((u1 - u0)) $((s1 - s0)) "$hz" <<'PY'
+    for sni in ${SNIS:-match-if-tls}; do
+      catalog "$sni" >"$tmp/catalog.toml"
+      taskset -c 1 "$bin" run --config "$tmp/egress-proxy.toml" >/dev/null 2>"$tmp/stderr.log" &
+      pid=$!
+      for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/13128) 2>/dev/null && break; sleep 0.1; done
+      read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$pid/stat")
+      taskset -c 0 "$lg" run --scenario "$sc" --proxy 127.0.0.1:13128 --target "$target" \
+        --duration "${DURATION:-5}" --json "${extra[@]}" "$@" >"$tmp/out.json"
+      read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$pid/stat")
+      kill "$pid"; wait "$pid" 2>/dev/null || true
+      hz=$(getconf CLK_TCK)
+      label=$bin
+      [[ -n ${SNIS:-} ]] && label="$bin sni=$sni"
+      python3 - "$tmp/out.json" "$key" "$label" $((u1 - u0)) $((s1 - s0)) "$hz" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1])); key, name = sys.argv[2], sys.argv[3]
 user, sys_, hz = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 ops = d.get("ok") or d.get("bytes", 0) / 65536  # bulk: per 64 KiB moved
 cpu = (user + sys_) / hz
-print("%-40s %12.1f %8.2f %8.2f %12.2f" % (name[-40:], d.get(key, 0), user / hz, sys_ / hz,
+print("%-48s %12.1f %8.2f %8.2f %12.2f" % (name[-48:], d.get(key, 0), user / hz, sys_ / hz,
       1e6 * cpu / ops if ops else float("nan")))
 PY
+    done
   done
 done

@@ -115,8 +115,21 @@ pub fn start_audit_with(
 /// # Errors
 /// The certificate or key cannot be read or used.
 pub fn load_ca(settings: &Settings) -> Result<Option<Arc<tls::ca::Ca>>, tls::ca::CaError> {
+    load_ca_counted(
+        settings,
+        prometheus_client::metrics::counter::Counter::default(),
+    )
+}
+
+/// [`load_ca`], counting the leaves it mints in `minted`.
+fn load_ca_counted(
+    settings: &Settings,
+    minted: prometheus_client::metrics::counter::Counter,
+) -> Result<Option<Arc<tls::ca::Ca>>, tls::ca::CaError> {
     match (&settings.tls.ca_cert, &settings.tls.ca_key) {
-        (Some(cert), Some(key)) => Ok(Some(Arc::new(tls::ca::Ca::load(cert, key)?))),
+        (Some(cert), Some(key)) => Ok(Some(Arc::new(
+            tls::ca::Ca::load(cert, key)?.with_mint_counter(minted),
+        ))),
         _ => Ok(None),
     }
 }
@@ -175,7 +188,7 @@ impl Proxy {
             .status
             .set_catalog(settings.policy.hash(), settings.policy.rules().len());
         metrics.status.set_denials_kept(settings.denials_kept);
-        let ca = load_ca(&settings)?;
+        let ca = load_ca_counted(&settings, metrics.leaves_minted.clone())?;
         let guards = proxy::Guards::new(&settings, ca.as_ref())?;
         let shared = Arc::new(Shared {
             settings: ArcSwap::from_pointee(Snapshot::new(settings, guards)),

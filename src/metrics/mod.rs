@@ -75,6 +75,8 @@ pub struct Metrics {
     pub connection_limit: Counter,
     /// Tunnel directions that moved on to splice(2).
     pub spliced: Counter,
+    /// Leaf certificates minted for inspected tunnels (leaf cache misses).
+    pub leaves_minted: Counter,
     pub audit_written: Counter,
     pub audit_queued: Gauge,
     pub audit_waits: Counter,
@@ -133,6 +135,7 @@ impl Metrics {
             catalog_rules: Gauge::default(),
             connection_limit: Counter::default(),
             spliced: Counter::default(),
+            leaves_minted: Counter::default(),
             audit_written: Counter::default(),
             audit_queued: Gauge::default(),
             audit_waits: Counter::default(),
@@ -220,6 +223,11 @@ impl Metrics {
             "tunnel_splices",
             "Tunnel directions that moved on to splice(2) after their bulk threshold",
             self.spliced.clone(),
+        );
+        self.registry.register(
+            "tls_leaves_minted",
+            "Leaf certificates minted for inspected tunnels (leaf cache misses)",
+            self.leaves_minted.clone(),
         );
     }
 

@@ -2,6 +2,8 @@
 //! (cached, bounded in count, reused until near expiry), and `ca generate`.
 //!
 //! The CA key never leaves this module; leaves are short-lived ECDSA P-256.
+//! Concurrent first requests for one name mint one leaf: the others wait for
+//! it (a few hundred microseconds) instead of minting their own.
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
@@ -9,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use prometheus_client::metrics::counter::Counter;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
@@ -57,6 +60,10 @@ pub struct Ca {
     ca_der: CertificateDer<'static>,
     provider: Arc<rustls::crypto::CryptoProvider>,
     cache: Mutex<(HashMap<String, Cached>, u64)>,
+    /// Names being minted now, each with the lock its minter holds.
+    minting: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Leaves minted (cache misses), exported as `egress_tls_leaves_minted_total`.
+    minted: Counter,
 }
 
 impl Ca {
@@ -85,7 +92,21 @@ impl Ca {
             ca_der,
             provider: Arc::new(rustls::crypto::ring::default_provider()),
             cache: Mutex::new((HashMap::new(), 0)),
+            minting: Mutex::new(HashMap::new()),
+            minted: Counter::default(),
         })
+    }
+
+    /// Count minted leaves in `counter` (the metric) instead of a counter of its own.
+    #[must_use]
+    pub fn with_mint_counter(mut self, counter: Counter) -> Ca {
+        self.minted = counter;
+        self
+    }
+
+    /// Leaves minted since start.
+    pub fn minted(&self) -> u64 {
+        self.minted.get()
     }
 
     /// The CA certificate (DER), e.g. to trust it in tests.
@@ -99,19 +120,49 @@ impl Ca {
     /// # Errors
     /// Minting failed.
     pub fn leaf(&self, host: &str) -> Result<Arc<CertifiedKey>, CaError> {
-        let now = SystemTime::now();
-        if let Ok(mut guard) = self.cache.lock() {
-            let (map, tick) = &mut *guard;
-            *tick += 1;
-            let t = *tick;
-            if let Some(c) = map.get_mut(host) {
-                if c.not_after > now + LEAF_RENEW_BEFORE {
-                    c.used = t;
-                    return Ok(Arc::clone(&c.key));
-                }
+        if let Some(key) = self.cached_leaf(host) {
+            return Ok(key);
+        }
+        // One minter per name: the first caller holds the name's lock while it
+        // mints; the others wait on it, then find the new leaf in the cache.
+        // The lock is never held across an await (this is synchronous code).
+        let turn = match self.minting.lock() {
+            Ok(mut m) => Arc::clone(m.entry(host.to_string()).or_default()),
+            Err(_) => Arc::default(),
+        };
+        let _minter = turn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let res = match self.cached_leaf(host) {
+            Some(key) => Ok(key),
+            None => self.mint_and_cache(host),
+        };
+        if let Ok(mut m) = self.minting.lock() {
+            if m.get(host).is_some_and(|t| Arc::ptr_eq(t, &turn)) {
+                m.remove(host);
             }
         }
-        let (key, not_after) = self.mint(host, now)?;
+        res
+    }
+
+    /// The cached leaf for `host` if it has more than [`LEAF_RENEW_BEFORE`] left.
+    fn cached_leaf(&self, host: &str) -> Option<Arc<CertifiedKey>> {
+        let now = SystemTime::now();
+        let mut guard = self.cache.lock().ok()?;
+        let (map, tick) = &mut *guard;
+        *tick += 1;
+        let t = *tick;
+        let c = map.get_mut(host)?;
+        if c.not_after > now + LEAF_RENEW_BEFORE {
+            c.used = t;
+            return Some(Arc::clone(&c.key));
+        }
+        None
+    }
+
+    fn mint_and_cache(&self, host: &str) -> Result<Arc<CertifiedKey>, CaError> {
+        let (key, not_after) = self.mint(host, SystemTime::now())?;
+        self.minted.inc();
         if let Ok(mut guard) = self.cache.lock() {
             let (map, tick) = &mut *guard;
             if map.len() >= LEAF_CACHE_MAX && !map.contains_key(host) {
@@ -267,5 +318,35 @@ mod tests {
         }
         assert_eq!(ca.cached(), LEAF_CACHE_MAX);
         assert!(generate(dir.path(), true).is_ok(), "--force overwrites");
+    }
+
+    #[test]
+    fn concurrent_first_requests_for_one_name_mint_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = generate(dir.path(), false).unwrap();
+        let ca = Ca::load(&cert, &key).unwrap();
+        // Twenty names, each asked for by eight threads at once: racing
+        // minters would show as more than one leaf for some name.
+        for round in 0..20u64 {
+            let host = format!("h{round}.sophosxl.net");
+            let start = std::sync::Barrier::new(8);
+            let leaves: Vec<Arc<CertifiedKey>> = std::thread::scope(|s| {
+                let workers: Vec<_> = (0..8)
+                    .map(|_| {
+                        s.spawn(|| {
+                            start.wait();
+                            ca.leaf(&host).unwrap()
+                        })
+                    })
+                    .collect();
+                workers.into_iter().map(|w| w.join().unwrap()).collect()
+            });
+            assert_eq!(ca.minted(), round + 1, "one leaf per name");
+            assert!(leaves.iter().all(|l| Arc::ptr_eq(l, &leaves[0])));
+        }
+        assert!(
+            ca.minting.lock().unwrap().is_empty(),
+            "no minter left behind"
+        );
     }
 }

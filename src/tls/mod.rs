@@ -54,6 +54,11 @@ pub fn server_config(ca: &ca::Ca, host: &str) -> Result<Arc<rustls::ServerConfig
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(OneCert(leaf)));
     server.alpn_protocols = vec![HTTP_11.to_vec()];
+    // This configuration serves one tunnel, so a session stored in it could
+    // never be resumed: issue no TLS 1.3 tickets (two per handshake by
+    // default, each stored, encrypted and sent for nothing) and keep no cache.
+    server.send_tls13_tickets = 0;
+    server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Ok(Arc::new(server))
 }
 

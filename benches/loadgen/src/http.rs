@@ -3,7 +3,7 @@
 
 use std::io;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Longest message head accepted.
@@ -79,15 +79,15 @@ impl Head {
     }
 }
 
-/// A TCP stream with a read buffer.
-pub struct Conn {
-    pub s: TcpStream,
+/// A stream (TCP, or TLS over TCP) with a read buffer.
+pub struct Conn<S = TcpStream> {
+    pub s: S,
     buf: Vec<u8>,
     pos: usize,
 }
 
-impl Conn {
-    pub fn new(s: TcpStream) -> Conn {
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    pub fn new(s: S) -> Conn<S> {
         Conn {
             s,
             buf: Vec::with_capacity(READ_CHUNK),
@@ -219,7 +219,7 @@ impl Conn {
         Ok(!head.close)
     }
 
-    pub fn into_stream(self) -> TcpStream {
+    pub fn into_stream(self) -> S {
         self.s
     }
 }

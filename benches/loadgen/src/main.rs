@@ -10,21 +10,29 @@ mod http;
 mod origin;
 mod report;
 mod run;
+mod tls;
 
 use std::process::ExitCode;
 
 const USAGE: &str = "\
 Usage:
-  loadgen origins [--http ADDR] [--echo ADDR] [--source ADDR]
+  loadgen origins [--http ADDR] [--echo ADDR] [--source ADDR] [--tls ADDR --tls-ca-out FILE]
   loadgen run --scenario NAME --proxy HOST:PORT|direct --target HOST:PORT [options]
 
 origins (each given one is served until the process is killed):
   --http ADDR       HTTP/1.1 keep-alive origin: /small = 1 KiB, /large = 1 MiB, other paths empty
   --echo ADDR       TCP echo origin
   --source ADDR     TCP origin that writes as fast as the reader takes
+  --tls ADDR        the HTTP origin inside TLS (TLS 1.3/1.2, ALPN http/1.1), with a
+                    leaf for origin.test and 127.0.0.1 from a CA generated at start
+  --tls-ca-out FILE where --tls writes that CA certificate (PEM) before it listens
 
 run:
-  --scenario NAME   http-forward | connect-rr | connect-bulk | connect-rate | idle-tunnels
+  --scenario NAME   http-forward | connect-rr | connect-bulk | connect-rate | idle-tunnels |
+                    tls-rate | tls-rr
+                    tls-rate: new connection, CONNECT, full TLS handshake (SNI, no
+                    resumption), one GET of --path, close; tls-rr: CONNECT and TLS
+                    once, then keep-alive GETs of --path inside the tunnel
   --proxy ADDR      proxy HOST:PORT, or `direct` to connect to the target itself
   --target H:P      the origin as the proxy sees it (origin.test:18080); with `direct`
                     it must resolve here (127.0.0.1:18080)
@@ -35,6 +43,10 @@ run:
   --pid PID         idle-tunnels: proxy process whose VmRSS is read (repeatable, summed)
   --label NAME      system name copied into the report
   --json            print one JSON object instead of text
+  --ca FILE         TLS scenarios: trust the CA certificates in FILE (PEM; repeatable):
+                    the origin's (--tls-ca-out) through a plain tunnel or direct, the
+                    proxy's own CA when it inspects
+  --server-name N   TLS scenarios: SNI sent and name verified (default origin.test)
 
 global:
   --threads N       runtime worker threads (default: CPUs in the affinity mask;

@@ -1,12 +1,13 @@
-//! The loopback origins: HTTP, echo and source.
+//! The loopback origins: HTTP, echo, source, and HTTP inside TLS.
 
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_rustls::TlsAcceptor;
 
 use crate::args::Origins;
 use crate::http::Conn;
@@ -16,8 +17,21 @@ const LARGE: usize = 1024 * 1024;
 
 pub async fn serve(o: Origins) -> Result<(), String> {
     let mut tasks = tokio::task::JoinSet::new();
+    let responses = Arc::new(Responses::new());
+    if let (Some(addr), Some(ca_out)) = (&o.tls, &o.tls_ca_out) {
+        let tls = crate::tls::origin("origin.test")?;
+        // Written before the listener exists: whoever waits for the port finds the file.
+        std::fs::write(ca_out, &tls.ca_pem).map_err(|e| format!("{ca_out}: {e}"))?;
+        let acceptor = TlsAcceptor::from(tls.server);
+        let responses = Arc::clone(&responses);
+        let l = bind(addr).await?;
+        tasks.spawn(accept_loop(l, "tls", move |s| {
+            let (acceptor, responses) = (acceptor.clone(), Arc::clone(&responses));
+            async move { http_conn(acceptor.accept(s).await?, responses).await }
+        }));
+    }
     if let Some(addr) = &o.http {
-        let responses = Arc::new(Responses::new());
+        let responses = Arc::clone(&responses);
         let l = bind(addr).await?;
         tasks.spawn(accept_loop(l, "http", move |s| {
             http_conn(s, Arc::clone(&responses))
@@ -30,10 +44,11 @@ pub async fn serve(o: Origins) -> Result<(), String> {
         tasks.spawn(accept_loop(bind(addr).await?, "source", source_conn));
     }
     eprintln!(
-        "loadgen origins: http={} echo={} source={}",
+        "loadgen origins: http={} echo={} source={} tls={}",
         o.http.as_deref().unwrap_or("-"),
         o.echo.as_deref().unwrap_or("-"),
-        o.source.as_deref().unwrap_or("-")
+        o.source.as_deref().unwrap_or("-"),
+        o.tls.as_deref().unwrap_or("-")
     );
     while tasks.join_next().await.is_some() {}
     Ok(())
@@ -111,7 +126,10 @@ impl Responses {
     }
 }
 
-async fn http_conn(s: TcpStream, responses: Arc<Responses>) -> io::Result<()> {
+async fn http_conn<S: AsyncRead + AsyncWrite + Unpin>(
+    s: S,
+    responses: Arc<Responses>,
+) -> io::Result<()> {
     let mut c = Conn::new(s);
     while let Some(head) = c.read_head().await? {
         if head.chunked {

@@ -1,19 +1,23 @@
-//! The client side: the five scenarios and their report.
+//! The client side: the seven scenarios and their report.
 //!
 //! Timed scenarios open their long-lived connections or tunnels first, then
 //! every worker starts on the same signal and loops until the deadline. An
 //! operation still in flight at the deadline is abandoned and not counted.
 
 use std::fmt::Display;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::{sleep_until, timeout, timeout_at};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
 
 use crate::args::{Run, Scenario};
 use crate::hist::Hist;
@@ -36,6 +40,10 @@ struct Ctx {
     connect_req: Vec<u8>,
     get_req: Vec<u8>,
     msg: Vec<u8>,
+    /// TLS scenarios: the client configuration and the name it asks for.
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+    /// TLS scenarios: the GET sent inside TLS (origin-form).
+    tls_req: Vec<u8>,
 }
 
 impl Ctx {
@@ -64,6 +72,15 @@ impl Ctx {
         // The echo origin speaks only when spoken to; the source origin's first
         // bytes may ride along with the reply and are dropped with the buffer.
         Ok(c.into_stream())
+    }
+
+    /// A tunnel (or a direct connection) with a completed TLS handshake in it
+    /// (boxed: the TLS state is a kilobyte, the other links a few words).
+    async fn tls_conn(&self) -> io::Result<Conn<Box<TlsStream<TcpStream>>>> {
+        let (connector, name) = self.tls.as_ref().ok_or_else(|| err("no TLS client"))?;
+        let s = self.tunnel().await?;
+        let tls = connector.connect(name.clone(), s).await?;
+        Ok(Conn::new(Box::new(tls)))
     }
 
     /// One round trip of the message through an echo tunnel.
@@ -157,6 +174,8 @@ pub async fn run(a: Run) -> Result<(), String> {
         )
         .into_bytes(),
         msg: (0..a.size).map(|i| b'a' + (i % 26) as u8).collect(),
+        tls: tls_client(&a)?,
+        tls_req: tls_request(&a),
     });
 
     let mut r = Report::default();
@@ -179,7 +198,7 @@ pub async fn run(a: Run) -> Result<(), String> {
                 r.put("gbit_s", V::F(st.bytes as f64 * 8.0 / secs / 1e9));
             } else {
                 let unit = match sc {
-                    Scenario::HttpForward => "requests/s",
+                    Scenario::HttpForward | Scenario::TlsRr => "requests/s",
                     Scenario::ConnectRr => "round trips/s",
                     _ => "tunnels/s",
                 };
@@ -214,6 +233,7 @@ enum Link {
     None,
     Http(Conn),
     Tunnel(TcpStream),
+    Tls(Conn<Box<TlsStream<TcpStream>>>),
 }
 
 async fn timed(ctx: &Arc<Ctx>, sc: Scenario, conns: usize, dur: Duration) -> Stats {
@@ -231,7 +251,7 @@ async fn timed(ctx: &Arc<Ctx>, sc: Scenario, conns: usize, dur: Duration) -> Sta
         workers.spawn(async move {
             let mut st = Stats::new();
             let mut link = Link::None;
-            if sc != Scenario::ConnectRate {
+            if !matches!(sc, Scenario::ConnectRate | Scenario::TlsRate) {
                 let permit = gate.acquire().await;
                 match timeout(SETUP_TIMEOUT, open(&ctx, sc)).await {
                     Ok(Ok(l)) => link = l,
@@ -270,6 +290,7 @@ async fn timed(ctx: &Arc<Ctx>, sc: Scenario, conns: usize, dur: Duration) -> Sta
 async fn open(ctx: &Ctx, sc: Scenario) -> io::Result<Link> {
     Ok(match sc {
         Scenario::HttpForward => Link::Http(Conn::new(ctx.dial().await?)),
+        Scenario::TlsRr => Link::Tls(ctx.tls_conn().await?),
         _ => Link::Tunnel(ctx.tunnel().await?),
     })
 }
@@ -304,6 +325,15 @@ async fn work(ctx: &Ctx, sc: Scenario, mut link: Link, deadline: Instant, st: &m
                     ctx.ping(&mut s, &mut back).await.map(|_| 0)
                     // dropped here: the client closes
                 }
+                Scenario::TlsRate => {
+                    let mut c = ctx.tls_conn().await?;
+                    connects += 1;
+                    match exchange(&ctx.tls_req, &mut c).await? {
+                        Some(_) => c.s.shutdown().await.map(|_| 0), // close_notify, FIN
+                        None => Err(err("TLS connection closed without a response")),
+                    }
+                }
+                Scenario::TlsRr => tls_get(ctx, &mut link, &mut connects).await.map(|_| 0),
                 Scenario::IdleTunnels => Ok(0),
             }
         };
@@ -342,28 +372,65 @@ async fn tunnel_of<'a>(
     }
 }
 
-/// One GET on the worker's keep-alive connection. Like ordinary clients, a
-/// reused connection that turns out closed before any byte of the response
-/// is retried once on a new connection.
+/// One GET on the worker's keep-alive connection.
 async fn http_get(ctx: &Ctx, link: &mut Link, connects: &mut u64) -> io::Result<()> {
+    let mut slot = match std::mem::replace(link, Link::None) {
+        Link::Http(c) => Some(c),
+        _ => None,
+    };
+    let open = || async { Ok(Conn::new(ctx.dial().await?)) };
+    let res = get_on(&ctx.get_req, &mut slot, open, connects).await;
+    if let Some(c) = slot {
+        *link = Link::Http(c);
+    }
+    res
+}
+
+/// One GET inside the worker's kept-alive TLS connection (through its tunnel).
+async fn tls_get(ctx: &Ctx, link: &mut Link, connects: &mut u64) -> io::Result<()> {
+    let mut slot = match std::mem::replace(link, Link::None) {
+        Link::Tls(c) => Some(c),
+        _ => None,
+    };
+    let res = get_on(&ctx.tls_req, &mut slot, || ctx.tls_conn(), connects).await;
+    if let Some(c) = slot {
+        *link = Link::Tls(c);
+    }
+    res
+}
+
+/// One GET on a keep-alive connection, opened with `open` when there is none.
+/// Like ordinary clients, a reused connection that turns out closed before
+/// any byte of the response is retried once on a new connection.
+async fn get_on<S, F, Fut>(
+    req: &[u8],
+    slot: &mut Option<Conn<S>>,
+    open: F,
+    connects: &mut u64,
+) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: Fn() -> Fut,
+    Fut: Future<Output = io::Result<Conn<S>>>,
+{
     let mut reused = true;
     loop {
-        if !matches!(link, Link::Http(_)) {
-            *link = Link::Http(Conn::new(ctx.dial().await?));
-            *connects += 1;
-            reused = false;
-        }
-        let Link::Http(c) = link else {
-            return Err(err("no connection"));
+        let c = match slot {
+            Some(c) => c,
+            None => {
+                *connects += 1;
+                reused = false;
+                slot.insert(open().await?)
+            }
         };
-        match exchange(ctx, c).await? {
+        match exchange(req, c).await? {
             Some(keep) => {
                 if !keep {
-                    *link = Link::None;
+                    *slot = None;
                 }
                 return Ok(());
             }
-            None if reused => *link = Link::None, // stale keep-alive connection: once more
+            None if reused => *slot = None, // stale keep-alive connection: once more
             None => return Err(err("connection closed without a response")),
         }
     }
@@ -371,8 +438,11 @@ async fn http_get(ctx: &Ctx, link: &mut Link, connects: &mut u64) -> io::Result<
 
 /// Send the GET and read the response. Ok(None): the connection was found
 /// closed before any response byte; Ok(Some(keep)) otherwise.
-async fn exchange(ctx: &Ctx, c: &mut Conn) -> io::Result<Option<bool>> {
-    match c.write_all(&ctx.get_req).await {
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    req: &[u8],
+    c: &mut Conn<S>,
+) -> io::Result<Option<bool>> {
+    match c.write_all(req).await {
         Ok(()) => {}
         Err(e)
             if matches!(
@@ -392,6 +462,23 @@ async fn exchange(ctx: &Ctx, c: &mut Conn) -> io::Result<Option<bool>> {
         return Err(err(format!("GET answered {code}")));
     }
     c.skip_response_body(&head).await.map(Some)
+}
+
+/// TLS scenarios: the client, trusting `--ca` and asking for `--server-name`.
+fn tls_client(a: &Run) -> Result<Option<(TlsConnector, ServerName<'static>)>, String> {
+    if !a.scenario.tls() {
+        return Ok(None);
+    }
+    let c = crate::tls::client(&a.cas, &a.server_name)?;
+    Ok(Some((TlsConnector::from(c.config), c.name)))
+}
+
+/// The GET sent inside TLS: origin-form, for the server name on the target's port.
+fn tls_request(a: &Run) -> Vec<u8> {
+    let port = a.target.rsplit_once(':').map_or("443", |(_, p)| p);
+    let (name, path) = (&a.server_name, &a.path);
+    format!("GET {path} HTTP/1.1\r\nHost: {name}:{port}\r\nUser-Agent: loadgen\r\n\r\n")
+        .into_bytes()
 }
 
 /// Hold many tunnels, read the proxy's RSS growth, then check that all still echo.
