@@ -7,6 +7,9 @@
 //! groups (`clients`). Run with `cargo bench --bench policy`.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark may panic on bad setup
 
+#[path = "support/catalog.rs"]
+mod catalog;
+
 use std::path::Path;
 use std::sync::LazyLock;
 
@@ -15,6 +18,8 @@ use egress_proxy::config::{parse_catalog, DefaultAction, BUILTIN_CATALOG};
 use egress_proxy::policy::{ClientGroup, ClientGroups, GroupSet, Policy};
 use egress_proxy::target::{self, Target};
 use http::Method;
+
+use catalog::generated_catalog;
 
 fn main() {
     divan::main();
@@ -30,24 +35,6 @@ fn compile(name: &str, text: &str) -> Policy {
 }
 
 static SHIPPED: LazyLock<Policy> = LazyLock::new(|| compile("catalog.toml", BUILTIN_CATALOG));
-
-/// A catalog of `n` rules: half exact names (`api{i}.svc{i/10}.example{i/100}.com`),
-/// half wildcards (`*.zone{i}.example{i/100}.com`), allow and bypass alternating.
-fn generated_catalog(n: usize) -> String {
-    let mut text = String::new();
-    for i in 0..n {
-        let host = if i % 2 == 0 {
-            format!("api{i}.svc{}.example{}.com", i / 10, i / 100)
-        } else {
-            format!("*.zone{i}.example{}.com", i / 100)
-        };
-        let action = if i % 4 < 2 { "allow" } else { "bypass" };
-        text.push_str(&format!(
-            "[[rule]]\nname = \"generated {i}\"\nhosts = [\"{host}\"]\nports = [443]\naction = \"{action}\"\n\n"
-        ));
-    }
-    text
-}
 
 static GENERATED_TEXT: LazyLock<String> = LazyLock::new(|| generated_catalog(GENERATED_RULES));
 

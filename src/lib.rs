@@ -8,7 +8,7 @@
 //! - [`target`]: the normalised target of a request; the only place hosts are normalised.
 //! - [`policy`]: the compiled catalog and the pure decision on (host, port, method); address vetting in [`policy::ip`].
 //! - [`config`]: raw configuration (file + environment) and its validation into [`config::Settings`].
-//! - [`reload`]: load and validate again on SIGHUP or a file change.
+//! - [`reload`]: load and validate again on SIGHUP or a file change; [`retire`]: where replaced snapshots are freed.
 //! - [`audit`]: the audit record, its JSON and Squid lines, the sinks (syslog too), the single writer thread, and the log reader.
 //! - [`metrics`]: the Prometheus metrics and the status page's state, both fed from the audit records.
 //! - [`auth`], [`limits`]: proxy authentication; connection caps and rate limiters.
@@ -39,6 +39,7 @@ pub mod policy;
 pub mod proxy;
 pub mod reason;
 pub mod reload;
+pub mod retire;
 pub mod shutdown;
 pub mod target;
 pub mod tls;
@@ -202,6 +203,7 @@ impl Proxy {
             ca,
             client_conns: Arc::default(),
             metrics,
+            retired: retire::Graveyard::default(),
         });
         Ok(Proxy {
             shared,
@@ -306,11 +308,14 @@ impl Handle {
         status.set_catalog(settings.policy.hash(), settings.policy.rules().len());
         status.set_denials_kept(settings.denials_kept);
         self.shared.resolver.clear_cache();
-        // One store: requests see the old snapshot or the new one, whole
-        // (policy, guards and DNS overrides alike).
-        self.shared
+        // One swap: requests see the old snapshot or the new one, whole
+        // (policy, guards and DNS overrides alike). The old one is freed
+        // off the runtime ([`retire`]).
+        let old = self
+            .shared
             .settings
-            .store(Arc::new(Snapshot::new(settings, guards)));
+            .swap(Arc::new(Snapshot::new(settings, guards)));
+        self.shared.retired.retire(old);
         Ok(())
     }
 

@@ -94,7 +94,7 @@ impl Record {
 }
 
 /// Append `id` as 16 lower-case hex digits (as [`format_id`]).
-fn write_hex16(out: &mut Vec<u8>, id: u64) {
+pub(crate) fn write_hex16(out: &mut Vec<u8>, id: u64) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     for shift in (0..16).rev() {
         out.push(HEX[((id >> (shift * 4)) & 0xf) as usize]);
@@ -103,7 +103,7 @@ fn write_hex16(out: &mut Vec<u8>, id: u64) {
 
 /// Append a socket address as `Display` writes it; IPv4 without the
 /// formatting machinery, IPv6 (rare here) through it.
-fn write_addr(out: &mut Vec<u8>, addr: SocketAddr) {
+pub(crate) fn write_addr(out: &mut Vec<u8>, addr: SocketAddr) {
     let mut num = itoa::Buffer::new();
     match addr {
         SocketAddr::V4(a) => {
@@ -127,7 +127,7 @@ fn write_addr(out: &mut Vec<u8>, addr: SocketAddr) {
 /// Append `ts` as RFC 3339 UTC with milliseconds
 /// (`2026-01-02T03:04:05.678Z`), as `humantime::format_rfc3339_millis`
 /// writes it, for times from 1970 to 9999.
-fn write_rfc3339_millis(out: &mut Vec<u8>, ts: SystemTime) {
+pub(crate) fn write_rfc3339_millis(out: &mut Vec<u8>, ts: SystemTime) {
     let since = ts
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default();

@@ -10,12 +10,26 @@ pub fn parse_catalog(
     text: &str,
     base: &Path,
 ) -> Result<Vec<RuleSpec>, Vec<ConfigError>> {
-    let raw: RawCatalog = toml::from_str(text).map_err(|e| {
+    validate_catalog(file, parse_raw_catalog(file, text)?, base)
+}
+
+/// The TOML of a catalog, not yet validated (the parse phase of a load).
+pub(super) fn parse_raw_catalog(file: &str, text: &str) -> Result<RawCatalog, Vec<ConfigError>> {
+    toml::from_str(text).map_err(|e| {
         vec![ConfigError {
             location: file.to_string(),
             message: format!("cannot parse the catalog: {}", e.message().trim_end()),
         }]
-    })?;
+    })
+}
+
+/// Each rule checked, then the catalog for exact duplicates (the validate
+/// phase of a load).
+pub(super) fn validate_catalog(
+    file: &str,
+    raw: RawCatalog,
+    base: &Path,
+) -> Result<Vec<RuleSpec>, Vec<ConfigError>> {
     let mut errors = Vec::new();
     let mut specs = Vec::with_capacity(raw.rule.len());
     for (i, r) in raw.rule.into_iter().enumerate() {

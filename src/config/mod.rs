@@ -10,7 +10,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
@@ -81,11 +81,14 @@ fn display_errors(errors: &[ConfigError]) -> String {
 mod catalog;
 mod parent;
 mod raw;
+mod timings;
 mod validate;
 
 pub use catalog::parse_catalog;
 pub use parent::{Parent, ParentResolve};
 use raw::*;
+use timings::lap;
+pub use timings::LoadTimings;
 use validate::Validator;
 
 // === typed settings ===
@@ -281,16 +284,29 @@ impl Settings {
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, ConfigErrors> {
+        Settings::load_timed(path, env).0
+    }
+
+    /// [`Settings::load`], and how long each phase took (a reload logs
+    /// them; `benches/reload.rs` reports them).
+    pub fn load_timed(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> (Result<Settings, ConfigErrors>, LoadTimings) {
+        let mut times = LoadTimings::default();
         let env: Vec<(String, String)> = env.into_iter().collect();
         let path = path.map(Path::to_path_buf).or_else(|| discover(&env));
+        let start = Instant::now();
         let (source, text) = match path {
-            Some(p) => {
-                let text = read_file(&p)?;
-                (ConfigSource::File(p), text)
-            }
+            Some(p) => match read_file(&p) {
+                Ok(text) => (ConfigSource::File(p), text),
+                Err(e) => return (Err(e), times),
+            },
             None => (ConfigSource::Builtin, BUILTIN_CONFIG.to_string()),
         };
-        Settings::from_toml(source, &text, env)
+        times.read = start.elapsed();
+        let settings = Settings::from_toml_timed(source, &text, env, &mut times);
+        (settings, times)
     }
 
     /// Parse and validate configuration text from `source`.
@@ -302,6 +318,15 @@ impl Settings {
         text: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, ConfigErrors> {
+        Settings::from_toml_timed(source, text, env, &mut LoadTimings::default())
+    }
+
+    fn from_toml_timed(
+        source: ConfigSource,
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+        times: &mut LoadTimings,
+    ) -> Result<Settings, ConfigErrors> {
         let file_name = source.to_string();
         let env: Vec<(String, String)> = env.into_iter().collect();
         // The built-in configuration brings the built-in catalog, unless the
@@ -310,7 +335,9 @@ impl Settings {
             .iter()
             .find(|(k, v)| k == "EGRESS_PROXY__POLICY__CATALOG" && !v.is_empty())
             .map(|(_, v)| PathBuf::from(v));
+        let mut clock = Instant::now();
         let raw = read_raw(&file_name, text, env)?;
+        times.parse += lap(&mut clock);
         let base = match &source {
             ConfigSource::File(p) => p.parent().map(Path::to_path_buf).unwrap_or_default(),
             ConfigSource::Builtin => PathBuf::new(),
@@ -320,12 +347,16 @@ impl Settings {
         if source == ConfigSource::Builtin {
             settings.policy_settings.catalog = env_catalog;
         }
+        times.validate += lap(&mut clock);
         let Some((catalog_name, catalog_text)) =
             read_catalog(&mut v, settings.policy_settings.catalog.as_deref())
         else {
             return Err(ConfigErrors(v.errors));
         };
-        let specs = parse_catalog(&catalog_name, &catalog_text, &base);
+        times.read += lap(&mut clock);
+        let raw = catalog::parse_raw_catalog(&catalog_name, &catalog_text);
+        times.parse += lap(&mut clock);
+        let specs = raw.and_then(|raw| catalog::validate_catalog(&catalog_name, raw, &base));
         let specs = match specs {
             Ok(s) => s,
             Err(mut e) => {
@@ -338,12 +369,14 @@ impl Settings {
         if !v.errors.is_empty() {
             return Err(ConfigErrors(v.errors));
         }
+        times.validate += lap(&mut clock);
         let policy = Policy::compile_with(
             specs,
             settings.policy_settings.default,
             inspect,
             Arc::clone(&settings.client_groups),
         );
+        times.compile = lap(&mut clock);
         settings.warnings.extend(
             policy
                 .shadowed()
@@ -351,6 +384,7 @@ impl Settings {
                 .chain(policy.public_suffix_wildcards())
                 .map(|w| format!("{catalog_name}: {w}")),
         );
+        times.warnings = lap(&mut clock);
         settings.policy = Arc::new(policy);
         Ok(settings)
     }

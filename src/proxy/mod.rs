@@ -68,6 +68,8 @@ pub struct Shared {
     /// Open connections per client address (`limits.per_client_connections`).
     pub client_conns: Arc<ClientConns>,
     pub metrics: Arc<Metrics>,
+    /// Where reloads leave the snapshots they replace.
+    pub retired: crate::retire::Graveyard<Snapshot>,
 }
 
 /// One reload's worth of state: the settings and the guards built for

@@ -163,3 +163,88 @@ async fn requests_during_reloads_that_reorder_rules_are_limited_by_their_own_rul
         (TASKS - 1) * EACH
     );
 }
+
+/// The log's diff names each added, changed and removed rule once; with
+/// two rules of one name, the first of each catalog is the one compared.
+#[test]
+fn the_diff_names_added_changed_and_removed_rules() {
+    let cfg = config(&[], "");
+    let (old, _d1) = load(
+        &cfg,
+        &format!(
+            "{}{}{}{}",
+            rule("kept", &["a.example"], 443, "allow", ""),
+            rule("changed", &["b.example"], 443, "allow", ""),
+            rule("gone", &["c.example"], 443, "allow", ""),
+            rule("twice", &["d.example"], 443, "allow", ""),
+        ),
+    );
+    let (new, _d2) = load(
+        &cfg,
+        &format!(
+            "{}{}{}{}{}",
+            rule("kept", &["a.example"], 443, "allow", ""),
+            rule("changed", &["b.example"], 8443, "allow", ""),
+            rule("twice", &["d.example"], 443, "allow", ""),
+            rule("twice", &["e.example"], 443, "allow", ""),
+            rule("new", &["f.example"], 443, "allow", ""),
+        ),
+    );
+    assert_eq!(
+        egress_proxy::reload::diff(&old, &new),
+        [
+            "rule changed: \"changed\"",
+            // The second "twice" is compared with the first of the old catalog.
+            "rule changed: \"twice\"",
+            "rule added: \"new\"",
+            "rule removed: \"gone\"",
+        ]
+    );
+}
+
+/// A catalog of `n` rules of distinct names and hosts.
+fn many_rules(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            rule(
+                &format!("r{i}"),
+                &[&format!("h{i}.example")],
+                443,
+                "allow",
+                "",
+            )
+        })
+        .collect()
+}
+
+/// The reload SIGHUP runs does its work on a thread of its own: the
+/// runtime (here one thread, as a pinned proxy has) keeps serving meanwhile,
+/// where a reload run on it stalled every connection until done.
+#[tokio::test(flavor = "current_thread")]
+async fn a_reload_in_the_background_leaves_the_runtime_running() {
+    let proxy = TestProxy::start(&config(&[], ""), &many_rules(10)).await;
+    let path = proxy.dir.path().join("egress-proxy.toml");
+    std::fs::write(proxy.dir.path().join("catalog.toml"), many_rules(20_000)).expect("catalog");
+    let ticks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let ticker = {
+        let ticks = Arc::clone(&ticks);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                ticks.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let started = std::time::Instant::now();
+    egress_proxy::reload::reload_in_background(&proxy.handle, Some(&path), Vec::new)
+        .await
+        .expect("reload");
+    let took = started.elapsed();
+    let during = ticks.load(Ordering::Relaxed);
+    ticker.abort();
+    assert_eq!(proxy.handle.settings().policy.rules().len(), 20_000);
+    assert!(
+        during >= 3,
+        "the runtime ticked {during} times during a reload of {took:?}"
+    );
+}

@@ -1,7 +1,10 @@
 //! The RFC 5424 message for a record: header, structured data with every
 //! record field, and the cut that keeps a datagram under its limit.
 
+use std::net::SocketAddr;
+
 use super::*;
+use crate::audit::json::{write_addr, write_hex16, write_rfc3339_millis};
 use crate::audit::{Decided, Record};
 
 /// Formats records as RFC 5424 messages for this host and process.
@@ -78,14 +81,22 @@ impl Formatter {
         let end =
             r.ts.checked_add(Duration::from_millis(r.duration_ms))
                 .unwrap_or(r.ts);
-        let _ = write!(
-            out,
-            "<{}>1 {} {} {APP_NAME} {} {MSG_ID} [{SD_ID}",
-            FACILITY * 8 + severity,
-            humantime::format_rfc3339_millis(end),
-            self.hostname,
-            self.procid,
+        // Byte pushes, not `write!`: this runs once per record on the
+        // audit writer's thread (as the JSON line does).
+        out.push(b'<');
+        out.extend_from_slice(
+            itoa::Buffer::new()
+                .format(FACILITY * 8 + severity)
+                .as_bytes(),
         );
+        out.extend_from_slice(b">1 ");
+        write_rfc3339_millis(out, end);
+        for part in [&self.hostname, APP_NAME, &self.procid, MSG_ID] {
+            out.push(b' ');
+            out.extend_from_slice(part.as_bytes());
+        }
+        out.extend_from_slice(b" [");
+        out.extend_from_slice(SD_ID.as_bytes());
         sd_fields(r, out, cut);
         if truncated {
             out.extend_from_slice(b" truncated=\"true\"");
@@ -102,8 +113,13 @@ impl Default for Formatter {
 
 /// Every field of the record as SD-PARAMs, in the JSON order and names.
 fn sd_fields(r: &Record, out: &mut Vec<u8>, cut: Option<usize>) {
-    let mut text = |name: &str, v: &str| {
-        let _ = write!(out, " {name}=\"");
+    let name = |out: &mut Vec<u8>, name: &str| {
+        out.push(b' ');
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b"=\"");
+    };
+    let text = |out: &mut Vec<u8>, key: &str, v: &str| {
+        name(out, key);
         let v = match cut {
             Some(n) => &v[..utf8_floor(v.as_bytes(), n)],
             None => v,
@@ -111,49 +127,69 @@ fn sd_fields(r: &Record, out: &mut Vec<u8>, cut: Option<usize>) {
         escape_param(out, v);
         out.push(b'"');
     };
-    text("ts", &humantime::format_rfc3339_millis(r.ts).to_string());
-    text("id", &r.id_string());
-    text("client", &r.client.to_string());
+    // Timestamps, ids, numbers and IPv4 addresses need no escaping and are
+    // far shorter than any cut: written in place, without a String each.
+    let num = |out: &mut Vec<u8>, key: &str, v: u64| {
+        name(out, key);
+        out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+        out.push(b'"');
+    };
+    let addr = |out: &mut Vec<u8>, key: &str, a: SocketAddr| {
+        if a.is_ipv4() {
+            name(out, key);
+            write_addr(out, a);
+            out.push(b'"');
+        } else {
+            // `[v6]:port`: the `]` is escaped.
+            text(out, key, &a.to_string());
+        }
+    };
+    name(out, "ts");
+    write_rfc3339_millis(out, r.ts);
+    out.extend_from_slice(b"\" id=\"");
+    write_hex16(out, r.id);
+    out.push(b'"');
+    addr(out, "client", r.client);
     if let Some(u) = &r.user {
-        text("user", u);
+        text(out, "user", u);
     }
     if let Some(m) = &r.method {
-        text("method", m.as_str());
+        text(out, "method", m.as_str());
     }
     if let Some(h) = &r.host {
-        text("host", h);
+        text(out, "host", h);
     }
     if let Some(p) = r.port {
-        text("port", &p.to_string());
+        num(out, "port", u64::from(p));
     }
     if let Some(u) = &r.url {
-        text("url", u);
+        text(out, "url", u);
     }
-    text("decision", r.decision.as_str());
+    text(out, "decision", r.decision.as_str());
     if let Some(v) = &r.rule {
-        text("rule", v);
+        text(out, "rule", v);
     }
     if let Some(v) = r.reason {
-        text("reason", v.as_str());
+        text(out, "reason", v.as_str());
     }
     if let Some(v) = r.upstream {
-        text("upstream", &v.to_string());
+        addr(out, "upstream", v);
     }
     if let Some(v) = r.parent_status {
-        text("parent_status", &v.to_string());
+        num(out, "parent_status", u64::from(v));
     }
     if let Some(v) = &r.sni {
-        text("sni", v);
+        text(out, "sni", v);
     }
     if r.ech {
-        text("ech", "true");
+        text(out, "ech", "true");
     }
     if let Some(v) = r.status {
-        text("status", &v.to_string());
+        num(out, "status", u64::from(v));
     }
-    text("bytes_up", &r.bytes_up.to_string());
-    text("bytes_down", &r.bytes_down.to_string());
-    text("duration_ms", &r.duration_ms.to_string());
+    num(out, "bytes_up", r.bytes_up);
+    num(out, "bytes_down", r.bytes_down);
+    num(out, "duration_ms", r.duration_ms);
 }
 
 /// RFC 5424 §6.3.3: `"`, `\` and `]` in a PARAM-VALUE are escaped with `\`.

@@ -20,8 +20,8 @@
 //! out); the message part is the record's JSON line.
 use std::io::{self, Write as _};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender as BatchTx};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -85,9 +85,37 @@ struct Flags {
     reconnect: AtomicBool,
 }
 
+/// The messages of one [`AuditSink::write`], back to back: the writer
+/// hands the sender thread one batch (one allocation, at most one wake-up)
+/// per batch of records, not one per record.
+#[derive(Default)]
+struct Batch {
+    bytes: Vec<u8>,
+    /// Where each message ends in `bytes`.
+    ends: Vec<usize>,
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn messages(&self) -> impl Iterator<Item = &[u8]> {
+        let mut start = 0;
+        self.ends.iter().map(move |&end| {
+            let m = &self.bytes[start..end];
+            start = end;
+            m
+        })
+    }
+}
+
 /// The audit sink that forwards each record to syslog without ever blocking.
 pub struct SyslogSink {
-    tx: Option<SyncSender<Vec<u8>>>,
+    tx: Option<BatchTx<Batch>>,
+    /// Messages queued for the sender (not yet taken by it), at most `queue`.
+    queued: Arc<AtomicUsize>,
+    queue: usize,
     fmt: Formatter,
     limit: Option<usize>,
     counters: Counters,
@@ -147,7 +175,8 @@ impl SyslogSink {
                 "audit.syslog: tls:// needs a TLS client configuration",
             ));
         }
-        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(queue);
+        let (tx, rx) = mpsc::channel::<Batch>();
+        let queued = Arc::new(AtomicUsize::new(0));
         let (done_tx, done) = mpsc::sync_channel::<()>(1);
         let flags = Arc::new(Flags {
             closing: AtomicBool::new(false),
@@ -158,6 +187,7 @@ impl SyslogSink {
             dest,
             tls,
             rx,
+            queued: Arc::clone(&queued),
             counters: counters.clone(),
             flags: Arc::clone(&flags),
             backoff: BACKOFF_MIN,
@@ -171,6 +201,8 @@ impl SyslogSink {
             })?;
         Ok(SyslogSink {
             tx: Some(tx),
+            queued,
+            queue,
             fmt,
             limit,
             counters,
@@ -184,18 +216,34 @@ impl SyslogSink {
 impl AuditSink for SyslogSink {
     fn write(&mut self, records: &[Record]) -> io::Result<()> {
         let Some(tx) = &self.tx else { return Ok(()) };
-        for r in records {
-            let mut msg = Vec::with_capacity(768);
-            self.fmt.format(r, &mut msg, self.limit);
-            match tx.try_send(msg) {
-                Ok(()) => self.overflowing = false,
-                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                    self.counters.dropped.inc();
-                    if !self.overflowing {
-                        tracing::warn!("syslog queue full: dropping audit messages (see egress_syslog_dropped_total); the file copy is complete");
-                        self.overflowing = true;
-                    }
-                }
+        // What the queue has room for is sent; the rest is dropped.
+        let room = self
+            .queue
+            .saturating_sub(self.queued.load(Ordering::Acquire));
+        let take = records.len().min(room);
+        let mut dropped = records.len() - take;
+        if take > 0 {
+            let mut batch = Batch {
+                bytes: Vec::with_capacity(take * 768),
+                ends: Vec::with_capacity(take),
+            };
+            for r in &records[..take] {
+                self.fmt.format(r, &mut batch.bytes, self.limit);
+                batch.ends.push(batch.bytes.len());
+            }
+            self.queued.fetch_add(take, Ordering::AcqRel);
+            if tx.send(batch).is_err() {
+                self.queued.fetch_sub(take, Ordering::AcqRel);
+                dropped += take;
+            }
+        }
+        if dropped == 0 {
+            self.overflowing = false;
+        } else {
+            self.counters.dropped.inc_by(dropped as u64);
+            if !self.overflowing {
+                tracing::warn!("syslog queue full: dropping audit messages (see egress_syslog_dropped_total); the file copy is complete");
+                self.overflowing = true;
             }
         }
         // Syslog never fails the batch: the file copy must not be retried for it.
@@ -229,7 +277,9 @@ enum Conn {
 struct Sender {
     dest: Destination,
     tls: Option<Arc<ClientConfig>>,
-    rx: Receiver<Vec<u8>>,
+    rx: Receiver<Batch>,
+    /// The sink's count of queued messages, lowered as batches are taken.
+    queued: Arc<AtomicUsize>,
     counters: Counters,
     flags: Arc<Flags>,
     backoff: Duration,
@@ -243,37 +293,47 @@ impl Sender {
         // at once rather than with the first record.
         let mut conn: Option<Conn> = self.open().ok();
         let mut frame = Vec::with_capacity(1024);
-        while let Ok(msg) = self.rx.recv() {
+        while let Ok(batch) = self.rx.recv() {
+            self.queued.fetch_sub(batch.len(), Ordering::AcqRel);
             if self.flags.reconnect.swap(false, Ordering::Relaxed) {
                 conn = None;
             }
-            let mut attempts = 0;
-            loop {
-                let Some(c) = conn.as_mut() else {
-                    match self.open() {
-                        Ok(c) => conn = Some(c),
-                        Err(()) if self.flags.closing.load(Ordering::Relaxed) => {
-                            return self.give_up(1);
-                        }
-                        Err(()) => continue,
-                    }
-                    continue;
-                };
-                match send(c, &msg, &mut frame) {
-                    Ok(()) => {
-                        self.counters.sent.inc();
-                        self.up();
-                        break;
-                    }
-                    Err(e) => {
-                        self.down(&e);
-                        conn = None;
-                        attempts += 1;
-                        // A datagram is not retried; a TCP message is, on a new connection.
-                        if self.dest.transport == Transport::Udp || attempts >= TCP_ATTEMPTS {
-                            self.counters.dropped.inc();
-                            break;
-                        }
+            for (i, msg) in batch.messages().enumerate() {
+                if !self.deliver(&mut conn, msg, &mut frame) {
+                    return self.give_up((batch.len() - i) as u64);
+                }
+            }
+        }
+    }
+
+    /// Send one message, connecting first if need be: a datagram once, a
+    /// TCP message up to [`TCP_ATTEMPTS`] times on new connections. False
+    /// when the sink is closing and the server is unreachable (give up).
+    fn deliver(&mut self, conn: &mut Option<Conn>, msg: &[u8], frame: &mut Vec<u8>) -> bool {
+        let mut attempts = 0;
+        loop {
+            let Some(c) = conn.as_mut() else {
+                match self.open() {
+                    Ok(c) => *conn = Some(c),
+                    Err(()) if self.flags.closing.load(Ordering::Relaxed) => return false,
+                    Err(()) => {}
+                }
+                continue;
+            };
+            match send(c, msg, frame) {
+                Ok(()) => {
+                    self.counters.sent.inc();
+                    self.up();
+                    return true;
+                }
+                Err(e) => {
+                    self.down(&e);
+                    *conn = None;
+                    attempts += 1;
+                    // A datagram is not retried; a TCP message is, on a new connection.
+                    if self.dest.transport == Transport::Udp || attempts >= TCP_ATTEMPTS {
+                        self.counters.dropped.inc();
+                        return true;
                     }
                 }
             }
@@ -328,7 +388,7 @@ impl Sender {
 
     /// The sink is gone and the server unreachable: count what is left as dropped.
     fn give_up(&self, in_hand: u64) {
-        let left = self.rx.try_iter().count() as u64;
+        let left: u64 = self.rx.try_iter().map(|b| b.len() as u64).sum();
         self.counters.dropped.inc_by(in_hand + left);
     }
 }
