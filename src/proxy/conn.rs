@@ -32,6 +32,8 @@ pub struct ConnCtx {
     pub(super) upstream: Mutex<Option<http::Pooled>>,
     /// What hyper has read, to tell a slow head from an idle connection.
     pub io: Arc<ConnIo>,
+    /// The client's groups, resolved once for the connection's requests.
+    pub(super) groups: super::groups::GroupCache,
     /// The connection's permits and gauge, held until the connection is
     /// gone, or taken by the tunnel it became ([`ConnCtx::take_held`]).
     held: Mutex<Option<Held>>,
@@ -82,6 +84,7 @@ pub(super) async fn connection(
         client: peer,
         upstream: Mutex::new(None),
         io: Arc::default(),
+        groups: super::groups::GroupCache::default(),
         held: Mutex::new(Some(Held {
             _conn: permit,
             _client: client_permit,

@@ -52,6 +52,7 @@ pub async fn tunnel(
                 target: x.target,
                 rule: x.decision.rule,
                 user: x.txn.rec().user.clone(),
+                groups: super::groups::GroupCache::default(),
             };
             spawn(ctx, x.txn, &mut req, move |upgraded| async move {
                 let _bridge = bridge;

@@ -12,6 +12,7 @@ mod conn;
 pub mod connect;
 mod dial;
 pub mod error;
+pub mod groups;
 pub mod http;
 pub mod inspect;
 pub mod parent;

@@ -15,6 +15,7 @@ use tracing::Instrument;
 
 use super::body::ProxyBody;
 use super::error::Refusal;
+use super::groups::GroupCache;
 use super::txn::Txn;
 use super::{http, ConnCtx, Guards, Snapshot};
 use crate::audit::Decided;
@@ -107,7 +108,7 @@ pub(super) async fn handle(
     let snapshot = shared.settings.load_full();
     let steps = match admit(&ctx, &snapshot, &mut txn, &req).await {
         Ok(()) => target(&mut txn, &req)
-            .and_then(|t| decide(&snapshot, &mut txn, &t, &req).map(|d| (t, d))),
+            .and_then(|t| decide(&snapshot, &ctx.groups, &mut txn, &t, &req).map(|d| (t, d))),
         Err(r) => Err(r),
     };
     let (target, decision) = match steps {
@@ -197,20 +198,21 @@ fn target(txn: &mut Txn, req: &Request<Incoming>) -> Result<Target, Refusal> {
 /// refusal names it.
 pub(crate) fn decide<B: hyper::body::Body>(
     snapshot: &Snapshot,
+    groups: &GroupCache,
     txn: &mut Txn,
     target: &Target,
     req: &Request<B>,
 ) -> Result<Decision, Refusal> {
     let policy = &snapshot.policy;
-    // The client's groups: a pass over [clients.groups] (none configured:
-    // nothing to do), never over the catalog; with the user after proxy auth.
+    // The client's groups (none configured: nothing to do), resolved once
+    // per connection, with the user after proxy auth; never the catalog.
     let groups = if policy.client_groups().is_empty() {
         crate::policy::GroupSet::EVERYONE
     } else {
         let rec = txn.rec();
-        let groups = policy.groups_of(rec.client.ip(), rec.user.as_deref());
-        rec.client_group = policy.client_groups().names(groups).map(Arc::from);
-        groups
+        let (set, names) = groups.groups(policy, rec.client.ip(), rec.user.as_ref());
+        rec.client_group = names;
+        set
     };
     let decision = policy.decide_for(target, req.method(), groups);
     txn.set_rule(decision.rule.and_then(|i| policy.rule_name(i)));

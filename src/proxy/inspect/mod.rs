@@ -40,6 +40,8 @@ pub struct Inspected {
     pub rule: Option<usize>,
     /// The proxy-auth user of the CONNECT, for the inner records.
     pub user: Option<Arc<str>>,
+    /// The client's groups, resolved once for the tunnel's inner requests.
+    pub groups: crate::proxy::groups::GroupCache,
 }
 
 /// Terminate, re-originate, relay. `client` is the upgraded CONNECT stream.

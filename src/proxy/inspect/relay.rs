@@ -277,7 +277,7 @@ fn admit(cx: &Tunnel<'_>, txn: &mut Txn, req: &Request<Incoming>) -> Result<(), 
     check_head(req, &t.snapshot)?;
     client_rates(&t.snapshot.guards, t.client.ip(), false)?;
     check_host(&t.target, req)?;
-    decide(&t.snapshot, txn, &t.target, req).map(drop)
+    decide(&t.snapshot, &t.groups, txn, &t.target, req).map(drop)
 }
 
 /// The inner request names the tunnel's host and nothing else: exactly one
