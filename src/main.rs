@@ -20,7 +20,10 @@ const VERSION: &str = concat!(
 
 /// Egress allowlist forward proxy.
 #[derive(Parser)]
-#[command(name = "egress-proxy", version = VERSION, about)]
+// Help is never wrapped to a terminal's width: the same text whatever
+// features a build unifies into clap (a test build's dev-dependencies turn
+// on its `wrap_help`), so docs/cli.md can quote it exactly.
+#[command(name = "egress-proxy", version = VERSION, about, term_width = 0)]
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
