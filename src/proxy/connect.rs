@@ -53,6 +53,7 @@ pub async fn tunnel(
                 rule: x.decision.rule,
                 user: x.txn.rec().user.clone(),
                 groups: super::groups::GroupCache::default(),
+                upstream: Some(addr),
             };
             spawn(ctx, x.txn, &mut req, move |upgraded| async move {
                 let _bridge = bridge;
@@ -99,13 +100,11 @@ async fn open_upstream(
     };
     let authority = parent::authority(&x.target, vetted);
     let (stream, addr) = parent::tunnel(ctx, parent, &snapshot, &authority, &mut x.txn).await?;
-    let (socket, bridge) = stream
-        .into_socket(ctx, snapshot.limits.tunnel_idle_timeout)
-        .map_err(|e| {
-            // A socket pair for a TLS parent: only file descriptors run out.
-            tracing::warn!(error = %e, "no socket pair for a tunnel through the parent");
-            super::error::Refusal::new(Reason::ConnectionLimit)
-        })?;
+    let (socket, bridge) = stream.into_socket(ctx).map_err(|e| {
+        // A socket pair for a TLS parent: only file descriptors run out.
+        tracing::warn!(error = %e, "no socket pair for a tunnel through the parent");
+        super::error::Refusal::new(Reason::ConnectionLimit)
+    })?;
     Ok((socket, addr, bridge))
 }
 

@@ -19,6 +19,7 @@ use super::{dial_target, parent, refuse, ConnCtx, Snapshot};
 use crate::config::{Parent, Settings};
 use crate::reason::Reason;
 use crate::target::{Host, Target};
+use crate::tls::client::ParentTls;
 
 /// A kept-alive upstream connection.
 pub struct Pooled {
@@ -29,8 +30,10 @@ pub struct Pooled {
     /// either way through it).
     upstream: SocketAddr,
     via: Via,
-    /// The parent's host and port (a reload may change the parent).
-    parent: Option<(Box<str>, u16)>,
+    /// The parent's host and port, and for an `https://` parent the TLS
+    /// configuration it was made with (a reload may change the parent, its
+    /// scheme or the roots it is verified with).
+    parent: Option<(Box<str>, u16, Option<Arc<ParentTls>>)>,
     sender: client::SendRequest<RequestBody>,
 }
 
@@ -133,7 +136,8 @@ async fn send(
     mut out: Request<RequestBody>,
     up: Option<&UpCount>,
 ) -> Result<Response<Incoming>, Refusal> {
-    let mut reused = take_pooled(ctx, hop.addrs, hop.via, hop.parent);
+    let parent_tls = snapshot.guards.parent_tls.as_ref();
+    let mut reused = take_pooled(ctx, hop.addrs, hop.via, hop.parent, parent_tls);
     loop {
         let mut pooled = match reused.take() {
             Some(p) => p,
@@ -222,10 +226,13 @@ fn take_pooled(
     addrs: &[SocketAddr],
     via: Via,
     parent: Option<&Parent>,
+    parent_tls: Option<&Arc<ParentTls>>,
 ) -> Option<Pooled> {
     let same_parent = |pooled: &Pooled| match (&pooled.parent, parent) {
         (None, None) => true,
-        (Some((host, port)), Some(p)) => **host == *p.host && *port == p.port,
+        (Some((host, port, tls)), Some(p)) => {
+            **host == *p.host && *port == p.port && same_tls(tls.as_ref(), parent_tls, p.tls)
+        }
         _ => false,
     };
     let mut slot = ctx.upstream.lock().ok()?;
@@ -239,6 +246,18 @@ fn take_pooled(
             Some(p)
         }
         _ => None,
+    }
+}
+
+/// A kept-alive connection to the parent made with `pooled` TLS serves a
+/// parent that wants `tls` with `current`: plain for plain, and for TLS
+/// the very configuration of this snapshot (a reload from `http://` to
+/// `https://`, or of the roots, must not reuse the old connection).
+fn same_tls(pooled: Option<&Arc<ParentTls>>, current: Option<&Arc<ParentTls>>, tls: bool) -> bool {
+    match (pooled, tls.then_some(current).flatten()) {
+        (None, None) => !tls,
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        _ => false,
     }
 }
 
@@ -278,7 +297,10 @@ async fn connect(
         addr,
         upstream,
         via,
-        parent: parent.map(|p| (p.host.as_str().into(), p.port)),
+        parent: parent.map(|p| {
+            let tls = snapshot.guards.parent_tls.as_ref().filter(|_| p.tls);
+            (p.host.as_str().into(), p.port, tls.cloned())
+        }),
         sender,
     })
 }
@@ -394,4 +416,42 @@ fn host_header(target: &Target) -> String {
 
 fn add_via(headers: &mut HeaderMap) {
     headers.append(header::VIA, HeaderValue::from_static("1.1 egress-proxy"));
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
+    use super::*;
+
+    fn parent_tls() -> Arc<ParentTls> {
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        Arc::new(ParentTls {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            name: rustls::pki_types::ServerName::try_from("parent.test").unwrap(),
+        })
+    }
+
+    #[test]
+    fn a_kept_alive_parent_connection_serves_only_the_same_scheme_and_roots() {
+        let (a, b) = (parent_tls(), parent_tls());
+        // Plain for plain.
+        assert!(same_tls(None, None, false));
+        // http:// -> https:// on the same host and port (a reload): never
+        // the plain connection, whose credentials would go in clear.
+        assert!(!same_tls(None, Some(&a), true));
+        // https:// -> http://.
+        assert!(!same_tls(Some(&a), None, false));
+        assert!(!same_tls(Some(&a), Some(&a), false));
+        // TLS made with this snapshot's configuration, and only that one
+        // (a reload rebuilds it, e.g. with other roots).
+        assert!(same_tls(Some(&a), Some(&a), true));
+        assert!(!same_tls(Some(&a), Some(&b), true));
+        assert!(!same_tls(None, None, true));
+    }
 }

@@ -110,8 +110,9 @@ pub struct Guards {
     pub auth: Option<Arc<Auth>>,
     /// Set when a CA is configured: `allow` tunnels are inspected.
     pub inspector: Option<Arc<Inspector>>,
-    /// Set when the parent is an `https://` URL.
-    pub parent_tls: Option<ParentTls>,
+    /// Set when the parent is an `https://` URL (shared with the kept-alive
+    /// connections made with it, to tell them apart after a reload).
+    pub parent_tls: Option<Arc<ParentTls>>,
 }
 
 impl Guards {
@@ -131,7 +132,7 @@ impl Guards {
             rates: RateLimits::new(settings),
             auth: Auth::new(&settings.auth).map(Arc::new),
             inspector,
-            parent_tls: ParentTls::new(settings)?,
+            parent_tls: ParentTls::new(settings)?.map(Arc::new),
         })
     }
 }

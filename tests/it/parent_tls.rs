@@ -240,4 +240,6 @@ async fn an_inspected_tunnel_goes_through_an_https_parent() {
     assert_eq!(tunnel.upstream, Some(squid.addr), "{tunnel:#?}");
     let inner = recs.iter().find(|r| r.url.is_some()).expect("inner record");
     assert_eq!(inner.status, Some(200), "{inner:#?}");
+    // Not the tunnel socket's peer (one end of a socket pair): the parent.
+    assert_eq!(inner.upstream, Some(squid.addr), "{inner:#?}");
 }

@@ -42,6 +42,10 @@ pub struct Inspected {
     pub user: Option<Arc<str>>,
     /// The client's groups, resolved once for the tunnel's inner requests.
     pub groups: crate::proxy::groups::GroupCache,
+    /// Where the upstream connection goes (the inner records' `upstream`):
+    /// the vetted address, or the parent's. Not the socket's peer: through
+    /// an `https://` parent the tunnel's socket is one end of a pair.
+    pub upstream: Option<std::net::SocketAddr>,
 }
 
 /// Terminate, re-originate, relay. `client` is the upgraded CONNECT stream.
@@ -137,7 +141,7 @@ where
         };
     }
     // Re-originate first, so a failure can be told to the client over HTTP.
-    let upstream_addr = upstream.peer_addr().ok();
+    let upstream_addr = t.upstream;
     let upstream_tls = connect_upstream(t, upstream).await;
     let Ok(Ok(client_tls)) = handshake(server).await else {
         return Ended::failed(sni, Reason::ClientClosed);
