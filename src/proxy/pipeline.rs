@@ -41,13 +41,16 @@ pub(super) fn spawn_handle(
     let shared = Arc::clone(&ctx.shared);
     let hard = shared.drain.hard.clone();
     let txn = shared.txn(ctx.client);
+    // Boxed: the request's state (a few kilobytes) is built once on the
+    // heap and the runtime moves a pointer, not the whole future, through
+    // its spawn path.
     shared.drain.tracker.spawn(
-        async move {
+        Box::pin(async move {
             tokio::select! {
                 resp = handle(ctx, txn, req) => resp,
                 () = hard.cancelled() => Refusal::new(Reason::Shutdown).response(0, None),
             }
-        }
+        })
         .instrument(tracing::Span::current()),
     )
 }
