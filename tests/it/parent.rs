@@ -521,16 +521,20 @@ async fn an_inspected_tunnel_dials_its_upstream_through_the_parent() {
     let Some(squid) = Squid::start(false) else {
         return;
     };
+    inspected_request_through(&squid, None).await;
+}
+
+/// An inspected request through `squid` (whose certificate, for a TLS
+/// parent, is `parent_pem`): it reaches the origin, Squid logs the CONNECT,
+/// and both records name the parent as their upstream.
+pub(crate) async fn inspected_request_through(squid: &Squid, parent_pem: Option<&str>) {
     let origin = TlsOrigin::start(inspect::HOST).await;
     let dir = tempfile::tempdir().expect("dir");
     let upstream = format!("[upstream]\nparent = \"{}\"\n", squid.url());
-    let (cfg, catalog) = inspect::inspecting_config_with(
-        dir.path(),
-        &origin.cert.cert_pem,
-        "",
-        origin.addr.port(),
-        &upstream,
-    );
+    // One roots file for both: the origin's certificate and the parent's.
+    let roots = format!("{}{}", origin.cert.cert_pem, parent_pem.unwrap_or_default());
+    let (cfg, catalog) =
+        inspect::inspecting_config_with(dir.path(), &roots, "", origin.addr.port(), &upstream);
     let p = inspect::start_in(dir, &cfg, &catalog).await;
     let client = inspect::client_trusting_ca(&p);
     let url = format!("https://{}:{}/lookup", inspect::HOST, origin.addr.port());
@@ -551,7 +555,10 @@ async fn an_inspected_tunnel_dials_its_upstream_through_the_parent() {
     assert_eq!(tunnel.parent_status, Some(200), "{tunnel:#?}");
     let inner = recs.iter().find(|r| r.url.is_some()).expect("inner record");
     assert_eq!(inner.url.as_deref(), Some(url.as_str()));
-    assert_eq!(inner.status, Some(200));
+    assert_eq!(inner.status, Some(200), "{inner:#?}");
+    // The parent, not the tunnel socket's peer (through a TLS parent, one
+    // end of a socket pair).
+    assert_eq!(inner.upstream, Some(squid.addr), "{inner:#?}");
 }
 
 #[test]

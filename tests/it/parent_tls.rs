@@ -12,8 +12,9 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::TlsConnector;
 
-use crate::inspect;
-use crate::parent::{echo_back, get, Squid, FRONT, ORIGIN, PRIVATE, TLS as TLS_NAME};
+use crate::parent::{
+    echo_back, get, inspected_request_through, Squid, FRONT, ORIGIN, PRIVATE, TLS as TLS_NAME,
+};
 use crate::support::*;
 
 /// A proxy whose parent is the TLS `squid`, trusting `roots` (a PEM path).
@@ -214,32 +215,5 @@ async fn an_inspected_tunnel_goes_through_an_https_parent() {
     let Some((squid, cert, _roots)) = tls_squid() else {
         return;
     };
-    let origin = TlsOrigin::start(inspect::HOST).await;
-    let dir = tempfile::tempdir().expect("dir");
-    let upstream = format!("[upstream]\nparent = \"{}\"\n", squid.url());
-    // One roots file for both: the origin's certificate and the parent's.
-    let roots = format!("{}{}", origin.cert.cert_pem, cert.cert_pem);
-    let (cfg, catalog) =
-        inspect::inspecting_config_with(dir.path(), &roots, "", origin.addr.port(), &upstream);
-    let p = inspect::start_in(dir, &cfg, &catalog).await;
-    let client = inspect::client_trusting_ca(&p);
-    let url = format!("https://{}:{}/lookup", inspect::HOST, origin.addr.port());
-    let resp = client.get(&url).send().await.expect("inspected request");
-    assert_eq!(resp.status(), 200);
-    assert_eq!(resp.text().await.expect("body"), "tls hello");
-    drop(client);
-    squid
-        .logged(&format!("CONNECT {}:{}", inspect::HOST, origin.addr.port()))
-        .await;
-    let recs = p.audit.wait_for(WAIT, |r| r.len() >= 2).await;
-    let tunnel = recs
-        .iter()
-        .find(|r| r.url.is_none())
-        .expect("tunnel record");
-    assert_eq!(tunnel.decision, Decided::Inspect, "{tunnel:#?}");
-    assert_eq!(tunnel.upstream, Some(squid.addr), "{tunnel:#?}");
-    let inner = recs.iter().find(|r| r.url.is_some()).expect("inner record");
-    assert_eq!(inner.status, Some(200), "{inner:#?}");
-    // Not the tunnel socket's peer (one end of a socket pair): the parent.
-    assert_eq!(inner.upstream, Some(squid.addr), "{inner:#?}");
+    inspected_request_through(&squid, Some(&cert.cert_pem)).await;
 }
