@@ -128,25 +128,8 @@ sslcrtd_program $d/security_file_certgen -s $d/ssl_db -M 4MB
 sslcrtd_children 4 startup=1 idle=1
 ssl_bump bump all
 tls_outgoing_options cafile=$TMP/origin-ca.pem
-acl bench_host dstdomain origin.test
-acl bench_ports port $HTTP_PORT $ECHO_PORT $SOURCE_PORT $TLS_PORT
-http_access deny !bench_ports
-http_access allow bench_host
-http_access deny all
-hosts_file $TMP/hosts
-dns_nameservers 127.0.0.1
-cache deny all
-cache_mem 0 MB
-access_log stdio:$d/access.log
-cache_log $d/cache.log
-cache_store_log none
-pid_filename $d/squid.pid
-coredump_dir $d
-cache_effective_user proxy
-max_filedescriptors $NOFILE
-shutdown_lifetime 1 seconds
-pinger_enable off
 EOF
+  squid_conf_common "$d" >>"$d/squid.conf"
   "$root/usr/sbin/squid" -k parse -f "$d/squid.conf" 2>"$d/parse.log" || die "squid-bump config: $(tail -n 5 "$d/parse.log")"
   # -N: one process in the foreground (its certificate helpers are its children);
   # -n: a service name of its own, so no other Squid's shared memory is in the way

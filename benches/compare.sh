@@ -254,18 +254,11 @@ HOSTS_NS=(unshare --mount --propagation private sh -c
 # --- the systems: parallel arrays of name, address ("direct" for none), PID and the CA its
 # TLS clients trust (the origin's, or the proxy's own when it inspects) ----------------------
 NAMES=() ADDRS=() SPIDS=() CAS=()
-add_system() { NAMES+=("$1") ADDRS+=("$2") SPIDS+=("$3") CAS+=("${4:-$TMP/origin-ca.pem}"); }
-
-for sys in ${SYSTEMS//,/ }; do
-  case $sys in
-    direct) add_system direct direct "" ;;
-
-    squid)
-      free_port port
-      d=$TMP/squid
-      install -d -o proxy -g proxy "$d"
-      cat >"$d/squid.conf" <<EOF
-http_port 127.0.0.1:$port
+# The allowlist, names, logs and limits every Squid here shares (plain and
+# bumping), with its files in DIR.
+squid_conf_common() {
+  local d=$1
+  cat <<EOF
 acl bench_host dstdomain origin.test
 acl bench_ports port $HTTP_PORT $ECHO_PORT $SOURCE_PORT $TLS_PORT
 http_access deny !bench_ports
@@ -285,6 +278,21 @@ max_filedescriptors $NOFILE
 shutdown_lifetime 1 seconds
 pinger_enable off
 EOF
+}
+add_system() { NAMES+=("$1") ADDRS+=("$2") SPIDS+=("$3") CAS+=("${4:-$TMP/origin-ca.pem}"); }
+
+for sys in ${SYSTEMS//,/ }; do
+  case $sys in
+    direct) add_system direct direct "" ;;
+
+    squid)
+      free_port port
+      d=$TMP/squid
+      install -d -o proxy -g proxy "$d"
+      {
+        echo "http_port 127.0.0.1:$port"
+        squid_conf_common "$d"
+      } >"$d/squid.conf"
       squid -k parse -f "$d/squid.conf" 2>"$d/parse.log" || die "squid config: $(tail -n 5 "$d/parse.log")"
       # -N: one process in the foreground, so $! is the PID whose RSS counts
       "${PROXY_PIN[@]}" squid -N -f "$d/squid.conf" 2>"$d/stderr.log" &
