@@ -223,3 +223,42 @@ fn tcp_frames_are_octet_counted_and_the_sender_reconnects() {
     drop(sink);
     assert_eq!((counters.sent.get(), counters.dropped.get()), (2, 0));
 }
+
+#[test]
+fn a_batch_goes_out_as_one_datagram_per_record_in_order() {
+    // More records than one sendmmsg(2) burst, so the batch is sent in
+    // several calls; every record is its own datagram, none lost or merged.
+    let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+    rx.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let url = format!("udp://{}", rx.local_addr().unwrap());
+    let counters = Counters::default();
+    let settings = crate::config::SyslogSettings {
+        url,
+        extra_roots: Vec::new(),
+        client_cert: None,
+    };
+    let mut sink = SyslogSink::start(&settings, counters.clone()).unwrap();
+    let n = UDP_BURST * 3 + 7;
+    let records: Vec<Record> = (0..n)
+        .map(|i| {
+            let mut r = record();
+            r.id = i as u64;
+            r
+        })
+        .collect();
+    sink.write(&records).unwrap();
+    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    for i in 0..n {
+        let len = rx.recv(&mut buf).unwrap();
+        let m = std::str::from_utf8(&buf[..len]).unwrap();
+        assert!(m.starts_with("<133>1 "), "{m}");
+        assert_eq!(
+            m.matches("<133>1 ").count(),
+            1,
+            "one message a datagram: {m}"
+        );
+        assert!(m.contains(&format!("id=\"{i:016x}\"")), "datagram {i}: {m}");
+    }
+    drop(sink);
+    assert_eq!((counters.sent.get(), counters.dropped.get()), (n as u64, 0));
+}
