@@ -191,12 +191,14 @@ impl Proxy {
         metrics.status.set_denials_kept(settings.denials_kept);
         let ca = load_ca_counted(&settings, metrics.leaves_minted.clone())?;
         let guards = proxy::Guards::new(&settings, ca.as_ref())?;
+        let drain = Drain::new();
         let shared = Arc::new(Shared {
             settings: ArcSwap::from_pointee(Snapshot::new(settings, guards)),
             resolver,
             audit,
             ids: IdGen::new(),
-            drain: Drain::new(),
+            idler: proxy::tunnel::Idler::new(drain.hard.clone()),
+            drain,
             conns: Arc::new(Semaphore::new(cap)),
             splicer: proxy::tunnel::Splicer::new(pipes, metrics.spliced.clone()),
             refusing: Arc::new(Semaphore::new(256)),

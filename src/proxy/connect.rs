@@ -55,22 +55,47 @@ pub async fn tunnel(
                 groups: super::groups::GroupCache::default(),
                 upstream: Some(addr),
             };
-            spawn(ctx, x.txn, &mut req, move |upgraded| async move {
-                let _bridge = bridge;
-                Some(inspect::intercept(t, TokioIo::new(upgraded), upstream).await)
-            })
+            spawn(
+                ctx,
+                x.txn,
+                &mut req,
+                bridge,
+                (t, upstream),
+                |(t, upstream), upgraded, span| {
+                    Some(inspect::intercept(t, TokioIo::new(upgraded), upstream).instrument(span))
+                },
+            )
         }
         _ => {
-            let check = sni_check(x.rule(), &x.target, &x.snapshot.limits);
-            let idle = x.snapshot.limits.tunnel_idle_timeout;
-            let hard = ctx.shared.drain.hard.clone();
-            let splicer = ctx.shared.splicer.clone();
-            spawn(ctx, x.txn, &mut req, move |upgraded| async move {
-                let _bridge = bridge;
-                let (client, early) = take_socket(upgraded)?;
-                Some(tunnel::run(client, early, upstream, check, idle, hard, &splicer).await)
+            let t = tunnel::Tunnel {
+                upstream,
+                check: sni_check(x.rule(), &x.target, &x.snapshot.limits),
+                idle: x.snapshot.limits.tunnel_idle_timeout,
+                idler: ctx.shared.idler.clone(),
+                splicer: ctx.shared.splicer.clone(),
+            };
+            spawn(ctx, x.txn, &mut req, bridge, t, |t, upgraded, span| {
+                let (client, early) = span.in_scope(|| take_socket(upgraded))?;
+                Some(tunnel::run(client, early, t).instrument(relay_span(span)))
             })
         }
+    }
+}
+
+/// The span a spliced tunnel keeps while it relays: the connection's when
+/// debug lines are logged (the relay logs only at debug), else none. An open
+/// span holds a slot and its formatted fields in the log's registry for the
+/// tunnel's whole life, a sixth of an idle tunnel's memory; the lines before
+/// the relay (the upgrade, taking the socket) are still logged in it.
+fn relay_span(span: tracing::Span) -> tracing::Span {
+    let debug = span.in_scope(|| {
+        tracing::enabled!(target: "egress_proxy::proxy::tunnel", tracing::Level::DEBUG)
+            || tracing::enabled!(target: "egress_proxy::proxy::tunnel::gate", tracing::Level::DEBUG)
+    });
+    if debug {
+        span
+    } else {
+        tracing::Span::none()
     }
 }
 
@@ -128,57 +153,82 @@ fn sni_check(
     })
 }
 
-/// Answer 200, and on a task of its own wait for hyper's upgrade, run the
-/// tunnel with `run`, and complete the record from its [`TunnelStats`]
-/// (`None`: the client's socket could not be had, `client_closed`).
+/// Answer 200, and on a task of its own wait for hyper's upgrade, make the
+/// tunnel's future with `run` from `parts`, the upgraded connection and the
+/// connection's span, and complete the record from its [`TunnelStats`]
+/// (`run` gives `None`: the client's socket could not be had,
+/// `client_closed`).
 ///
 /// The task takes the connection's permits (an open tunnel counts against
-/// the caps) and the connection's span, but not its context: an idle
+/// the caps) and the bridge of a TLS parent, but not its context: an idle
 /// tunnel holds only what it needs. Boxed, like the connection: the tunnel
 /// task is moved into the runtime as a pointer, not as its whole state.
-fn spawn<F, Fut>(
+/// `parts` and the span wait for the upgrade in a box of their own, and
+/// `run` (capturing nothing) makes the future without awaiting it: so the
+/// task holds them once, inside the tunnel's future, rather than a second
+/// copy beside it.
+fn spawn<P, F, Fut>(
     ctx: &Arc<ConnCtx>,
     mut txn: Txn,
     req: &mut Request<Incoming>,
+    bridge: Option<DropGuard>,
+    parts: P,
     run: F,
 ) -> Response<ProxyBody>
 where
-    F: FnOnce(Upgraded) -> Fut + Send + 'static,
-    Fut: Future<Output = Option<TunnelStats>> + Send,
+    P: Send + 'static,
+    F: FnOnce(P, Upgraded, tracing::Span) -> Option<Fut> + Send + 'static,
+    Fut: Future<Output = TunnelStats> + Send + 'static,
 {
     let on_upgrade = hyper::upgrade::on(req);
     let open_tunnels = ctx.shared.metrics.open_tunnels.clone();
     let held = ctx.take_held();
-    ctx.shared.drain.tracker.spawn(Box::pin(
-        async move {
-            let _held = held;
-            let _open = crate::metrics::GaugeGuard::new(&open_tunnels);
-            let stats = match on_upgrade.await {
-                Ok(upgraded) => run(upgraded).await,
-                Err(e) => {
-                    tracing::debug!(error = %e, "CONNECT upgrade failed");
-                    None
-                }
-            };
-            let Some(stats) = stats else {
-                txn.finish(Some(200), Some(Reason::ClientClosed));
-                return;
-            };
-            let rec = txn.rec();
-            rec.bytes_up = stats.up;
-            rec.bytes_down = stats.down;
-            rec.sni = stats.sni;
-            rec.ech = stats.ech;
-            if stats.denied {
-                txn.set_decision(Decided::Deny);
+    let pending = Box::new((parts, tracing::Span::current()));
+    ctx.shared.drain.tracker.spawn(Box::pin(async move {
+        let open = crate::metrics::GaugeGuard::new(&open_tunnels);
+        // Pinned where it is made: the tunnel's future is the task's
+        // largest part, and a named local moved into an `.await` would
+        // keep a second copy's room in the task.
+        let mut tunnel = std::pin::pin!(match on_upgrade.await {
+            Ok(upgraded) => {
+                let (parts, span) = unbox(pending);
+                run(parts, upgraded, span)
             }
-            txn.finish(Some(200), stats.reason);
+            Err(e) => {
+                let (_, span) = unbox(pending);
+                span.in_scope(|| tracing::debug!(error = %e, "CONNECT upgrade failed"));
+                None
+            }
+        });
+        let Some(tunnel) = tunnel.as_mut().as_pin_mut() else {
+            txn.finish(Some(200), Some(Reason::ClientClosed));
+            return;
+        };
+        let stats = tunnel.await;
+        let rec = txn.rec();
+        rec.bytes_up = stats.up;
+        rec.bytes_down = stats.down;
+        rec.sni = stats.sni;
+        rec.ech = stats.ech;
+        if stats.denied {
+            txn.set_decision(Decided::Deny);
         }
-        .instrument(tracing::Span::current()),
-    ));
+        txn.finish(Some(200), stats.reason);
+        // Held to the end: the permits, the gauge and a TLS parent's bridge
+        // (moved here rather than bound at the start, which would keep a
+        // second copy's room in the task).
+        drop((held, bridge, open));
+    }));
     let mut resp = Response::new(ProxyBody::empty());
     *resp.status_mut() = StatusCode::OK;
     resp
+}
+
+/// The contents of a box, the box freed now (a box moved out of in a
+/// task's state is freed only when the task ends).
+#[allow(clippy::boxed_local)] // the point: the box is consumed here
+fn unbox<T>(b: Box<T>) -> T {
+    *b
 }
 
 /// The client's TCP socket back from hyper, with what hyper read past the
@@ -197,4 +247,35 @@ fn take_socket(upgraded: Upgraded) -> Option<(TcpStream, bytes::Bytes)> {
     };
     drop(parts.read_buf);
     Some((client, early))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::relay_span;
+
+    fn kept_at(filter: &str) -> bool {
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::sink)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let conn = tracing::info_span!("conn", client = "192.0.2.1:40000");
+            assert!(!conn.is_none());
+            !relay_span(conn).is_none()
+        })
+    }
+
+    /// An open span costs the log's registry memory for as long as the
+    /// tunnel is open: a relaying tunnel keeps the connection's span only
+    /// when its debug lines are logged.
+    #[test]
+    fn a_relaying_tunnel_keeps_its_span_only_for_debug_lines() {
+        assert!(!kept_at("info"));
+        assert!(!kept_at(
+            "egress_proxy=info,egress_proxy::proxy::conn=debug"
+        ));
+        assert!(kept_at("debug"));
+        assert!(kept_at("info,egress_proxy::proxy::tunnel=debug"));
+        assert!(kept_at("info,egress_proxy::proxy::tunnel::gate=debug"));
+    }
 }

@@ -61,6 +61,8 @@ pub struct Shared {
     pub conns: Arc<Semaphore>,
     /// Pipes for bulk tunnels to splice through.
     pub splicer: tunnel::Splicer,
+    /// The idle time-outs and shutdown of its tunnels.
+    pub idler: tunnel::Idler,
     /// The inspection CA, loaded at start when `[tls]` sets one.
     pub ca: Option<Arc<Ca>>,
     /// Bounds the connections being answered with a refusal at once (each

@@ -4,7 +4,10 @@
 //! Memory: an idle tunnel owns no copy buffer. Reads go into one scratch
 //! buffer per worker thread and are written on at once; only bytes the other
 //! side cannot take yet are copied into a per-tunnel backlog, which is freed
-//! as soon as it drains.
+//! as soon as it drains. Its relay is one hand-written future ([`relay`])
+//! that boxes the rarely used parts only while in use, and its idle
+//! time-out and shutdown are kept by the proxy's [`Idler`], not by a timer
+//! and a cancellation waiter of its own.
 //!
 //! Bulk: a direction that has carried [`SPLICE_AFTER`] bytes moves on to
 //! splice(2) through a pipe of its own, so its bytes stay in the kernel. A
@@ -21,8 +24,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::future::Future;
 use std::pin::Pin;
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
@@ -31,14 +35,16 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::CancellationToken;
 
 use super::peek;
 use crate::reason::Reason;
 
 mod gate;
+mod idle;
+mod relay;
 
-use gate::{forward_held, gate, gate_retry, watch_first};
+pub use idle::Idler;
+
 pub use gate::{sni_matches, Check};
 
 /// Scratch buffer size: one per worker thread, never per tunnel.
@@ -133,101 +139,98 @@ impl Side {
     }
 }
 
+/// A tunnel's upstream side and limits, ready before the client's socket
+/// is taken back from hyper.
+pub struct Tunnel {
+    pub upstream: TcpStream,
+    /// The SNI check of a spliced tunnel, when it has one.
+    pub check: Option<Check>,
+    pub idle: Duration,
+    /// Ends it when idle for `idle`, or at shutdown.
+    pub idler: Idler,
+    pub splicer: Splicer,
+}
+
+/// What both directions of a tunnel share: owned by [`run`]'s future and
+/// lent to them.
+struct Common<'a> {
+    check: Option<&'a Check>,
+    /// The SNI and ECH flag of the client's hello, once seen.
+    seen: Mutex<(Option<String>, bool)>,
+    /// The down direction's word to the up direction (checked tunnels).
+    retry: gate::RetrySignal,
+    clock: Clock,
+    up: AtomicU64,
+    down: AtomicU64,
+    splicer: &'a Splicer,
+}
+
+/// When a tunnel last moved a byte, for the idle time-out.
+struct Clock {
+    base: Instant,
+    /// Milliseconds after `base`.
+    last: AtomicU64,
+}
+
+impl Clock {
+    fn touch(&self) {
+        self.last.store(
+            u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// How long since a byte moved.
+    fn quiet(&self) -> Duration {
+        self.base
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.last.load(Ordering::Relaxed)))
+    }
+}
+
 /// Relay until both directions finish, one fails, the tunnel idles out, or
-/// `hard` is cancelled (shutdown). `early` holds client bytes hyper had
+/// the proxy shuts down (both told by `t.idler`). `early` holds client bytes hyper had
 /// already read past the CONNECT head.
-pub async fn run(
+///
+/// Not an `async fn`: its arguments are declared `mut`, which an `async fn`
+/// would copy into its body's locals, keeping their room twice for the
+/// tunnel's whole life.
+#[allow(clippy::manual_async_fn)] // deliberately not an `async fn`: see above
+pub fn run(
     mut client: TcpStream,
     early: Bytes,
-    mut upstream: TcpStream,
-    check: Option<Check>,
-    idle: Duration,
-    hard: CancellationToken,
-    splicer: &Splicer,
-) -> TunnelStats {
-    let base = Instant::now();
-    let last = AtomicU64::new(0);
-    let up = AtomicU64::new(0);
-    let down = AtomicU64::new(0);
-    let seen: Mutex<(Option<String>, bool)> = Mutex::new((None, false));
-
-    let ended = {
-        let (mut cr, mut cw) = client.split();
-        let (mut ur, mut uw) = upstream.split();
-        // Only a checked tunnel watches the upstream's first record.
-        let signal = gate::RetrySignal::default();
-        let retry = check.is_some().then_some(&signal);
-        let mut up_dir = Dir {
-            from: &mut cr,
-            from_side: Side::Client,
-            to: &mut uw,
-            to_side: Side::Upstream,
-            count: &up,
-            last: &last,
-            base,
+    mut t: Tunnel,
+) -> impl Future<Output = TunnelStats> + Send {
+    async move {
+        let common = Common {
+            check: t.check.as_ref(),
+            seen: Mutex::new((None, false)),
+            retry: gate::RetrySignal::default(),
+            clock: Clock {
+                base: Instant::now(),
+                last: AtomicU64::new(0),
+            },
+            up: AtomicU64::new(0),
+            down: AtomicU64::new(0),
+            splicer: &t.splicer,
         };
-        let up_fut = up_direction(&mut up_dir, early, check.as_ref(), retry, &seen, splicer);
-        let mut down_dir = Dir {
-            from: &mut ur,
-            from_side: Side::Upstream,
-            to: &mut cw,
-            to_side: Side::Client,
-            count: &down,
-            last: &last,
-            base,
+        let ended = {
+            let (cr, cw) = client.split();
+            let (ur, uw) = t.upstream.split();
+            let up = Dir::new(cr, Side::Client, uw, &common.up, &common.clock);
+            let down = Dir::new(ur, Side::Upstream, cw, &common.down, &common.clock);
+            relay::Relay::new(&common, up, down, early, t.idle, &t.idler).await
         };
-        let down_fut = down_direction(&mut down_dir, retry, splicer);
-        tokio::pin!(up_fut, down_fut);
-
-        let timer = tokio::time::sleep(idle);
-        // Made once: a fresh `cancelled()` per wake-up would register with
-        // the shared token (a lock) on every message.
-        let cancelled = hard.cancelled();
-        tokio::pin!(timer, cancelled);
-        let (mut up_done, mut down_done) = (false, false);
-        let mut ended: Option<End> = None;
-        while !(up_done && down_done) {
-            tokio::select! {
-                biased;
-                r = &mut up_fut, if !up_done => {
-                    up_done = true;
-                    if let Err(e) = r { ended = Some(e); break; }
-                }
-                r = &mut down_fut, if !down_done => {
-                    down_done = true;
-                    if let Err(e) = r { ended = Some(e); break; }
-                }
-                () = &mut timer => {
-                    let quiet = base.elapsed().saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
-                    if quiet >= idle {
-                        ended = Some(End::Timeout);
-                        break;
-                    }
-                    timer.as_mut().reset(tokio::time::Instant::now() + (idle - quiet));
-                }
-                () = &mut cancelled => {
-                    ended = Some(End::Denied(Reason::Shutdown, None));
-                    break;
-                }
-            }
-        }
-        ended
-    };
-    finish(ended, &seen, &up, &down, &client)
+        finish(ended, &common, &client)
+    }
 }
 
 /// The record of a finished tunnel; a refused hello gets its TLS alert.
-fn finish(
-    ended: Option<End>,
-    seen: &Mutex<(Option<String>, bool)>,
-    up: &AtomicU64,
-    down: &AtomicU64,
-    client: &TcpStream,
-) -> TunnelStats {
-    let (sni, ech) = seen.lock().map(|s| s.clone()).unwrap_or_default();
+fn finish(ended: Option<End>, common: &Common<'_>, client: &TcpStream) -> TunnelStats {
+    let (sni, ech) = common.seen.lock().map(|s| s.clone()).unwrap_or_default();
     let mut stats = TunnelStats {
-        up: up.load(Ordering::Relaxed),
-        down: down.load(Ordering::Relaxed),
+        up: common.up.load(Ordering::Relaxed),
+        down: common.down.load(Ordering::Relaxed),
         reason: ended.as_ref().map(End::reason),
         sni,
         ech,
@@ -245,112 +248,55 @@ fn finish(
     stats
 }
 
-/// Client to upstream: with a check, the client's first bytes (and after a
-/// HelloRetryRequest its second hello) are held until judged; then relay.
-async fn up_direction(
-    dir: &mut Dir<'_, '_>,
-    early: Bytes,
-    check: Option<&Check>,
-    retry: Option<&gate::RetrySignal>,
-    seen: &Mutex<(Option<String>, bool)>,
-    splicer: &Splicer,
-) -> Result<(), End> {
-    let (held, after, hello) = match check {
-        Some(c) => {
-            if early.is_empty() {
-                // Nothing is held (or allocated) while the client is
-                // silent; the idle time-out governs how long it may be.
-                readable(dir.from).await.map_err(|_| End::Client)?;
-            }
-            // Boxed: the gate's state is freed once the hello is judged.
-            Box::pin(gate(dir.from, early, c, seen)).await?
-        }
-        None => (early.to_vec(), Vec::new(), false),
-    };
-    forward_held(dir.to, held, dir.count, dir.last, dir.base).await?;
-    let after = match (hello, check, retry) {
-        // A HelloRetryRequest makes the client send a second hello,
-        // which a lenient server (OpenSSL) takes the name from; what
-        // came after the first hello waits for the upstream's answer.
-        (true, Some(c), Some(rx)) => Box::pin(gate_retry(dir.from, rx, c, seen, after)).await?,
-        _ => after,
-    };
-    forward_held(dir.to, after, dir.count, dir.last, dir.base).await?;
-    relay(dir, splicer).await
-}
-
-/// Upstream to client: a checked tunnel watches the upstream's first record
-/// for a HelloRetryRequest; then relay.
-async fn down_direction(
-    dir: &mut Dir<'_, '_>,
-    retry: Option<&gate::RetrySignal>,
-    splicer: &Splicer,
-) -> Result<(), End> {
-    if let Some(signal) = retry {
-        // Boxed, like the gate, and only once the upstream has spoken: an
-        // idle tunnel holds none of it.
-        readable(dir.from).await.map_err(|_| dir.from_side.end())?;
-        let watched = Box::pin(watch_first(dir, signal)).await;
-        // Ended before its first record was whole: no retry to wait for.
-        signal.settle(false);
-        watched?;
-    }
-    relay(dir, splicer).await
-}
-
-/// Wait until `from` has something to read (or its end), holding no waiter
-/// of its own: the socket's read waker slot serves, as only this direction
-/// reads this socket. A few bytes of an idle tunnel's state, where tokio's
-/// `readable()` future would take 168.
-async fn readable(from: &ReadHalf<'_>) -> io::Result<()> {
-    std::future::poll_fn(|cx| from.as_ref().poll_read_ready(cx)).await
-}
-
-fn touch(last: &AtomicU64, base: Instant) {
-    last.store(
-        u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX),
-        Ordering::Relaxed,
-    );
-}
-
 /// One direction of a tunnel: where bytes come from and go, and where they
-/// are counted. Passed by reference so the copy and splice futures stay small
-/// (an idle tunnel's memory is mostly its two directions' futures).
-struct Dir<'a, 'b> {
-    from: &'a mut ReadHalf<'b>,
+/// are counted. Small and moved whole between the relay's phases (an idle
+/// tunnel's memory is mostly its two directions).
+struct Dir<'a> {
+    from: ReadHalf<'a>,
     from_side: Side,
-    to: &'a mut WriteHalf<'b>,
+    to: WriteHalf<'a>,
     to_side: Side,
     count: &'a AtomicU64,
-    last: &'a AtomicU64,
-    base: Instant,
+    clock: &'a Clock,
 }
 
-impl Dir<'_, '_> {
+impl<'a> Dir<'a> {
+    fn new(
+        from: ReadHalf<'a>,
+        from_side: Side,
+        to: WriteHalf<'a>,
+        count: &'a AtomicU64,
+        clock: &'a Clock,
+    ) -> Self {
+        let to_side = match from_side {
+            Side::Client => Side::Upstream,
+            Side::Upstream => Side::Client,
+        };
+        Dir {
+            from,
+            from_side,
+            to,
+            to_side,
+            count,
+            clock,
+        }
+    }
+
     fn moved(&self, n: usize) {
         self.count.fetch_add(n as u64, Ordering::Relaxed);
-        touch(self.last, self.base);
+        self.clock.touch();
     }
-}
-
-/// Copy one direction until EOF (then half-close) or an error; past
-/// [`SPLICE_AFTER`] bytes, splice instead when a pipe can be had.
-async fn relay(dir: &mut Dir<'_, '_>, splicer: &Splicer) -> Result<(), End> {
-    if let Copied::Done(r) = copy(dir, Some(SPLICE_AFTER)).await {
-        return r;
-    }
-    // Boxed: a tunnel that never goes bulk carries no room for this.
-    Box::pin(bulk(dir, splicer)).await
 }
 
 /// A direction past its bulk threshold: splice when a pipe can be had,
 /// else copy on.
-async fn bulk(dir: &mut Dir<'_, '_>, splicer: &Splicer) -> Result<(), End> {
+async fn bulk(mut dir: Dir<'_>, splicer: &Splicer) -> Result<(), End> {
     match Pipe::open(splicer) {
-        Ok(pipe) => splice(dir, &pipe).await,
+        Ok(pipe) => splice(&mut dir, &pipe).await,
         Err(e) => {
             tracing::debug!(error = %e, "no splice pipe; copying on");
-            match copy(dir, None).await {
+            let mut copying = Copying::default();
+            match std::future::poll_fn(|cx| copying.poll(&mut dir, cx, None)).await {
                 Copied::Done(r) => r,
                 Copied::Bulk => Ok(()),
             }
@@ -365,47 +311,76 @@ enum Copied {
     Bulk,
 }
 
-/// Copy until EOF (then half-close), an error, or (with `bulk_after`) that
-/// many bytes moved.
+/// A direction copying: until EOF (then half-close), an error, or (with a
+/// bulk threshold) that many bytes moved.
 ///
-/// Poll-based so that each read goes into the worker thread's scratch
-/// buffer and is written on within the same poll; only what the other side
-/// cannot take yet is copied into a per-tunnel backlog, freed once drained.
-/// A short read tells tokio the socket is drained, so a ping-pong message
-/// costs one read and one write.
-async fn copy(dir: &mut Dir<'_, '_>, bulk_after: Option<u64>) -> Copied {
-    let mut backlog: Vec<u8> = Vec::new();
-    let mut off = 0usize;
-    let mut eof = false;
-    let mut moved = 0u64;
-    std::future::poll_fn(move |cx| loop {
-        // Drain the backlog first.
-        while off < backlog.len() {
-            match Pin::new(&mut *dir.to).poll_write(cx, &backlog[off..]) {
-                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
-                    return Poll::Ready(Copied::Done(Err(dir.to_side.end())))
+/// Each read goes into the worker thread's scratch buffer and is written on
+/// within the same poll; only what the other side cannot take yet is
+/// copied into a per-tunnel backlog, freed once drained. A short read tells
+/// tokio the socket is drained, so a ping-pong message costs one read and
+/// one write.
+#[derive(Default)]
+struct Copying {
+    /// Only filled when empty: nothing more is read until it drains.
+    backlog: Box<[u8]>,
+    off: usize,
+    eof: bool,
+    /// Bytes moved, counted up to the bulk threshold.
+    moved: u32,
+}
+
+impl Copying {
+    fn poll(
+        &mut self,
+        dir: &mut Dir<'_>,
+        cx: &mut Context<'_>,
+        bulk_after: Option<u64>,
+    ) -> Poll<Copied> {
+        loop {
+            // Drain the backlog first.
+            while self.off < self.backlog.len() {
+                match Pin::new(&mut dir.to).poll_write(cx, &self.backlog[self.off..]) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                        return Poll::Ready(Copied::Done(Err(dir.to_side.end())))
+                    }
+                    Poll::Ready(Ok(n)) => self.off += n,
+                    Poll::Pending => return Poll::Pending,
                 }
-                Poll::Ready(Ok(n)) => off += n,
+            }
+            if !self.backlog.is_empty() {
+                // Free it: an idle tunnel keeps no buffer.
+                self.backlog = Box::default();
+                self.off = 0;
+            }
+            if self.eof {
+                return match Pin::new(&mut dir.to).poll_shutdown(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(_) => Poll::Ready(Copied::Done(Ok(()))),
+                };
+            }
+            if bulk_after.is_some_and(|b| u64::from(self.moved) >= b) {
+                return Poll::Ready(Copied::Bulk);
+            }
+            match self.step(dir, cx) {
                 Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Copied::Done(Err(e))),
+                Poll::Ready(Ok(0)) => self.eof = true,
+                Poll::Ready(Ok(n)) => {
+                    dir.moved(n);
+                    self.moved = self
+                        .moved
+                        .saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+                }
             }
         }
-        if !backlog.is_empty() {
-            // Free it: an idle tunnel keeps no buffer.
-            backlog = Vec::new();
-            off = 0;
-        }
-        if eof {
-            return match Pin::new(&mut *dir.to).poll_shutdown(cx) {
-                Poll::Pending => Poll::Pending,
-                Poll::Ready(_) => Poll::Ready(Copied::Done(Ok(()))),
-            };
-        }
-        if bulk_after.is_some_and(|b| moved >= b) {
-            return Poll::Ready(Copied::Bulk);
-        }
-        let step = SCRATCH_BUF.with_borrow_mut(|buf| {
+    }
+
+    /// One read into the scratch buffer, written on at once; what the
+    /// other side does not take is kept in the backlog.
+    fn step(&mut self, dir: &mut Dir<'_>, cx: &mut Context<'_>) -> Poll<Result<usize, End>> {
+        SCRATCH_BUF.with_borrow_mut(|buf| {
             let mut rb = ReadBuf::new(buf);
-            match Pin::new(&mut *dir.from).poll_read(cx, &mut rb) {
+            match Pin::new(&mut dir.from).poll_read(cx, &mut rb) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(_)) => return Poll::Ready(Err(dir.from_side.end())),
                 Poll::Ready(Ok(())) => {}
@@ -417,7 +392,7 @@ async fn copy(dir: &mut Dir<'_, '_>, bulk_after: Option<u64>) -> Copied {
             let data = &buf[..n];
             let mut written = 0;
             while written < n {
-                match Pin::new(&mut *dir.to).poll_write(cx, &data[written..]) {
+                match Pin::new(&mut dir.to).poll_write(cx, &data[written..]) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
                         return Poll::Ready(Err(dir.to_side.end()))
                     }
@@ -426,21 +401,12 @@ async fn copy(dir: &mut Dir<'_, '_>, bulk_after: Option<u64>) -> Copied {
                 }
             }
             if written < n {
-                backlog.extend_from_slice(&data[written..]);
+                self.backlog = data[written..].into();
+                self.off = 0;
             }
             Poll::Ready(Ok(n))
-        });
-        match step {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(Err(e)) => return Poll::Ready(Copied::Done(Err(e))),
-            Poll::Ready(Ok(0)) => eof = true,
-            Poll::Ready(Ok(n)) => {
-                dir.moved(n);
-                moved += n as u64;
-            }
-        }
-    })
-    .await
+        })
+    }
 }
 
 /// A pipe for splicing one direction, with the permit it holds.
@@ -468,10 +434,10 @@ impl Pipe {
 /// Move one direction through `pipe` with splice(2) until EOF (then
 /// half-close) or an error. Bytes are counted as they leave `from`, as the
 /// copy phase counts them.
-async fn splice(dir: &mut Dir<'_, '_>, pipe: &Pipe) -> Result<(), End> {
+async fn splice(dir: &mut Dir<'_>, pipe: &Pipe) -> Result<(), End> {
     let flags = SpliceFlags::NONBLOCK | SpliceFlags::MOVE;
     loop {
-        let src: &TcpStream = (*dir.from).as_ref();
+        let src: &TcpStream = dir.from.as_ref();
         let n = loop {
             src.readable().await.map_err(|_| dir.from_side.end())?;
             match src.try_io(Interest::READABLE, || {
@@ -495,7 +461,7 @@ async fn splice(dir: &mut Dir<'_, '_>, pipe: &Pipe) -> Result<(), End> {
             return Ok(());
         }
         dir.moved(n);
-        let dst: &TcpStream = (*dir.to).as_ref();
+        let dst: &TcpStream = dir.to.as_ref();
         let mut pending = n;
         while pending > 0 {
             dst.writable().await.map_err(|_| dir.to_side.end())?;

@@ -2,15 +2,15 @@
 //! until its ClientHello is judged against the [`Check`] (and, after a
 //! HelloRetryRequest, its second hello too), then replayed unchanged.
 use std::io;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::net::tcp::ReadHalf;
 
-use super::{touch, Dir, End};
+use super::{Dir, End};
 use crate::policy::{EchMode, SniMode};
 use crate::proxy::peek::{self, Peek};
 use crate::reason::Reason;
@@ -136,17 +136,10 @@ async fn judge(
 }
 
 /// Replay held client bytes upstream, counted.
-pub(super) async fn forward_held(
-    to: &mut WriteHalf<'_>,
-    held: Vec<u8>,
-    up: &AtomicU64,
-    last: &AtomicU64,
-    base: Instant,
-) -> Result<(), End> {
+pub(super) async fn forward_held(dir: &mut Dir<'_>, held: Vec<u8>) -> Result<(), End> {
     if !held.is_empty() {
-        to.write_all(&held).await.map_err(|_| End::Upstream)?;
-        up.fetch_add(held.len() as u64, Ordering::Relaxed);
-        touch(last, base);
+        dir.to.write_all(&held).await.map_err(|_| End::Upstream)?;
+        dir.moved(held.len());
     }
     Ok(())
 }
@@ -154,7 +147,7 @@ pub(super) async fn forward_held(
 /// Pass the upstream's first bytes to the client as they come (nothing is
 /// held back), and say whether its first record is a HelloRetryRequest.
 /// Keeps at most [`peek::SERVER_FIRST_BYTES`] of it.
-pub(super) async fn watch_first(dir: &mut Dir<'_, '_>, retry: &RetrySignal) -> Result<(), End> {
+pub(super) async fn watch_first(dir: &mut Dir<'_>, retry: &RetrySignal) -> Result<(), End> {
     let mut first = Vec::new();
     loop {
         // Nothing but `first` (empty) is held while the upstream is silent:
