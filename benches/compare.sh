@@ -66,6 +66,9 @@ Example: benches/compare.sh --scenarios tls-rate,inspect-rate,inspect-rr \
   --idle-tunnels N       idle-tunnels count (default 5000)
   --origin-ports H,E,S   HTTP, echo and source origin ports (default 18080,18081,18082)
   --tls-port PORT        the TLS origin's port (default 18443)
+  --origin-tickets N     TLS 1.3 session tickets the TLS origin sends per handshake (default 0:
+                         nothing to resume; with N > 0 an inspecting proxy that keeps its client
+                         sessions can resume its side, the load generator never does)
   --cache-dir DIR        where squid-bump's squid-openssl package is fetched and unpacked
                          (default ${XDG_CACHE_HOME:-$HOME/.cache}/egress-proxy-bench)
   --client-cpus LIST     CPUs for the load generator and origins (default 0)
@@ -85,7 +88,7 @@ SCENARIOS=http-forward,connect-rr,connect-bulk,connect-rate,idle-tunnels
 SYSTEMS=direct,squid,tinyproxy,egress
 EGRESS_BIN=""
 HTTP_CONNS=32 RR_CONNS=32 BULK_CONNS=4 RATE_CONNS=16 IDLE_TUNNELS=5000
-ORIGIN_PORTS=18080,18081,18082 TLS_PORT=18443
+ORIGIN_PORTS=18080,18081,18082 TLS_PORT=18443 ORIGIN_TICKETS=0
 # shellcheck disable=SC2034 # used by compare-tls.sh
 CACHE_DIR=${XDG_CACHE_HOME:-$HOME/.cache}/egress-proxy-bench
 CLIENT_CPUS=0 PROXY_CPUS=1 PIN=1 KEEP=0
@@ -100,7 +103,7 @@ while (($#)); do
     --keep) KEEP=1; continue ;;
     --duration | --scenarios | --systems | --egress-bin | --http-conns | --rr-conns | --bulk-conns | \
       --rate-conns | --idle-tunnels | --origin-ports | --client-cpus | --proxy-cpus | --tmpdir | \
-      --tls-port | --cache-dir) ;;
+      --tls-port | --cache-dir | --origin-tickets) ;;
     *) echo "unknown option: $opt" >&2; usage >&2; exit 2 ;;
   esac
   (($#)) || { echo "$opt needs a value (see --help)" >&2; exit 2; }
@@ -123,11 +126,13 @@ while (($#)); do
     --tmpdir) TMPBASE=$val ;;
     --tls-port) TLS_PORT=$val ;;
     --cache-dir) CACHE_DIR=$val ;;
+    --origin-tickets) ORIGIN_TICKETS=$val ;;
   esac
 done
 for n in "$HTTP_CONNS" "$RR_CONNS" "$BULK_CONNS" "$RATE_CONNS" "$IDLE_TUNNELS"; do
   [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "connection counts must be positive integers, got: $n" >&2; exit 2; }
 done
+[[ $ORIGIN_TICKETS =~ ^[0-9]$ ]] || { echo "--origin-tickets must be 0 to 9, got: $ORIGIN_TICKETS" >&2; exit 2; }
 
 log() { echo "[compare] $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -257,6 +262,7 @@ done
 # The TLS origin writes its CA (origin-ca.pem) before it listens.
 "${CLIENT_PIN[@]}" "$LOADGEN" origins --http "127.0.0.1:$HTTP_PORT" --echo "127.0.0.1:$ECHO_PORT" \
   --source "127.0.0.1:$SOURCE_PORT" --tls "127.0.0.1:$TLS_PORT" --tls-ca-out "$TMP/origin-ca.pem" \
+  --tls-tickets "$ORIGIN_TICKETS" \
   2>"$TMP/origins.log" &
 PIDS+=($!)
 await_listen "$SOURCE_PORT" $! origins "$TMP/origins.log"
@@ -552,6 +558,9 @@ print(json.dumps(d))' "$out" $(($(tree_ticks "$pid") - ticks)) "$HZ")
       log "$sc / $name: FAILED: ${why:-timed out}"
     fi
     sleep 1 # let closed connections settle between runs
+    if ((ORIGIN_TICKETS)) && [[ $lsc == tls-* ]]; then # the origin reports them every second
+      log "the TLS origin so far: $(grep -o '[0-9]* full, [0-9]* resumed' "$TMP/origins.log" | tail -n 1)"
+    fi
   done
 done
 
@@ -585,7 +594,7 @@ else
 fi
 conns_note="http-forward $HTTP_CONNS, connect-rr $RR_CONNS, connect-bulk $BULK_CONNS, connect-rate $RATE_CONNS, idle-tunnels $IDLE_TUNNELS"
 [[ ,$SCENARIOS, =~ ,(tls-rate|inspect-rate|inspect-rr), ]] &&
-  conns_note+="; tls-rate and inspect-rate $RATE_CONNS, inspect-rr $RR_CONNS"
+  conns_note+="; tls-rate and inspect-rate $RATE_CONNS, inspect-rr $RR_CONNS; the TLS origin sends $ORIGIN_TICKETS session tickets per handshake"
 python3 - "$RESULTS" "${SYSTEMS}" "$SCENARIOS" "$DURATION" "$pinning" "$conns_note" \
   "${PROBES[@]}" <<'PY'
 import json, sys
