@@ -28,9 +28,7 @@ pub async fn serve(o: Origins) -> Result<(), String> {
         let l = bind(addr).await?;
         // [full, resumed] handshakes, reported on stderr while they change
         let kinds = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
-        if o.tls_tickets > 0 {
-            tasks.spawn(report_handshakes(Arc::clone(&kinds)));
-        }
+        tasks.spawn(report_handshakes(Arc::clone(&kinds)));
         tasks.spawn(accept_loop(l, "tls", move |s| {
             let (acceptor, responses) = (acceptor.clone(), Arc::clone(&responses));
             let kinds = Arc::clone(&kinds);
