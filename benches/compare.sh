@@ -24,12 +24,13 @@ connect-rate go through "mode tcp" frontends that relay every connection
 straight to the echo or source origin (the load generator connects to them as
 if direct): the least a proxy can do per round trip, a floor, not a peer.
 
-Every row of a rate scenario has a "proxy CPU" row under it: the CPU time
+Every rate scenario has a "proxy CPU" row: the CPU time
 (user + system, from /proc) of the system's process, its live descendants
 (Squid's certificate helpers) and the children they reaped, from just before
 the load generator starts until it ends, divided by the operations it counted
 (connect-bulk: per 64 KiB moved). Operations in flight at the deadline are
 not counted but their CPU is, so with many workers it reads slightly high.
+The cell also gives the share of that time spent in the kernel.
 
 TLS scenarios (not in the default list; the TLS origin is loadgen's, its
 certificate for origin.test from a CA loadgen generates at start):
@@ -471,8 +472,8 @@ done
 
 # --- the runs --------------------------------------------------------------------------------
 HZ=$(getconf CLK_TCK)
-# tree_ticks PID: the CPU clock ticks (user + system) of PID, of its live descendants and of
-# the children they reaped (/proc/*/stat fields 14-17), so the helpers a proxy forks count too
+# tree_ticks PID: the CPU clock ticks "USER SYSTEM" of PID, of its live descendants and of the
+# children they reaped (/proc/*/stat fields 14-17), so the helpers a proxy forks count too
 tree_ticks() {
   python3 - "$1" <<'PY'
 import os, sys
@@ -484,14 +485,17 @@ for p in filter(str.isdigit, os.listdir("/proc")):
     except OSError:
         continue
     # rest[0] is field 3 (state), so field n is rest[n - 3]
-    procs[int(p)] = sum(int(x) for x in rest[11:15])
+    utime, stime, cutime, cstime = map(int, rest[11:15])
+    procs[int(p)] = (utime + cutime, stime + cstime)
     children.setdefault(int(rest[1]), []).append(int(p))
-total, todo = 0, [root]
+user = system = 0
+todo = [root]
 while todo:
     pid = todo.pop()
-    total += procs.get(pid, 0)
+    u, s = procs.get(pid, (0, 0))
+    user, system = user + u, system + s
     todo += children.get(pid, [])
-print(total)
+print(user, system)
 PY
 }
 RESULTS=$TMP/results.jsonl
@@ -544,11 +548,14 @@ for sc in ${SCENARIOS//,/ }; do
       if [[ -n $ticks ]]; then # the proxy's CPU per operation (connect-bulk: per 64 KiB)
         out=$(python3 -c 'import json, sys
 d = json.loads(sys.argv[1])
-d["proxy_cpu_s"] = round(int(sys.argv[2]) / int(sys.argv[3]), 3)
+(u0, s0), (u1, s1) = (map(int, t.split()) for t in sys.argv[2:4])
+hz = int(sys.argv[4])
+d["proxy_cpu_s"] = round((u1 - u0 + s1 - s0) / hz, 3)
+d["proxy_sys_s"] = round((s1 - s0) / hz, 3)
 ops = d.get("bytes", 0) / 65536 if d["scenario"] == "connect-bulk" else d.get("ok")
 if ops:
     d["proxy_cpu_us_per_op"] = round(1e6 * d["proxy_cpu_s"] / ops, 2)
-print(json.dumps(d))' "$out" $(($(tree_ticks "$pid") - ticks)) "$HZ")
+print(json.dumps(d))' "$out" "$ticks" "$(tree_ticks "$pid")" "$HZ")
       fi
       echo "$out" >>"$RESULTS"
       log "$(summary "$out")"
@@ -656,6 +663,8 @@ for sc, key, fmt, label in rows:
         cell = "—" if v is None else fmt(v)
         if v is not None and base and name != "direct":
             cell += f" ({v / base:.2f}×)"
+        if key == "proxy_cpu_us_per_op" and v is not None and d.get("proxy_cpu_s"):
+            cell += f", {100 * d['proxy_sys_s'] / d['proxy_cpu_s']:.0f} % sys"
         if sc == "idle-tunnels":
             cell += f" [{d.get('alive', 0)}/{d.get('conns')} alive]"
         if d.get("errors"):
@@ -679,7 +688,8 @@ def versus(sc, a, b, what):
         print(f"- {sc}: {a} ÷ {b} = {x / y:.2f}× ({what})")
 if any("proxy_cpu_us_per_op" in d for d in runs.values()):
     print("- proxy CPU: user + system CPU time of the system's processes (with Squid's certificate helpers), "
-          "from the load generator's start to its end, per operation it counted (in-flight ones are not)")
+          "from the load generator's start to its end, per operation it counted (in-flight ones are not), "
+          "and the share of it in the kernel")
 if "haproxy" in systems:
     print("- haproxy: http-forward through a `mode http` frontend (Host and port ACLs, keep-alive to the origin, "
           "`http-reuse always`, one thread); HAProxy has no CONNECT, so its connect-* cells are `mode tcp` "
