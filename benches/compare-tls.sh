@@ -5,10 +5,13 @@
 # helpers (TMP, PIDS, PROXY_PIN, free_port, await_listen, add_system, die, log).
 
 # applies SCENARIO SYSTEM: whether the scenario is run against the system. The
-# inspecting systems take only the inspect scenarios, which take nothing else.
+# inspecting systems take only the inspect scenarios, which take nothing else;
+# haproxy (no CONNECT) takes http-forward and, through its TCP relays, the
+# connect-* scenarios but neither idle-tunnels nor the TLS ones.
 applies() {
   case $1 in
     inspect-*) listed "$2" direct,egress-inspect,squid-bump ;;
+    idle-tunnels | tls-*) ! listed "$2" egress-inspect,squid-bump,haproxy ;;
     *) ! listed "$2" egress-inspect,squid-bump ;;
   esac
 }

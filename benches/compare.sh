@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Compare egress-proxy with Squid and tinyproxy (from the distribution) and with
-# no proxy at all, on loopback, in one run; print a markdown table of absolute
+# Compare egress-proxy with Squid, tinyproxy and HAProxy (from the distribution)
+# and with no proxy at all, on loopback, in one run; print a markdown table of absolute
 # figures and ratios to direct. Uses the project's own load generator and
 # origins (benches/loadgen). Progress goes to stderr, the table to stdout.
 # See README.md, "Performance".
@@ -13,7 +13,24 @@ Usage: benches/compare.sh [options]
 Runs every scenario against every system: direct (no proxy), squid, tinyproxy
 and egress (this repository's proxy), each proxy allowlisting only origin.test
 on the origin ports. Needs root (apt installs, unshare/mount for tinyproxy's
-hosts override; squid and tinyproxy drop to their own users).
+hosts override; squid, tinyproxy and haproxy drop to their own users).
+
+haproxy (not in the default list; Debian's package, one thread): http-forward
+through a "mode http" frontend (absolute-form requests, an allowlist of ACLs on
+the Host header's name and port, which HAProxy checks against the request
+line's authority; keep-alive to the origin with "http-reuse always"). HAProxy
+has no CONNECT (its probe refuses it with 403), so connect-rr, connect-bulk and
+connect-rate go through "mode tcp" frontends that relay every connection
+straight to the echo or source origin (the load generator connects to them as
+if direct): the least a proxy can do per round trip, a floor, not a peer.
+
+Every rate scenario has a "proxy CPU" row: the CPU time
+(user + system, from /proc) of the system's process, its live descendants
+(Squid's certificate helpers) and the children they reaped, from just before
+the load generator starts until it ends, divided by the operations it counted
+(connect-bulk: per 64 KiB moved). Operations in flight at the deadline are
+not counted but their CPU is, so with many workers it reads slightly high.
+The cell also gives the share of that time spent in the kernel.
 
 TLS scenarios (not in the default list; the TLS origin is loadgen's, its
 certificate for origin.test from a CA loadgen generates at start):
@@ -41,7 +58,7 @@ Example: benches/compare.sh --scenarios tls-rate,inspect-rate,inspect-rr \
   --scenarios LIST       comma list (default http-forward,connect-rr,connect-bulk,connect-rate,idle-tunnels;
                          also tls-rate, inspect-rate, inspect-rr)
   --systems LIST         comma list (default direct,squid,tinyproxy,egress;
-                         also egress-sni-off, egress-inspect, squid-bump)
+                         also haproxy, egress-sni-off, egress-inspect, squid-bump)
   --egress-bin PATH      the proxy binary (default target/release/egress-proxy; built when missing)
   --http-conns N         http-forward keep-alive connections (default 32)
   --rr-conns N           connect-rr tunnels (default 32)
@@ -50,6 +67,9 @@ Example: benches/compare.sh --scenarios tls-rate,inspect-rate,inspect-rr \
   --idle-tunnels N       idle-tunnels count (default 5000)
   --origin-ports H,E,S   HTTP, echo and source origin ports (default 18080,18081,18082)
   --tls-port PORT        the TLS origin's port (default 18443)
+  --origin-tickets N     TLS 1.3 session tickets the TLS origin sends per handshake (default 0:
+                         nothing to resume; with N > 0 an inspecting proxy that keeps its client
+                         sessions can resume its side, the load generator never does)
   --cache-dir DIR        where squid-bump's squid-openssl package is fetched and unpacked
                          (default ${XDG_CACHE_HOME:-$HOME/.cache}/egress-proxy-bench)
   --client-cpus LIST     CPUs for the load generator and origins (default 0)
@@ -69,7 +89,7 @@ SCENARIOS=http-forward,connect-rr,connect-bulk,connect-rate,idle-tunnels
 SYSTEMS=direct,squid,tinyproxy,egress
 EGRESS_BIN=""
 HTTP_CONNS=32 RR_CONNS=32 BULK_CONNS=4 RATE_CONNS=16 IDLE_TUNNELS=5000
-ORIGIN_PORTS=18080,18081,18082 TLS_PORT=18443
+ORIGIN_PORTS=18080,18081,18082 TLS_PORT=18443 ORIGIN_TICKETS=0
 # shellcheck disable=SC2034 # used by compare-tls.sh
 CACHE_DIR=${XDG_CACHE_HOME:-$HOME/.cache}/egress-proxy-bench
 CLIENT_CPUS=0 PROXY_CPUS=1 PIN=1 KEEP=0
@@ -84,7 +104,7 @@ while (($#)); do
     --keep) KEEP=1; continue ;;
     --duration | --scenarios | --systems | --egress-bin | --http-conns | --rr-conns | --bulk-conns | \
       --rate-conns | --idle-tunnels | --origin-ports | --client-cpus | --proxy-cpus | --tmpdir | \
-      --tls-port | --cache-dir) ;;
+      --tls-port | --cache-dir | --origin-tickets) ;;
     *) echo "unknown option: $opt" >&2; usage >&2; exit 2 ;;
   esac
   (($#)) || { echo "$opt needs a value (see --help)" >&2; exit 2; }
@@ -107,11 +127,13 @@ while (($#)); do
     --tmpdir) TMPBASE=$val ;;
     --tls-port) TLS_PORT=$val ;;
     --cache-dir) CACHE_DIR=$val ;;
+    --origin-tickets) ORIGIN_TICKETS=$val ;;
   esac
 done
 for n in "$HTTP_CONNS" "$RR_CONNS" "$BULK_CONNS" "$RATE_CONNS" "$IDLE_TUNNELS"; do
   [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "connection counts must be positive integers, got: $n" >&2; exit 2; }
 done
+[[ $ORIGIN_TICKETS =~ ^[0-9]$ ]] || { echo "--origin-tickets must be 0 to 9, got: $ORIGIN_TICKETS" >&2; exit 2; }
 
 log() { echo "[compare] $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -125,7 +147,8 @@ for sc in ${SCENARIOS//,/ }; do
     die "unknown scenario: $sc"
 done
 for sys in ${SYSTEMS//,/ }; do
-  listed "$sys" direct,squid,tinyproxy,egress,egress-sni-off,egress-inspect,squid-bump || die "unknown system: $sys"
+  listed "$sys" direct,squid,tinyproxy,haproxy,egress,egress-sni-off,egress-inspect,squid-bump ||
+    die "unknown system: $sys"
 done
 IFS=, read -r HTTP_PORT ECHO_PORT SOURCE_PORT <<<"$ORIGIN_PORTS"
 [[ -n ${SOURCE_PORT:-} ]] || die "--origin-ports needs three ports"
@@ -139,6 +162,7 @@ LOADGEN_DIR=$ROOT/benches/loadgen
 need=()
 listed squid "$SYSTEMS" && ! command -v squid >/dev/null && need+=(squid)
 listed tinyproxy "$SYSTEMS" && ! command -v tinyproxy >/dev/null && need+=(tinyproxy)
+listed haproxy "$SYSTEMS" && ! command -v haproxy >/dev/null && ! [[ -x /usr/sbin/haproxy ]] && need+=(haproxy)
 listed squid-bump "$SYSTEMS" && ! command -v openssl >/dev/null && need+=(openssl)
 for tool in curl:curl python3:python3 taskset:util-linux unshare:util-linux ss:iproute2; do
   command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
@@ -152,6 +176,9 @@ fi
 log "building benches/loadgen (release)"
 cargo build --release --locked --quiet --manifest-path "$LOADGEN_DIR/Cargo.toml"
 LOADGEN=${CARGO_TARGET_DIR:-$LOADGEN_DIR/target}/release/loadgen
+
+HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+HAPROXY_ECHO="" HAPROXY_SOURCE="" # its TCP relays' ports
 
 if [[ ,$SYSTEMS, == *,egress* ]]; then
   if [[ -z $EGRESS_BIN ]]; then
@@ -236,6 +263,7 @@ done
 # The TLS origin writes its CA (origin-ca.pem) before it listens.
 "${CLIENT_PIN[@]}" "$LOADGEN" origins --http "127.0.0.1:$HTTP_PORT" --echo "127.0.0.1:$ECHO_PORT" \
   --source "127.0.0.1:$SOURCE_PORT" --tls "127.0.0.1:$TLS_PORT" --tls-ca-out "$TMP/origin-ca.pem" \
+  --tls-tickets "$ORIGIN_TICKETS" \
   2>"$TMP/origins.log" &
 PIDS+=($!)
 await_listen "$SOURCE_PORT" $! origins "$TMP/origins.log"
@@ -336,6 +364,74 @@ EOF
       add_system tinyproxy "127.0.0.1:$port" $!
       ;;
 
+    haproxy)
+      free_port port
+      free_port HAPROXY_ECHO
+      free_port HAPROXY_SOURCE
+      d=$TMP/haproxy
+      install -d -o haproxy -g haproxy "$d"
+      # Each connection takes two descriptors; HAProxy refuses a maxconn the limit cannot hold.
+      cat >"$d/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn $(((NOFILE - 100) / 2))
+    user haproxy
+    group haproxy
+    # one line per request (httplog) or relayed connection (tcplog) to stdout, a file here
+    log stdout format raw daemon
+
+defaults
+    log global
+    timeout connect 5s
+    timeout client 600s
+    timeout server 600s
+    timeout http-keep-alive 600s
+
+frontend forward
+    mode http
+    option httplog
+    bind 127.0.0.1:$port
+    # HAProxy answers 400 when an absolute-form request's Host differs from its authority
+    acl bench_host req.hdr(host),host_only -m str origin.test
+    acl bench_port req.hdr(host),port_only -m int eq $HTTP_PORT
+    http-request deny deny_status 403 if METH_CONNECT
+    http-request deny deny_status 403 unless bench_host bench_port
+    default_backend origin_http
+
+backend origin_http
+    mode http
+    http-reuse always
+    server origin 127.0.0.1:$HTTP_PORT
+
+frontend relay_echo
+    mode tcp
+    option tcplog
+    bind 127.0.0.1:$HAPROXY_ECHO
+    default_backend origin_echo
+
+backend origin_echo
+    mode tcp
+    server origin 127.0.0.1:$ECHO_PORT
+
+frontend relay_source
+    mode tcp
+    option tcplog
+    bind 127.0.0.1:$HAPROXY_SOURCE
+    default_backend origin_source
+
+backend origin_source
+    mode tcp
+    server origin 127.0.0.1:$SOURCE_PORT
+EOF
+      "$HAPROXY" -c -q -f "$d/haproxy.cfg" >"$d/check.log" 2>&1 || die "haproxy config: $(tail -n 5 "$d/check.log")"
+      # -db: foreground, no master process, so $! is the one process that does the work
+      "${PROXY_PIN[@]}" "$HAPROXY" -db -f "$d/haproxy.cfg" >"$d/haproxy.log" 2>"$d/stderr.log" &
+      PIDS+=($!)
+      await_listen "$port" $! haproxy "$d/stderr.log"
+      await_listen "$HAPROXY_SOURCE" $! haproxy "$d/stderr.log"
+      add_system haproxy "127.0.0.1:$port" $!
+      ;;
+
     egress) start_egress egress match-if-tls ;;
     egress-sni-off) start_egress egress-sni-off off ;;
     egress-inspect) start_egress egress-inspect inspect ;;
@@ -361,6 +457,9 @@ for i in "${!NAMES[@]}"; do
     # Squid bumps a refused CONNECT to tell the client inside TLS (access.log: TCP_DENIED/200)
     verdict="ok: the refused CONNECT is bumped, its 403 inside TLS"
   fi
+  if [[ ${NAMES[$i]} == haproxy && $got == "200 403 403 403 403" ]]; then
+    verdict="ok: HAProxy has no CONNECT (refused); the connect-* rows use its TCP relays"
+  fi
   [[ $got == "200 403 403 200 403" || $verdict != ok ]] || verdict=UNEXPECTED
   PROBES+=("${NAMES[$i]}: $got ($verdict)")
   log "allowlist ${NAMES[$i]}: GET allowed, GET other host, GET other port, CONNECT allowed, CONNECT other port = $got (want 200 403 403 200 403: $verdict)"
@@ -372,12 +471,40 @@ for i in "${!NAMES[@]}"; do
 done
 
 # --- the runs --------------------------------------------------------------------------------
+HZ=$(getconf CLK_TCK)
+# tree_ticks PID: the CPU clock ticks "USER SYSTEM" of PID, of its live descendants and of the
+# children they reaped (/proc/*/stat fields 14-17), so the helpers a proxy forks count too
+tree_ticks() {
+  python3 - "$1" <<'PY'
+import os, sys
+root, procs, children = int(sys.argv[1]), {}, {}
+for p in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        with open(f"/proc/{p}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        continue
+    # rest[0] is field 3 (state), so field n is rest[n - 3]
+    utime, stime, cutime, cstime = map(int, rest[11:15])
+    procs[int(p)] = (utime + cutime, stime + cstime)
+    children.setdefault(int(rest[1]), []).append(int(p))
+user = system = 0
+todo = [root]
+while todo:
+    pid = todo.pop()
+    u, s = procs.get(pid, (0, 0))
+    user, system = user + u, system + s
+    todo += children.get(pid, [])
+print(user, system)
+PY
+}
 RESULTS=$TMP/results.jsonl
 : >"$RESULTS"
 summary() { # one JSON line -> a short progress line
   python3 -c 'import json,sys
 d = json.loads(sys.argv[1])
-keys = ("rate", "unit", "p50_us", "p99_us", "gbit_s", "alive", "bytes_per_tunnel", "errors", "first_error")
+keys = ("rate", "unit", "p50_us", "p99_us", "gbit_s", "alive", "bytes_per_tunnel", "proxy_cpu_us_per_op", "errors",
+        "first_error")
 print(d["scenario"], "/", d["label"] + ":", " ".join(f"{k}={d[k]}" for k in keys if d.get(k) is not None))' "$1"
 }
 for sc in ${SCENARIOS//,/ }; do
@@ -396,6 +523,11 @@ for sc in ${SCENARIOS//,/ }; do
     applies "$sc" "$name" || continue
     if [[ $addr == direct ]]; then
       args=(--proxy direct --target "127.0.0.1:$port")
+    elif [[ $name == haproxy && $sc == connect-* ]]; then
+      # no CONNECT: straight to the TCP relay in front of the origin, as if it were direct
+      relay=$HAPROXY_ECHO
+      [[ $sc == connect-bulk ]] && relay=$HAPROXY_SOURCE
+      args=(--proxy direct --target "127.0.0.1:$relay")
     else
       args=(--proxy "$addr" --target "origin.test:$port")
     fi
@@ -407,10 +539,24 @@ for sc in ${SCENARIOS//,/ }; do
       log "$sc / $name: skipped, the proxy process is gone"
       continue
     fi
+    ticks=""
+    [[ -n $pid && $sc != idle-tunnels ]] && ticks=$(tree_ticks "$pid")
     # the load generator bounds its runs itself; timeout is the safety net
     if out=$(timeout "$(awk -v d="$DURATION" 'BEGIN { printf "%d", d * 3 + 60 }')" \
       "${CLIENT_PIN[@]}" "$LOADGEN" run "${args[@]}" 2>>"$TMP/loadgen.log"); then
       out=${out/\"scenario\":\"$lsc\"/\"scenario\":\"$sc\"}
+      if [[ -n $ticks ]]; then # the proxy's CPU per operation (connect-bulk: per 64 KiB)
+        out=$(python3 -c 'import json, sys
+d = json.loads(sys.argv[1])
+(u0, s0), (u1, s1) = (map(int, t.split()) for t in sys.argv[2:4])
+hz = int(sys.argv[4])
+d["proxy_cpu_s"] = round((u1 - u0 + s1 - s0) / hz, 3)
+d["proxy_sys_s"] = round((s1 - s0) / hz, 3)
+ops = d.get("bytes", 0) / 65536 if d["scenario"] == "connect-bulk" else d.get("ok")
+if ops:
+    d["proxy_cpu_us_per_op"] = round(1e6 * d["proxy_cpu_s"] / ops, 2)
+print(json.dumps(d))' "$out" "$ticks" "$(tree_ticks "$pid")" "$HZ")
+      fi
       echo "$out" >>"$RESULTS"
       log "$(summary "$out")"
     else
@@ -419,6 +565,9 @@ for sc in ${SCENARIOS//,/ }; do
       log "$sc / $name: FAILED: ${why:-timed out}"
     fi
     sleep 1 # let closed connections settle between runs
+    if [[ $lsc == tls-* ]]; then # the origin reports them every second
+      log "the TLS origin so far: $(grep -o '[0-9]* full, [0-9]* resumed' "$TMP/origins.log" | tail -n 1)"
+    fi
   done
 done
 
@@ -429,6 +578,11 @@ fi
 if [[ -f $TMP/tinyproxy/tinyproxy.log ]]; then
   log "tinyproxy requests logged: $(grep -o 'Request (file descriptor [0-9]*): [A-Z]*' "$TMP/tinyproxy/tinyproxy.log" |
     awk '{print $NF}' | sort | uniq -c | awk '{printf "%s=%s ", $2, $1}')"
+fi
+if [[ -f $TMP/haproxy/haproxy.log ]]; then
+  # httplog: client [date] frontend backend/server timers status ...; tcplog: no status
+  log "haproxy log lines: $(awk '{print ($3 == "forward" ? $3 "/" $6 : $3)}' "$TMP/haproxy/haproxy.log" |
+    sort | uniq -c | awk '{printf "%s=%s ", $2, $1}')"
 fi
 for name in egress egress-sni-off egress-inspect; do
   [[ -f $TMP/$name/audit.log ]] && log "$name audit records: $(wc -l <"$TMP/$name/audit.log")"
@@ -447,7 +601,7 @@ else
 fi
 conns_note="http-forward $HTTP_CONNS, connect-rr $RR_CONNS, connect-bulk $BULK_CONNS, connect-rate $RATE_CONNS, idle-tunnels $IDLE_TUNNELS"
 [[ ,$SCENARIOS, =~ ,(tls-rate|inspect-rate|inspect-rr), ]] &&
-  conns_note+="; tls-rate and inspect-rate $RATE_CONNS, inspect-rr $RR_CONNS"
+  conns_note+="; tls-rate and inspect-rate $RATE_CONNS, inspect-rr $RR_CONNS; the TLS origin sends $ORIGIN_TICKETS session tickets per handshake"
 python3 - "$RESULTS" "${SYSTEMS}" "$SCENARIOS" "$DURATION" "$pinning" "$conns_note" \
   "${PROBES[@]}" <<'PY'
 import json, sys
@@ -469,19 +623,26 @@ rows = [
     ("http-forward", "rate", rate, "http-forward, requests/s"),
     ("http-forward", "p50_us", us, "http-forward, p50 latency"),
     ("http-forward", "p99_us", us, "http-forward, p99 latency"),
+    ("http-forward", "proxy_cpu_us_per_op", us, "http-forward, proxy CPU per request"),
     ("connect-rr", "rate", rate, "connect-rr, round trips/s"),
     ("connect-rr", "p50_us", us, "connect-rr, p50 latency"),
     ("connect-rr", "p99_us", us, "connect-rr, p99 latency"),
+    ("connect-rr", "proxy_cpu_us_per_op", us, "connect-rr, proxy CPU per round trip"),
     ("connect-bulk", "gbit_s", gbit, "connect-bulk, throughput"),
+    ("connect-bulk", "proxy_cpu_us_per_op", us, "connect-bulk, proxy CPU per 64 KiB"),
     ("connect-rate", "rate", rate, "connect-rate, tunnels/s"),
     ("connect-rate", "p99_us", us, "connect-rate, p99 latency"),
+    ("connect-rate", "proxy_cpu_us_per_op", us, "connect-rate, proxy CPU per tunnel"),
     ("idle-tunnels", "bytes_per_tunnel", size, "idle-tunnels, proxy RSS per tunnel"),
     ("tls-rate", "rate", rate, "tls-rate, tunnels/s"),
     ("tls-rate", "p99_us", us, "tls-rate, p99 latency"),
+    ("tls-rate", "proxy_cpu_us_per_op", us, "tls-rate, proxy CPU per tunnel"),
     ("inspect-rate", "rate", rate, "inspect-rate, tunnels/s"),
     ("inspect-rate", "p99_us", us, "inspect-rate, p99 latency"),
+    ("inspect-rate", "proxy_cpu_us_per_op", us, "inspect-rate, proxy CPU per tunnel"),
     ("inspect-rr", "rate", rate, "inspect-rr, requests/s"),
     ("inspect-rr", "p50_us", us, "inspect-rr, p50 latency"),
+    ("inspect-rr", "proxy_cpu_us_per_op", us, "inspect-rr, proxy CPU per request"),
 ]
 print("| scenario, metric | " + " | ".join(systems) + " |")
 print("|---|" + "---|" * len(systems))
@@ -502,6 +663,8 @@ for sc, key, fmt, label in rows:
         cell = "—" if v is None else fmt(v)
         if v is not None and base and name != "direct":
             cell += f" ({v / base:.2f}×)"
+        if key == "proxy_cpu_us_per_op" and v is not None and d.get("proxy_cpu_s"):
+            cell += f", {100 * d['proxy_sys_s'] / d['proxy_cpu_s']:.0f} % sys"
         if sc == "idle-tunnels":
             cell += f" [{d.get('alive', 0)}/{d.get('conns')} alive]"
         if d.get("errors"):
@@ -523,6 +686,15 @@ def versus(sc, a, b, what):
     x, y = runs.get((sc, a), {}).get("rate"), runs.get((sc, b), {}).get("rate")
     if x and y:
         print(f"- {sc}: {a} ÷ {b} = {x / y:.2f}× ({what})")
+if any("proxy_cpu_us_per_op" in d for d in runs.values()):
+    print("- proxy CPU: user + system CPU time of the system's processes (with Squid's certificate helpers), "
+          "from the load generator's start to its end, per operation it counted (in-flight ones are not), "
+          "and the share of it in the kernel")
+if "haproxy" in systems:
+    print("- haproxy: http-forward through a `mode http` frontend (Host and port ACLs, keep-alive to the origin, "
+          "`http-reuse always`, one thread); HAProxy has no CONNECT, so its connect-* cells are `mode tcp` "
+          "frontends relaying each connection straight to the origin: the least a proxy can do per round trip "
+          "(no CONNECT, no request parsing, no per-tunnel policy), a floor rather than a peer")
 versus("tls-rate", "egress", "egress-sni-off", "the SNI peek's cost: 1 − this")
 versus("inspect-rate", "egress-inspect", "squid-bump", "new inspected tunnels against Squid's ssl_bump")
 versus("inspect-rr", "egress-inspect", "squid-bump", "requests on kept-alive inspected tunnels against Squid's ssl_bump")

@@ -13,9 +13,13 @@
 # Runs ROUNDS (default 2) alternating rounds of DURATION (default 5) seconds.
 # tls-rate goes to loadgen's TLS origin through the bypass rule; SNIS="match-if-tls
 # off" runs each binary with each of the rule's sni values (the SNI peek's cost).
+# inspect-rate and inspect-rr go to it through an allow rule with a [tls] CA (made
+# by the first binary's `ca generate`), so every tunnel is inspected; TICKETS=N
+# makes the TLS origin send N session tickets per handshake (default 0), so the
+# proxy's side can resume (benches/compare.sh --origin-tickets, the same).
 set -euo pipefail
 if (($# < 2)) || [[ $1 == -h || $1 == --help ]]; then
-  sed -n '2,15p' "$0" | cut -c3-
+  sed -n '2,19p' "$0" | cut -c3-
   exit 2
 fi
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -41,6 +45,8 @@ catalog = "catalog.toml"
 [audit]
 path = "$tmp/audit.log"
 TOML
+inspect=0
+[[ $sc == inspect-* ]] && inspect=1
 catalog() { # catalog SNI
   cat <<TOML
 [[rule]]
@@ -51,20 +57,31 @@ action = "allow"
 [[rule]]
 name = "bench cloud look-up"
 hosts = ["origin.test"]
-ports = [18081, 18082, 18443]
+ports = [18081, 18082$( ((inspect)) || echo ", 18443")]
 action = "bypass"
 sni = "$1"
 TOML
+  ((inspect)) && printf '%s\n' '[[rule]]' 'name = "bench inspected"' 'hosts = ["origin.test"]' \
+    'ports = [18443]' 'action = "allow"'
+  return 0
 }
 extra=()
+lsc=$sc # the load generator's scenario
 case $sc in
   http-forward) target=origin.test:18080; key=rate ;;
   connect-bulk) target=origin.test:18082; key=gbit_s ;;
   tls-rate | tls-rr) target=origin.test:18443; key=rate; extra=(--ca "$tmp/origin-ca.pem") ;;
+  inspect-rate | inspect-rr)
+    target=origin.test:18443 key=rate lsc=tls-${sc#inspect-}
+    extra=(--ca "$tmp/ca/ca.pem")
+    "${bins[0]}" ca generate --out "$tmp/ca" >/dev/null
+    printf '%s\n' '[tls]' "ca_cert = \"$tmp/ca/ca.pem\"" "ca_key = \"$tmp/ca/ca.key\"" \
+      "extra_roots = [\"$tmp/origin-ca.pem\"]" >>"$tmp/egress-proxy.toml"
+    ;;
   *) target=origin.test:18081; key=rate ;;
 esac
 taskset -c 0 "$lg" origins --http 127.0.0.1:18080 --echo 127.0.0.1:18081 --source 127.0.0.1:18082 \
-  --tls 127.0.0.1:18443 --tls-ca-out "$tmp/origin-ca.pem" >/dev/null 2>&1 &
+  --tls 127.0.0.1:18443 --tls-ca-out "$tmp/origin-ca.pem" --tls-tickets "${TICKETS:-0}" >/dev/null 2>&1 &
 sleep 0.3
 printf '%-48s %12s %8s %8s %12s\n' binary "$key" user_s sys_s cpu_us/op
 for _ in $(seq "${ROUNDS:-2}"); do
@@ -75,7 +92,7 @@ for _ in $(seq "${ROUNDS:-2}"); do
       pid=$!
       for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/13128) 2>/dev/null && break; sleep 0.1; done
       read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$pid/stat")
-      taskset -c 0 "$lg" run --scenario "$sc" --proxy 127.0.0.1:13128 --target "$target" \
+      taskset -c 0 "$lg" run --scenario "$lsc" --proxy 127.0.0.1:13128 --target "$target" \
         --duration "${DURATION:-5}" --json "${extra[@]}" "$@" >"$tmp/out.json"
       read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$pid/stat")
       kill "$pid"; wait "$pid" 2>/dev/null || true

@@ -49,6 +49,8 @@ pub struct Origins {
     pub tls: Option<String>,
     /// Where the TLS origin writes its CA certificate (PEM).
     pub tls_ca_out: Option<String>,
+    /// TLS 1.3 tickets the TLS origin sends per handshake (0: none).
+    pub tls_tickets: usize,
     pub threads: Option<usize>,
 }
 
@@ -121,6 +123,7 @@ fn origins(flags: Flags) -> Result<Cmd, String> {
         source: None,
         tls: None,
         tls_ca_out: None,
+        tls_tickets: 0,
         threads: None,
     };
     for (flag, v) in flags {
@@ -131,6 +134,7 @@ fn origins(flags: Flags) -> Result<Cmd, String> {
             "--source" => o.source = Some(v),
             "--tls" => o.tls = Some(v),
             "--tls-ca-out" => o.tls_ca_out = Some(v),
+            "--tls-tickets" => o.tls_tickets = num(&flag, &v)?,
             "--threads" => o.threads = Some(num(&flag, &v)?),
             _ => return Err(format!("origins: unknown option {flag} (see --help)")),
         }

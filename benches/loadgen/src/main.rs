@@ -16,7 +16,8 @@ use std::process::ExitCode;
 
 const USAGE: &str = "\
 Usage:
-  loadgen origins [--http ADDR] [--echo ADDR] [--source ADDR] [--tls ADDR --tls-ca-out FILE]
+  loadgen origins [--http ADDR] [--echo ADDR] [--source ADDR] [--tls ADDR --tls-ca-out FILE
+                  [--tls-tickets N]]
   loadgen run --scenario NAME --proxy HOST:PORT|direct --target HOST:PORT [options]
 
 origins (each given one is served until the process is killed):
@@ -25,7 +26,12 @@ origins (each given one is served until the process is killed):
   --source ADDR     TCP origin that writes as fast as the reader takes
   --tls ADDR        the HTTP origin inside TLS (TLS 1.3/1.2, ALPN http/1.1), with a
                     leaf for origin.test and 127.0.0.1 from a CA generated at start
-  --tls-ca-out FILE where --tls writes that CA certificate (PEM) before it listens
+  --tls-ca-out FILE where --tls writes that CA certificate (PEM) before it listens;
+                    every second its handshakes changed, --tls reports on stderr how
+                    many were full and how many resumed
+  --tls-tickets N   TLS 1.3 session tickets (stateless) the TLS origin sends after each
+                    handshake (default 0: nothing can be resumed; loadgen's own clients
+                    never resume, a proxy's re-originated TLS may)
 
 run:
   --scenario NAME   http-forward | connect-rr | connect-bulk | connect-rate | idle-tunnels |

@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,15 +20,25 @@ pub async fn serve(o: Origins) -> Result<(), String> {
     let mut tasks = tokio::task::JoinSet::new();
     let responses = Arc::new(Responses::new());
     if let (Some(addr), Some(ca_out)) = (&o.tls, &o.tls_ca_out) {
-        let tls = crate::tls::origin("origin.test")?;
+        let tls = crate::tls::origin("origin.test", o.tls_tickets)?;
         // Written before the listener exists: whoever waits for the port finds the file.
         std::fs::write(ca_out, &tls.ca_pem).map_err(|e| format!("{ca_out}: {e}"))?;
         let acceptor = TlsAcceptor::from(tls.server);
         let responses = Arc::clone(&responses);
         let l = bind(addr).await?;
+        // [full, resumed] handshakes, reported on stderr while they change
+        let kinds = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+        tasks.spawn(report_handshakes(Arc::clone(&kinds)));
         tasks.spawn(accept_loop(l, "tls", move |s| {
             let (acceptor, responses) = (acceptor.clone(), Arc::clone(&responses));
-            async move { http_conn(acceptor.accept(s).await?, responses).await }
+            let kinds = Arc::clone(&kinds);
+            async move {
+                let s = acceptor.accept(s).await?;
+                let resumed =
+                    s.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+                kinds[usize::from(resumed)].fetch_add(1, Ordering::Relaxed);
+                http_conn(s, responses).await
+            }
         }));
     }
     if let Some(addr) = &o.http {
@@ -52,6 +63,26 @@ pub async fn serve(o: Origins) -> Result<(), String> {
     );
     while tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Every second the TLS origin's handshakes changed: how many were full and
+/// how many resumed a session (evidence that a proxy resumed its side).
+async fn report_handshakes(kinds: Arc<[AtomicU64; 2]>) {
+    let mut last = (0, 0);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = (
+            kinds[0].load(Ordering::Relaxed),
+            kinds[1].load(Ordering::Relaxed),
+        );
+        if now != last {
+            eprintln!(
+                "loadgen origins: tls handshakes: {} full, {} resumed",
+                now.0, now.1
+            );
+            last = now;
+        }
+    }
 }
 
 /// A listener with a deep accept queue: thousands of tunnels open at once in

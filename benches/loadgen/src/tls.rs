@@ -27,8 +27,9 @@ pub struct OriginTls {
     pub ca_pem: String,
 }
 
-/// A new CA and a leaf from it for `name` and 127.0.0.1.
-pub fn origin(name: &str) -> Result<OriginTls, String> {
+/// A new CA and a leaf from it for `name` and 127.0.0.1; the server sends
+/// `tickets` TLS 1.3 session tickets after each handshake.
+pub fn origin(name: &str, tickets: usize) -> Result<OriginTls, String> {
     let e = |e: rcgen::Error| format!("generating the origin's certificates: {e}");
     let mut ca = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -61,9 +62,14 @@ pub fn origin(name: &str) -> Result<OriginTls, String> {
         .with_single_cert(chain, key)
         .map_err(|e| format!("origin certificate: {e}"))?;
     server.alpn_protocols = vec![HTTP_11.to_vec()];
-    // Clients here never resume (every new tunnel is a full handshake), so
-    // the origin spends nothing on tickets nobody uses.
-    server.send_tls13_tickets = 0;
+    // By default nothing can be resumed: loadgen's clients never resume, so
+    // the origin spends nothing on tickets they would not use. With tickets
+    // (stateless, as most web servers issue them), a proxy that re-originates
+    // TLS and keeps its client sessions can resume its side.
+    server.send_tls13_tickets = tickets;
+    if tickets > 0 {
+        server.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| e.to_string())?;
+    }
     Ok(OriginTls {
         server: Arc::new(server),
         ca_pem,
@@ -121,7 +127,7 @@ mod tests {
 
     #[test]
     fn a_client_trusting_the_origin_ca_completes_a_handshake() {
-        let o = origin("origin.test").unwrap();
+        let o = origin("origin.test", 0).unwrap();
         let dir = std::env::temp_dir().join(format!("loadgen-tls-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let ca = dir.join("ca.pem");
@@ -146,5 +152,56 @@ mod tests {
         assert_eq!(sc.server_name(), Some("origin.test"), "SNI was sent");
         let _ = std::fs::remove_dir_all(&dir);
         assert!(client(&[], "origin.test").is_err(), "no CA, no client");
+    }
+
+    /// Pump records between the two until neither handshakes (or 10 rounds),
+    /// then once more so the client reads tickets sent after the handshake.
+    fn pump(cc: &mut rustls::ClientConnection, sc: &mut rustls::ServerConnection) {
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            cc.write_tls(&mut buf).unwrap();
+            sc.read_tls(&mut buf.as_slice()).unwrap();
+            sc.process_new_packets().unwrap();
+            let mut buf = Vec::new();
+            sc.write_tls(&mut buf).unwrap();
+            cc.read_tls(&mut buf.as_slice()).unwrap();
+            cc.process_new_packets().unwrap();
+            if !cc.is_handshaking() && !sc.is_handshaking() && !sc.wants_write() {
+                break;
+            }
+        }
+    }
+
+    #[test]
+    fn with_tickets_a_resuming_client_resumes_and_without_it_cannot() {
+        use rustls::HandshakeKind;
+        for (tickets, second) in [(0, HandshakeKind::Full), (2, HandshakeKind::Resumed)] {
+            let o = origin("origin.test", tickets).unwrap();
+            let mut roots = RootCertStore::empty();
+            roots
+                .add(CertificateDer::from_pem_slice(o.ca_pem.as_bytes()).unwrap())
+                .unwrap();
+            // a client that keeps sessions (rustls' default), as a proxy's may
+            let config = Arc::new(
+                ClientConfig::builder_with_provider(provider())
+                    .with_safe_default_protocol_versions()
+                    .unwrap()
+                    .with_root_certificates(roots)
+                    .with_no_client_auth(),
+            );
+            let mut kinds = Vec::new();
+            for _ in 0..2 {
+                let name = ServerName::try_from("origin.test").unwrap();
+                let mut cc = rustls::ClientConnection::new(Arc::clone(&config), name).unwrap();
+                let mut sc = rustls::ServerConnection::new(Arc::clone(&o.server)).unwrap();
+                pump(&mut cc, &mut sc);
+                kinds.push(cc.handshake_kind());
+            }
+            assert_eq!(
+                kinds,
+                [Some(HandshakeKind::Full), Some(second)],
+                "{tickets} tickets"
+            );
+        }
     }
 }
