@@ -121,6 +121,24 @@ async fn a_fronted_hello_pipelined_behind_the_connect_head_is_refused() {
     assert!(got.lock().expect("got").is_empty(), "the origin saw bytes");
 }
 
+/// Only the record header rides behind the CONNECT head; the rest of the
+/// fronted hello comes from the socket more than a second later (past an
+/// armed second of the idle sweeper). The gate must join the early bytes
+/// and the socket's into one hello and refuse it.
+#[tokio::test]
+async fn a_fronted_hello_split_between_the_connect_head_and_the_socket_is_refused() {
+    let (origin, got) = keeping_origin(false).await;
+    let proxy = proxy(origin.port(), "[limits]\ntunnel_idle_timeout = \"3s\"\n").await;
+    let first = hello(FRONT);
+    let mut s = connect_with(&proxy, origin.port(), &first[..5]).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    s.write_all(&first[5..]).await.expect("write");
+    read_to_end(&mut s).await;
+    let r = proxy.only_record().await;
+    assert_refused(&r, Reason::SniMismatch, Some(FRONT));
+    assert!(got.lock().expect("got").is_empty(), "the origin saw bytes");
+}
+
 /// The control: a matching hello behind the head is replayed whole and
 /// counted (so the refusal above is the check's, not a lost early buffer).
 #[tokio::test]
@@ -394,4 +412,26 @@ async fn idle_tunnels_cost_no_cpu() {
         "every tunnel is still open"
     );
     drop(tunnels);
+}
+
+/// A client that never reads while the upstream floods it: the tunnel
+/// holds at most a bounded backlog (a copy's scratch-sized remainder, or a
+/// splice pipe), stops reading the upstream, and since nothing moves any
+/// more it idles out like a silent one.
+#[tokio::test]
+async fn a_client_that_never_reads_a_flood_is_timed_out_with_a_bounded_backlog() {
+    let origin = tcp_origin(|mut s| async move {
+        let block = vec![0x5au8; 64 * 1024];
+        while s.write_all(&block).await.is_ok() {}
+    })
+    .await;
+    let proxy = proxy(origin.port(), "[limits]\ntunnel_idle_timeout = \"1s\"\n").await;
+    let s = open(&proxy, origin.port()).await;
+    let _ = socket2::SockRef::from(&s).set_recv_buffer_size(64 * 1024);
+    let r = proxy.only_record().await;
+    assert_eq!(r.reason, Some(Reason::Timeout), "{r:#?}");
+    // Socket buffers on both sides plus what the proxy holds: a few MB at
+    // most, never the endless flood.
+    assert!(r.bytes_down < 32 * 1024 * 1024, "{r:#?}");
+    drop(s);
 }
