@@ -305,6 +305,57 @@ async fn a_second_hello_pipelined_behind_the_first_is_checked_too() {
     assert_eq!(r.reason, Some(Reason::SniMismatch), "{r:#?}");
 }
 
+/// The retry dance through the relay's other paths at once: the first
+/// hello rides behind the CONNECT head (bytes hyper read early, replayed
+/// from the tunnel's opening rather than read from the socket), and the
+/// second hello, for another host, trickles in (pieces 300 ms apart, well
+/// within the 3 s idle time-out: the gate's reads are not traffic) while
+/// the gate waits for the rest. It must be refused before the origin can
+/// switch to it.
+#[tokio::test]
+async fn a_second_hello_trickled_after_an_early_first_is_checked() {
+    let Some(origin) = OpensslOrigin::start() else {
+        return;
+    };
+    let proxy = bypass_proxy_with(
+        origin.port,
+        "[limits]\ntunnel_idle_timeout = \"3s\"\nheader_read_timeout = \"10s\"\n",
+    )
+    .await;
+    let (random, session_id) = ([7u8; 32], [9u8; 32]);
+    let authority = format!("{ALLOWED}:{}", origin.port);
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    let mut flight =
+        format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").into_bytes();
+    flight.extend(tls13_hello(ALLOWED, false, &random, &session_id));
+    s.write_all(&flight).await.unwrap();
+    let head = tokio::time::timeout(WAIT, read_head(&mut s)).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let hrr = read_for(&mut s, Duration::from_millis(300)).await;
+    assert!(is_hrr(&hrr), "the early first hello passes the check");
+    let mut second = vec![0x14, 0x03, 0x03, 0x00, 0x01, 0x01];
+    second.extend(tls13_hello(EVIL, true, &random, &session_id));
+    for piece in second.chunks(second.len().div_ceil(6)) {
+        if s.write_all(piece).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let answer = read_for(&mut s, Duration::from_millis(1500)).await;
+    drop(s);
+    let r = proxy.only_record().await;
+    assert!(
+        !origin.switched() && !origin.names_seen().iter().any(|n| n == EVIL),
+        "the origin took the trickled hello for {EVIL}: {:?}; answer {:02x?}; {r:#?}",
+        origin.names_seen(),
+        &answer[..answer.len().min(16)]
+    );
+    assert_eq!(r.decision, Decided::Deny, "{r:#?}");
+    assert_eq!(r.reason, Some(Reason::SniMismatch), "{r:#?}");
+    assert_eq!(r.sni.as_deref(), Some(EVIL), "{r:#?}");
+}
+
 #[tokio::test]
 async fn a_pipelined_retry_naming_the_same_host_goes_through() {
     let Some(origin) = OpensslOrigin::start() else {

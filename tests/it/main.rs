@@ -24,6 +24,7 @@ mod parent_tls;
 mod proxy_protocol;
 mod records;
 mod refusals;
+mod relay;
 mod reload;
 mod schema;
 mod splice;

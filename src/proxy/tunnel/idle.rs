@@ -186,7 +186,10 @@ impl Entry<'_> {
         }
         drop(st);
         if spawn {
-            tokio::spawn(sweep(Arc::clone(inner)));
+            // The guard goes in as an argument, so it is dropped (and says
+            // no sweeper runs) even if the task is dropped unpolled, as on
+            // a runtime that is shutting down.
+            tokio::spawn(sweep(Arc::clone(inner), Running(Some(Arc::clone(inner)))));
         } else if replan {
             inner.replan.notify_one();
         }
@@ -213,8 +216,7 @@ impl Drop for Entry<'_> {
 
 /// Wake the tunnels whose armed second has come, until none is armed; at
 /// shutdown, wake them all.
-async fn sweep(inner: Arc<Inner>) {
-    let mut running = Running(Some(Arc::clone(&inner)));
+async fn sweep(inner: Arc<Inner>, mut running: Running) {
     loop {
         let next = {
             let mut st = inner.lock();
@@ -262,9 +264,10 @@ async fn sweep(inner: Arc<Inner>) {
     }
 }
 
-/// Held by a running sweeper: if its runtime drops it before it ends, the
-/// next arm starts another. (A sweeper that ends by itself says so under
-/// the lock where it saw nothing armed, and clears this.)
+/// Held by a sweeper from its spawning: if its runtime drops it before it
+/// ends (or before it ever ran), the next arm starts another. (A sweeper
+/// that ends by itself says so under the lock where it saw nothing armed,
+/// and clears this.)
 struct Running(Option<Arc<Inner>>);
 
 impl Drop for Running {
