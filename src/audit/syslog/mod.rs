@@ -18,7 +18,7 @@
 //! severity notice for a `deny`, info otherwise. The structured data carries
 //! every field of the record under its JSON name (absent fields are left
 //! out); the message part is the record's JSON line.
-use std::io::{self, IoSlice, Write as _};
+use std::io::{self, Write as _};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender as BatchTx};
@@ -26,7 +26,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
-use rustix::net::{sendmmsg, MMsgHdr, SendAncillaryBuffer, SendFlags, SocketAddrAny};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
 
@@ -64,8 +63,6 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 /// How long dropping the sink waits for queued messages to go out.
 const FLUSH_WAIT: Duration = Duration::from_secs(2);
-/// Datagrams handed to the kernel per sendmmsg(2) call.
-const UDP_BURST: usize = 64;
 /// Write attempts for one TCP message before it is dropped.
 const TCP_ATTEMPTS: u32 = 3;
 
@@ -301,12 +298,6 @@ impl Sender {
             if self.flags.reconnect.swap(false, Ordering::Relaxed) {
                 conn = None;
             }
-            if self.dest.transport == Transport::Udp {
-                if let Err(left) = self.deliver_datagrams(&mut conn, &batch) {
-                    return self.give_up(left);
-                }
-                continue;
-            }
             for (i, msg) in batch.messages().enumerate() {
                 if !self.deliver(&mut conn, msg, &mut frame) {
                     return self.give_up((batch.len() - i) as u64);
@@ -347,43 +338,6 @@ impl Sender {
                 }
             }
         }
-    }
-
-    /// Send a batch as datagrams, up to [`UDP_BURST`] per sendmmsg(2) call
-    /// (one system call where `sendto` took one per record). A datagram the
-    /// socket refuses is dropped and counted, as [`Sender::deliver`] does,
-    /// and the socket opened again for the next. `Err(left)`: the sink is
-    /// closing and the server cannot be reached; `left` were not sent.
-    fn deliver_datagrams(&mut self, conn: &mut Option<Conn>, batch: &Batch) -> Result<(), u64> {
-        let msgs: Vec<&[u8]> = batch.messages().collect();
-        let mut i = 0;
-        while i < msgs.len() {
-            let Some(Conn::Udp(sock, to)) = conn.as_ref() else {
-                match self.open() {
-                    Ok(c) => *conn = Some(c),
-                    Err(()) if self.flags.closing.load(Ordering::Relaxed) => {
-                        return Err((msgs.len() - i) as u64)
-                    }
-                    Err(()) => {}
-                }
-                continue;
-            };
-            let end = msgs.len().min(i + UDP_BURST);
-            match send_datagrams(sock, *to, &msgs[i..end]) {
-                Ok(n) => {
-                    self.counters.sent.inc_by(n as u64);
-                    self.up();
-                    i += n.max(1).min(end - i);
-                }
-                Err(e) => {
-                    self.down(&e);
-                    *conn = None;
-                    self.counters.dropped.inc();
-                    i += 1;
-                }
-            }
-        }
-        Ok(())
     }
 
     /// Resolve and open; on failure wait out the backoff (cut short when
@@ -465,24 +419,6 @@ fn open_tcp(addrs: &[SocketAddr]) -> io::Result<Conn> {
         }
     }
     Err(last)
-}
-
-/// Send `msgs` to `to` as one datagram each with one sendmmsg(2); how
-/// many went (the kernel may take fewer than all; an error on the first
-/// is the error, on a later one is reported by the next call).
-fn send_datagrams(sock: &UdpSocket, to: SocketAddr, msgs: &[&[u8]]) -> io::Result<usize> {
-    let addr = SocketAddrAny::from(to);
-    let iovs: Vec<[IoSlice<'_>; 1]> = msgs.iter().map(|m| [IoSlice::new(m)]).collect();
-    let mut controls: Vec<SendAncillaryBuffer<'_, '_, '_>> = msgs
-        .iter()
-        .map(|_| SendAncillaryBuffer::default())
-        .collect();
-    let mut hdrs: Vec<MMsgHdr<'_>> = iovs
-        .iter()
-        .zip(controls.iter_mut())
-        .map(|(iov, control)| MMsgHdr::new_with_addr(&addr, iov, control))
-        .collect();
-    Ok(sendmmsg(sock, &mut hdrs, SendFlags::empty())?)
 }
 
 /// Send one message: a datagram, or an octet-counted frame (`LEN SP MSG`).
