@@ -117,6 +117,11 @@ pub enum Peek {
     /// Starts like TLS but is not a parsable ClientHello (fail closed). The
     /// text is a short reason for logs.
     Malformed(&'static str),
+    /// After a HelloRetryRequest only ([`peek_retry`]): the client gives up
+    /// with a fatal alert instead of a second hello. The first `n` bytes
+    /// (any ChangeCipherSpec or early data, then the alert) may go to the
+    /// upstream, and nothing the client sends after them.
+    Abort(usize),
 }
 
 /// What the SNI check needs from a ClientHello.
@@ -270,12 +275,33 @@ pub fn peek_retry(buf: &[u8]) -> Peek {
                     None => return Peek::NeedMore,
                 }
             }
+            Some(&CONTENT_TYPE_ALERT) => return fatal_alert(buf.len() - rest.len(), rest),
             _ => break,
         }
     }
     match peek(rest) {
         Peek::NotTls => Peek::Malformed("no second ClientHello after a HelloRetryRequest"),
         other => other,
+    }
+}
+
+/// A client that cannot meet a HelloRetryRequest (say, the group asked
+/// for) ends with a fatal alert: one two-byte alert record of level
+/// fatal, whose `at + 7` bytes may be passed on (the server then closes).
+/// Anything else in an alert record there, a warning above all (a lenient
+/// server reads on past one, to a hello it may take a name from), is
+/// malformed.
+fn fatal_alert(at: usize, rest: &[u8]) -> Peek {
+    const ALERT_RECORD_LEN: usize = RECORD_HEADER_LEN + 2;
+    const FATAL: u8 = 2;
+    let Some(record) = rest.get(..ALERT_RECORD_LEN) else {
+        return Peek::NeedMore;
+    };
+    let version_ok = record[1] == 0x03 && (0x01..=0x03).contains(&record[2]);
+    if version_ok && record[3..5] == [0x00, 0x02] && record[5] == FATAL {
+        Peek::Abort(at + ALERT_RECORD_LEN)
+    } else {
+        Peek::Malformed("an alert other than one fatal alert instead of the second ClientHello")
     }
 }
 

@@ -849,11 +849,51 @@ fn the_retried_hello_is_judged_like_the_first() {
     // Anything but a hello there is refused: not TLS, a bad CCS, other records.
     assert_malformed_retry(b"GET / HTTP/1.1\r\n");
     assert_malformed_retry(&[0x14, 0x03, 0x03, 0x00, 0x01, 0x02]);
-    assert_malformed_retry(&tls_alert(ALERT_HANDSHAKE_FAILURE));
+}
+
+/// A client that cannot meet a HelloRetryRequest gives up with one fatal
+/// alert: that much (and a ChangeCipherSpec before it) may pass, never a
+/// byte after it. A warning alert there (a lenient server reads on past
+/// it, to a hello it may take a name from) or any other alert record is
+/// refused.
+#[test]
+fn a_fatal_alert_instead_of_the_retried_hello_ends_what_may_pass() {
+    let hello = rustls_hello("other.example");
+    let fatal = tls_alert(ALERT_HANDSHAKE_FAILURE);
+    assert_eq!(peek_retry(&fatal), Peek::Abort(7));
+    for n in 0..fatal.len() {
+        assert_eq!(peek_retry(&fatal[..n]), Peek::NeedMore, "{n} bytes");
+    }
+    let mut then_hello = fatal.to_vec();
+    then_hello.extend_from_slice(&hello);
+    assert_eq!(peek_retry(&then_hello), Peek::Abort(7));
     let mut ccs_then_alert = CHANGE_CIPHER_SPEC.to_vec();
-    ccs_then_alert.extend_from_slice(&tls_alert(ALERT_HANDSHAKE_FAILURE));
+    ccs_then_alert.extend_from_slice(&fatal);
     ccs_then_alert.extend_from_slice(&hello);
-    assert_malformed_retry(&ccs_then_alert);
+    assert_eq!(
+        peek_retry(&ccs_then_alert),
+        Peek::Abort(CHANGE_CIPHER_SPEC.len() + 7)
+    );
+    let mut warning = [0x15, 0x03, 0x03, 0x00, 0x02, 0x01, 0x00].to_vec();
+    assert_malformed_retry(&warning);
+    warning.extend_from_slice(&hello);
+    assert_malformed_retry(&warning);
+    // Record versions no TLS stack sends, a longer alert record, an odd level.
+    for bad in [
+        [0x15, 0x00, 0x00, 0x00, 0x02, 0x02, 0x28],
+        [0x15, 0x02, 0x00, 0x00, 0x02, 0x02, 0x28],
+        [0x15, 0x03, 0x04, 0x00, 0x02, 0x02, 0x28],
+        [0x15, 0x03, 0x03, 0x00, 0x03, 0x02, 0x28],
+        [0x15, 0x03, 0x03, 0x00, 0x02, 0x03, 0x28],
+    ] {
+        assert_malformed_retry(&bad);
+    }
+    // The first hello is never taken as given up.
+    assert!(
+        matches!(peek(&fatal), Peek::Malformed(_)),
+        "{:?}",
+        peek(&fatal)
+    );
 }
 
 /// A 0-RTT client that gets a HelloRetryRequest has already sent a
@@ -881,9 +921,10 @@ fn early_data_before_the_retried_hello_is_skipped() {
     let mut bytes = early.to_vec();
     bytes.extend_from_slice(b"GET / HTTP/1.1\r\n");
     assert_malformed_retry(&bytes);
+    // Or the client gives up: its early data and fatal alert may pass.
     let mut bytes = early.to_vec();
     bytes.extend_from_slice(&tls_alert(ALERT_HANDSHAKE_FAILURE));
-    assert_malformed_retry(&bytes);
+    assert_eq!(peek_retry(&bytes), Peek::Abort(early.len() + 7));
     // Bad early data records: another version, empty, too long.
     assert_malformed_retry(&[0x17, 0x03, 0x01, 0x00, 0x01, 0x00]);
     assert_malformed_retry(&[0x17, 0x03, 0x03, 0x00, 0x00]);

@@ -60,14 +60,14 @@ pub(super) async fn gate(
 /// [`watch_first`]); when it is a HelloRetryRequest, hold the client's
 /// second hello until it is judged like the first, naming the same host.
 /// `buf` holds what the client sent past the first hello. Returns the bytes
-/// to replay.
+/// to replay, and whether the client gave up with them.
 pub(super) async fn gate_retry(
     client: &ReadHalf<'_>,
     retry: &RetrySignal,
     check: &Check,
     seen: &Mutex<(Option<String>, bool)>,
     mut buf: Vec<u8>,
-) -> Result<Vec<u8>, End> {
+) -> Result<Retried, End> {
     let first = seen.lock().map(|s| s.0.clone()).unwrap_or_default();
     // With nothing held, a slow upstream is waited for as long as the
     // tunnel may idle (the client's next bytes stay unread meanwhile). Bytes
@@ -83,15 +83,22 @@ pub(super) async fn gate_retry(
     };
     // No retry, or the upstream ended first (the relay sees that too).
     if !is_retry {
-        return Ok(buf);
+        return Ok(Retried { buf, last: false });
     }
     if buf.is_empty() {
         read_more(client, &mut buf).await?;
         if buf.is_empty() {
-            return Ok(buf);
+            return Ok(Retried { buf, last: false });
         }
     }
     let judged = judge(client, &mut buf, check.hello_timeout, peek::peek_retry).await?;
+    if let Peek::Abort(n) = judged {
+        // The client gave up with a fatal alert: the upstream gets it (and
+        // what came before it), nothing after it, and the tunnel is not a
+        // refusal.
+        buf.truncate(n);
+        return Ok(Retried { buf, last: true });
+    }
     if let Peek::Hello(info) = &judged {
         if info.sni != first {
             // RFC 8446 4.1.2: the second hello repeats the first's name.
@@ -106,7 +113,16 @@ pub(super) async fn gate_retry(
         }
     }
     verdict(judged, check, seen)?;
-    Ok(buf)
+    Ok(Retried { buf, last: false })
+}
+
+/// What [`gate_retry`] lets through after a HelloRetryRequest.
+pub(super) struct Retried {
+    /// Bytes to pass on.
+    pub buf: Vec<u8>,
+    /// The client gave up (a fatal alert ends `buf`): nothing more of it
+    /// goes upstream.
+    pub last: bool,
 }
 
 /// Read into `buf` until `classify` decides (bounded by `timeout`).
@@ -186,6 +202,12 @@ fn verdict(judged: Peek, check: &Check, seen: &Mutex<(Option<String>, bool)>) ->
             Err(End::Denied(Reason::SniRequired, None))
         }
         Peek::NotTls | Peek::NeedMore => Ok(()),
+        // Only `peek_retry` gives up this way, and `gate_retry` takes it
+        // first; anywhere else it is not a hello: fail closed.
+        Peek::Abort(_) => Err(End::Denied(
+            Reason::BadRequest,
+            Some(peek::ALERT_DECODE_ERROR),
+        )),
         Peek::Malformed(why) => {
             tracing::debug!(why, "malformed ClientHello refused");
             Err(End::Denied(

@@ -15,13 +15,25 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::io::AsyncWriteExt as _;
 
 use super::gate::{forward_held, gate, gate_retry, watch_first};
 use super::{bulk, idle, Common, Copied, Copying, Dir, End, SPLICE_AFTER};
 use crate::reason::Reason;
 
-/// A direction's boxed opening; it gives the direction back when done.
-type Opening<'a> = Pin<Box<dyn Future<Output = (Dir<'a>, Result<(), End>)> + Send + 'a>>;
+/// A direction's boxed opening; it gives the direction back when done,
+/// and says whether the direction goes on to relay.
+type Opening<'a> = Pin<Box<dyn Future<Output = (Dir<'a>, Result<Opened, End>)> + Send + 'a>>;
+
+/// How a direction's opening ended well.
+enum Opened {
+    /// Relay on.
+    Relay,
+    /// The client gave up after a HelloRetryRequest: its fatal alert was
+    /// passed on and the upstream's write side closed; nothing more of the
+    /// client's goes upstream.
+    Finished,
+}
 
 /// Where one direction is.
 enum Flow<'a> {
@@ -148,7 +160,8 @@ impl<'a> Flow<'a> {
                         return Poll::Pending;
                     }
                     Poll::Ready((_, Err(e))) => return Poll::Ready(Err(e)),
-                    Poll::Ready((dir, Ok(()))) => Flow::Copy(dir, Copying::default()),
+                    Poll::Ready((_, Ok(Opened::Finished))) => return Poll::Ready(Ok(())),
+                    Poll::Ready((dir, Ok(Opened::Relay))) => Flow::Copy(dir, Copying::default()),
                 },
                 // Only here once it carried its bulk threshold.
                 Flow::Copy(dir, _) => Flow::Bulk(Box::pin(bulk(dir, common.splicer))),
@@ -179,22 +192,30 @@ async fn open_up<'a>(
     mut dir: Dir<'a>,
     early: Bytes,
     common: &'a Common<'a>,
-) -> (Dir<'a>, Result<(), End>) {
+) -> (Dir<'a>, Result<Opened, End>) {
     let r = async {
         let Some(check) = common.check else {
-            return forward_held(&mut dir, early.to_vec()).await;
+            forward_held(&mut dir, early.to_vec()).await?;
+            return Ok(Opened::Relay);
         };
         let (held, after, hello) = gate(&dir.from, early, check, &common.seen).await?;
         forward_held(&mut dir, held).await?;
-        let after = if hello {
-            // A HelloRetryRequest makes the client send a second hello,
-            // which a lenient server (OpenSSL) takes the name from; what
-            // came after the first hello waits for the upstream's answer.
-            gate_retry(&dir.from, &common.retry, check, &common.seen, after).await?
-        } else {
-            after
-        };
-        forward_held(&mut dir, after).await
+        if !hello {
+            forward_held(&mut dir, after).await?;
+            return Ok(Opened::Relay);
+        }
+        // A HelloRetryRequest makes the client send a second hello, which
+        // a lenient server (OpenSSL) takes the name from; what came after
+        // the first hello waits for the upstream's answer.
+        let retried = gate_retry(&dir.from, &common.retry, check, &common.seen, after).await?;
+        forward_held(&mut dir, retried.buf).await?;
+        if retried.last {
+            // The client gave up with a fatal alert: the upstream sees the
+            // end after it, and the client's side is read no more.
+            let _ = dir.to.shutdown().await;
+            return Ok(Opened::Finished);
+        }
+        Ok(Opened::Relay)
     }
     .await;
     (dir, r)
@@ -202,9 +223,9 @@ async fn open_up<'a>(
 
 /// Upstream to client, checked: its first record is watched for a
 /// HelloRetryRequest while it passes.
-async fn open_down<'a>(mut dir: Dir<'a>, common: &'a Common<'a>) -> (Dir<'a>, Result<(), End>) {
+async fn open_down<'a>(mut dir: Dir<'a>, common: &'a Common<'a>) -> (Dir<'a>, Result<Opened, End>) {
     let r = watch_first(&mut dir, &common.retry).await;
     // Ended before its first record was whole: no retry to wait for.
     common.retry.settle(false);
-    (dir, r)
+    (dir, r.map(|()| Opened::Relay))
 }
