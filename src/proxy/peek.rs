@@ -294,14 +294,23 @@ pub fn peek_retry(buf: &[u8]) -> Peek {
 fn fatal_alert(at: usize, rest: &[u8]) -> Peek {
     const ALERT_RECORD_LEN: usize = RECORD_HEADER_LEN + 2;
     const FATAL: u8 = 2;
-    let Some(record) = rest.get(..ALERT_RECORD_LEN) else {
-        return Peek::NeedMore;
-    };
-    let version_ok = record[1] == 0x03 && (0x01..=0x03).contains(&record[2]);
-    if version_ok && record[3..5] == [0x00, 0x02] && record[5] == FATAL {
-        Peek::Abort(at + ALERT_RECORD_LEN)
-    } else {
+    // Judged as far as it has come: a record that cannot be one fatal
+    // alert is refused at once, not held until the hello time-out.
+    let record = rest.get(..ALERT_RECORD_LEN).unwrap_or(rest);
+    let fits = record.iter().enumerate().all(|(i, &b)| match i {
+        1 => b == 0x03,
+        2 => (0x01..=0x03).contains(&b),
+        3 => b == 0x00,
+        4 => b == 0x02,
+        5 => b == FATAL,
+        _ => true,
+    });
+    if !fits {
         Peek::Malformed("an alert other than one fatal alert instead of the second ClientHello")
+    } else if record.len() < ALERT_RECORD_LEN {
+        Peek::NeedMore
+    } else {
+        Peek::Abort(at + ALERT_RECORD_LEN)
     }
 }
 

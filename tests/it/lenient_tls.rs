@@ -412,3 +412,49 @@ async fn a_clean_hello_still_reaches_go() {
         "{records:#?}"
     );
 }
+
+/// Go answers a hello without a key share with a HelloRetryRequest; a
+/// client that gives up there with a fatal alert (then, against the rule,
+/// a hello for another name and more bytes behind it, and closes): Go gets
+/// the alert itself (its error names it; a fatal close_notify is its EOF)
+/// and nothing after it, and the tunnel is not a refusal.
+#[tokio::test]
+async fn go_gets_a_fatal_alert_after_its_hello_retry_and_nothing_behind_it() {
+    use crate::attacks::{is_hrr, read_for, tls13_hello};
+    let Some(origin) = GoOrigin::start(&[KSN, EVIL]) else {
+        return;
+    };
+    let (random, session_id) = ([7u8; 32], [9u8; 32]);
+    let cases: [(u8, &str); 2] = [(40, "handshake failure"), (0, "EOF")];
+    for (i, (description, said)) in cases.into_iter().enumerate() {
+        let proxy = bypass_proxy(&origin).await;
+        let mut s = open_tunnel(proxy.addr, &format!("{KSN}:{}", origin.port)).await;
+        s.write_all(&tls13_hello(KSN, false, &random, &session_id))
+            .await
+            .unwrap();
+        let hrr = read_for(&mut s, Duration::from_millis(1000)).await;
+        assert!(is_hrr(&hrr), "{hrr:?}");
+        let mut flight = vec![0x15, 0x03, 0x03, 0x00, 0x02, 0x02, description];
+        flight.extend(tls13_hello(EVIL, true, &random, &session_id));
+        flight.extend(vec![0x16; 64 * 1024]);
+        let _ = s.write_all(&flight).await;
+        // The origin closes on the alert; its end comes through.
+        let rest = tokio::time::timeout(WAIT, async {
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+            rest
+        })
+        .await
+        .expect("the origin's end reaches the client");
+        assert!(!rest.starts_with(&[0x16]), "no handshake answer: {rest:?}");
+        let lines = origin.lines(i + 1).await;
+        assert!(
+            lines[i].starts_with("fail ") && lines[i].contains(said),
+            "{lines:?}"
+        );
+        assert!(lines.iter().all(|l| !l.contains(EVIL)), "{lines:?}");
+        drop(s);
+        let r = proxy.only_record().await;
+        assert_ne!(r.decision, Decided::Deny, "{r:#?}");
+    }
+}

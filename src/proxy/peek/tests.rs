@@ -957,3 +957,62 @@ fn the_hello_ends_where_its_records_end() {
     assert_eq!(hello_end(&framed[..framed.len() - 1]), None);
     assert_eq!(hello_end(b"GET / HTTP/1.1\r\n"), None);
 }
+
+/// A fatal alert is a way out only in place of the second hello: after a
+/// fragment of one (its name may be in it already: a lenient server could
+/// act on what it has), or between two hellos' records, it is refused.
+#[test]
+fn a_fatal_alert_inside_the_retried_hello_is_not_giving_up() {
+    let hello = rustls_hello("other.example");
+    let fatal = tls_alert(ALERT_HANDSHAKE_FAILURE);
+    let len = usize::from(u16::from_be_bytes([hello[3], hello[4]]));
+    let payload = &hello[RECORD_HEADER_LEN..RECORD_HEADER_LEN + len];
+    for cut in [1, 4, 40, len - 1] {
+        let (a, b) = payload.split_at(cut);
+        let mut bytes = hello[..3].to_vec();
+        bytes.extend_from_slice(&u16::try_from(a.len()).unwrap().to_be_bytes());
+        bytes.extend_from_slice(a);
+        bytes.extend_from_slice(&fatal);
+        bytes.extend_from_slice(&hello[..3]);
+        bytes.extend_from_slice(&u16::try_from(b.len()).unwrap().to_be_bytes());
+        bytes.extend_from_slice(b);
+        let judged = peek_retry(&bytes);
+        assert!(
+            !matches!(judged, Peek::Abort(_) | Peek::Hello(_)),
+            "cut at {cut}: {judged:?}"
+        );
+        assert!(
+            !matches!(peek_retry(&bytes[..bytes.len() - b.len()]), Peek::Abort(_)),
+            "cut at {cut}"
+        );
+    }
+    // A whole hello then the alert is a hello (the alert is not taken as
+    // the end of it: what is judged is the hello).
+    let mut bytes = hello.clone();
+    bytes.extend_from_slice(&fatal);
+    assert!(matches!(peek_retry(&bytes), Peek::Hello(_)));
+}
+
+/// An alert record that cannot be one fatal alert is refused as soon as
+/// the byte that rules it out is there, not held (until the hello
+/// time-out) for the rest of its seven bytes.
+#[test]
+fn a_bad_alert_after_a_retry_is_refused_at_its_first_bad_byte() {
+    for bad in [
+        [0x15, 0x00, 0x00, 0x00, 0x02, 0x02, 0x28],
+        [0x15, 0x03, 0x04, 0x00, 0x02, 0x02, 0x28],
+        [0x15, 0x03, 0x03, 0x01, 0x02, 0x02, 0x28],
+        [0x15, 0x03, 0x03, 0x00, 0x03, 0x02, 0x28],
+        [0x15, 0x03, 0x03, 0x00, 0x02, 0x01, 0x00],
+    ] {
+        let first_bad = (1..bad.len())
+            .find(|&i| bad[i] != [0x15, 0x03, 0x03, 0x00, 0x02, 0x02][i])
+            .unwrap();
+        for n in first_bad + 1..=bad.len() {
+            assert_malformed_retry(&bad[..n]);
+            let mut behind_ccs = CHANGE_CIPHER_SPEC.to_vec();
+            behind_ccs.extend_from_slice(&bad[..n]);
+            assert_malformed_retry(&behind_ccs);
+        }
+    }
+}
