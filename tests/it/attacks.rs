@@ -1109,39 +1109,9 @@ async fn a_non_tls_tunnel_is_spliced_even_after_a_retry_lookalike() {
 /// learned to tell a client that gives up).
 #[tokio::test]
 async fn a_client_aborting_after_a_hello_retry_is_not_recorded_as_refused() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (random, session_id) = ([7u8; 32], [9u8; 32]);
-    let hello = tls13_hello(ALLOWED, false, &random, &session_id);
-    let want = hello.len();
-    let server = tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        let mut got = vec![0u8; want];
-        s.read_exact(&mut got).await.unwrap();
-        let mut hrr = vec![
-            0x16, 0x03, 0x03, 0x00, 0x26, 0x02, 0x00, 0x00, 0x22, 0x03, 0x03,
-        ];
-        hrr.extend_from_slice(&HRR_RANDOM);
-        hrr.extend_from_slice(&[0x00, 0x13, 0x01]);
-        s.write_all(&hrr).await.unwrap();
-        let mut rest = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest)).await;
-        rest
-    });
-    let catalog = rule("Kaspersky KSN lookup", &[ALLOWED], port, "bypass", "");
-    let proxy = TestProxy::start(&config(&[ALLOWED], ""), &catalog).await;
-    let mut s = open_tunnel(proxy.addr, &format!("{ALLOWED}:{port}")).await;
-    s.write_all(&hello).await.unwrap();
-    let hrr = read_for(&mut s, Duration::from_millis(1000)).await;
-    assert!(is_hrr(&hrr));
     // illegal_parameter, fatal.
     let alert = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 47];
-    s.write_all(&alert).await.unwrap();
-    let _ = s.shutdown().await;
-    let _ = read_for(&mut s, Duration::from_millis(1000)).await;
-    drop(s);
-    let got = server.await.unwrap();
-    let r = proxy.only_record().await;
+    let (got, r) = give_up_after_retry(vec![alert.to_vec()], Duration::from_millis(50)).await;
     assert_eq!(got, alert, "the client's alert reaches the origin; {r:#?}");
     assert_ne!(r.decision, Decided::Deny, "{r:#?}");
 }
