@@ -150,6 +150,10 @@ pub struct Limits {
     pub tunnel_idle_timeout: Duration,
     /// How long an upstream may take to send a response head (then 504 `timeout`).
     pub response_timeout: Duration,
+    /// How long an inspected tunnel's upstream connection is kept, idle, for
+    /// the next inspected tunnel to the same host under the same rule; zero
+    /// keeps none.
+    pub upstream_idle_timeout: Duration,
 }
 
 /// `[rates]`: off unless set.

@@ -81,6 +81,7 @@ pub(super) struct RawLimits {
     pub(super) connect_timeout: String,
     pub(super) tunnel_idle_timeout: String,
     pub(super) response_timeout: String,
+    pub(super) upstream_idle_timeout: String,
 }
 
 impl Default for RawLimits {
@@ -92,6 +93,7 @@ impl Default for RawLimits {
             connect_timeout: "10s".into(),
             tunnel_idle_timeout: "1h".into(),
             response_timeout: "60s".into(),
+            upstream_idle_timeout: "30s".into(),
         }
     }
 }

@@ -259,6 +259,8 @@ impl<'a> Validator<'a> {
             tunnel_idle_timeout: self
                 .duration("limits.tunnel_idle_timeout", &raw.tunnel_idle_timeout),
             response_timeout: self.duration("limits.response_timeout", &raw.response_timeout),
+            upstream_idle_timeout: self
+                .duration("limits.upstream_idle_timeout", &raw.upstream_idle_timeout),
         };
         for (key, d) in [
             ("limits.header_read_timeout", limits.header_read_timeout),

@@ -77,6 +77,9 @@ pub struct Metrics {
     pub spliced: Counter,
     /// Leaf certificates minted for inspected tunnels (leaf cache misses).
     pub leaves_minted: Counter,
+    /// Inspected tunnels that took an upstream connection kept from an
+    /// earlier tunnel (no dial, no upstream handshake).
+    pub upstream_reused: Counter,
     pub audit_written: Counter,
     pub audit_queued: Gauge,
     pub audit_waits: Counter,
@@ -136,6 +139,7 @@ impl Metrics {
             connection_limit: Counter::default(),
             spliced: Counter::default(),
             leaves_minted: Counter::default(),
+            upstream_reused: Counter::default(),
             audit_written: Counter::default(),
             audit_queued: Gauge::default(),
             audit_waits: Counter::default(),
@@ -228,6 +232,11 @@ impl Metrics {
             "tls_leaves_minted",
             "Leaf certificates minted for inspected tunnels (leaf cache misses)",
             self.leaves_minted.clone(),
+        );
+        self.registry.register(
+            "tls_upstream_reused",
+            "Inspected tunnels that took an upstream connection kept from an earlier tunnel",
+            self.upstream_reused.clone(),
         );
     }
 

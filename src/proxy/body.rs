@@ -95,6 +95,14 @@ impl UpCount {
         }
     }
 
+    /// No more of the body goes up (complete, failed or dropped).
+    pub fn body_done(&self) -> bool {
+        self.ending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .body_done
+    }
+
     /// The client's part in a failed send: a malformed body is a 400
     /// (`bad_request`), a client that went away mid-upload `client_closed`;
     /// `None` when the body is not to blame.

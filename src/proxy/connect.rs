@@ -35,51 +35,81 @@ pub async fn tunnel(
     mut x: Exchange,
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
+    let inspector = x.snapshot.guards.inspector.clone();
+    if let Some(inspector) = inspector.filter(|_| x.decision.inspect) {
+        return inspect_tunnel(ctx, x, req, inspector).await;
+    }
     let (upstream, addr, bridge) = match open_upstream(ctx, &mut x).await {
         Ok(c) => c,
         Err(r) => return x.refuse(r),
     };
     x.txn.rec().upstream = Some(addr);
-    let inspector = x.snapshot.guards.inspector.clone();
-    match inspector {
-        Some(inspector) if x.decision.inspect => {
-            x.txn.set_decision(Decided::Inspect);
-            let t = Inspected {
-                shared: Arc::clone(&ctx.shared),
-                snapshot: Arc::clone(&x.snapshot),
-                inspector,
-                client: ctx.client,
-                target: x.target,
-                rule: x.decision.rule,
-                user: x.txn.rec().user.clone(),
-                groups: super::groups::GroupCache::default(),
-                upstream: Some(addr),
-            };
-            spawn(
-                ctx,
-                x.txn,
-                &mut req,
-                bridge,
-                (t, upstream),
-                |(t, upstream), upgraded, span| {
-                    Some(inspect::intercept(t, TokioIo::new(upgraded), upstream).instrument(span))
-                },
-            )
+    let t = tunnel::Tunnel {
+        upstream,
+        check: sni_check(x.rule(), &x.target, &x.snapshot.limits),
+        idle: x.snapshot.limits.tunnel_idle_timeout,
+        idler: ctx.shared.idler.clone(),
+        splicer: ctx.shared.splicer.clone(),
+    };
+    spawn(ctx, x.txn, &mut req, bridge, t, |t, upgraded, span| {
+        let (client, early) = span.in_scope(|| take_socket(upgraded))?;
+        Some(tunnel::run(client, early, t).instrument(relay_span(span)))
+    })
+}
+
+/// An inspected tunnel: its upstream is a connection kept from an earlier
+/// tunnel to the same target under the same rule when one is ready (no
+/// dial: the `200` goes at once), else dialled as for a spliced tunnel.
+/// Only direct tunnels keep connections (and may dial again inside the
+/// tunnel); through a parent each tunnel has its own.
+async fn inspect_tunnel(
+    ctx: &Arc<ConnCtx>,
+    mut x: Exchange,
+    mut req: Request<Incoming>,
+    inspector: Arc<crate::tls::Inspector>,
+) -> Response<ProxyBody> {
+    let rule = x.decision.rule.and_then(|i| x.snapshot.policy.rule(i));
+    let direct = parent::parent_for(ctx, &x.snapshot, rule).is_none();
+    let key = direct.then(|| inspect::Key {
+        rule: x.decision.rule,
+        target: x.target.clone(),
+    });
+    let kept = key.as_ref().and_then(|k| x.snapshot.guards.kept.take(k));
+    let (upstream, addr, bridge) = match kept {
+        Some(conn) => {
+            ctx.shared.metrics.upstream_reused.inc();
+            (inspect::Upstream::Kept(conn), None, None)
         }
-        _ => {
-            let t = tunnel::Tunnel {
-                upstream,
-                check: sni_check(x.rule(), &x.target, &x.snapshot.limits),
-                idle: x.snapshot.limits.tunnel_idle_timeout,
-                idler: ctx.shared.idler.clone(),
-                splicer: ctx.shared.splicer.clone(),
-            };
-            spawn(ctx, x.txn, &mut req, bridge, t, |t, upgraded, span| {
-                let (client, early) = span.in_scope(|| take_socket(upgraded))?;
-                Some(tunnel::run(client, early, t).instrument(relay_span(span)))
-            })
-        }
-    }
+        None => match open_upstream(ctx, &mut x).await {
+            Ok((socket, addr, bridge)) => (inspect::Upstream::Dialled(socket), Some(addr), bridge),
+            Err(r) => return x.refuse(r),
+        },
+    };
+    let addr = addr.or_else(|| upstream.addr());
+    x.txn.rec().upstream = addr;
+    x.txn.set_decision(Decided::Inspect);
+    let t = Inspected {
+        shared: Arc::clone(&ctx.shared),
+        snapshot: Arc::clone(&x.snapshot),
+        inspector,
+        client: ctx.client,
+        target: x.target,
+        rule: x.decision.rule,
+        user: x.txn.rec().user.clone(),
+        groups: super::groups::GroupCache::default(),
+        upstream: addr,
+        key,
+    };
+    spawn(
+        ctx,
+        x.txn,
+        &mut req,
+        bridge,
+        (t, upstream),
+        |(t, upstream), upgraded, span| {
+            Some(inspect::intercept(t, TokioIo::new(upgraded), upstream).instrument(span))
+        },
+    )
 }
 
 /// The span a spliced tunnel keeps while it relays: the connection's when
@@ -111,12 +141,12 @@ async fn open_upstream(
     let snapshot = Arc::clone(&x.snapshot);
     let rule = x.decision.rule.and_then(|i| snapshot.policy.rule(i));
     let Some(parent) = parent::parent_for(ctx, &snapshot, rule) else {
-        let addrs = dial_target(ctx, &snapshot, &x.target, rule).await?;
-        let (socket, addr) = super::dial(ctx, &addrs, &snapshot).await?;
+        let addrs = dial_target(&ctx.shared, &snapshot, &x.target, rule).await?;
+        let (socket, addr) = super::dial(&ctx.shared, &addrs, &snapshot).await?;
         return Ok((socket, addr, None));
     };
     let vetted = if parent::vets_here(parent, &x.target) {
-        dial_target(ctx, &snapshot, &x.target, rule)
+        dial_target(&ctx.shared, &snapshot, &x.target, rule)
             .await?
             .first()
             .copied()

@@ -5,20 +5,20 @@ use std::net::SocketAddr;
 use tokio::net::TcpStream;
 
 use super::error::Refusal;
-use super::{ConnCtx, Snapshot};
+use super::{Shared, Snapshot};
 use crate::config::Settings;
 use crate::target::Target;
 
 /// Resolve and vet the target, then dial; refusals come back ready to send.
 pub(crate) async fn dial_target(
-    ctx: &ConnCtx,
+    shared: &Shared,
     snapshot: &Snapshot,
     target: &Target,
     rule: Option<&crate::policy::Rule>,
 ) -> Result<Vec<SocketAddr>, Refusal> {
-    let hist = &ctx.shared.metrics.dns_seconds;
+    let hist = &shared.metrics.dns_seconds;
     let vetted = crate::upstream::vetted_addrs(
-        &ctx.shared.resolver,
+        &shared.resolver,
         &snapshot.statics,
         target,
         rule,
@@ -31,13 +31,13 @@ pub(crate) async fn dial_target(
 
 /// Dial vetted addresses, timing the connect.
 pub(crate) async fn dial(
-    ctx: &ConnCtx,
+    shared: &Shared,
     addrs: &[SocketAddr],
     settings: &Settings,
 ) -> Result<(TcpStream, SocketAddr), Refusal> {
     let start = std::time::Instant::now();
     let dialed = crate::upstream::dial(addrs, settings.limits.connect_timeout).await;
-    ctx.shared
+    shared
         .metrics
         .connect_seconds
         .observe(start.elapsed().as_secs_f64());

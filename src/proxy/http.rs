@@ -78,7 +78,7 @@ pub async fn forward(ctx: &ConnCtx, x: Exchange, req: Request<Incoming>) -> Resp
     };
     let addrs = match via {
         Via::Proxy => Vec::new(),
-        _ => match dial_target(ctx, &snapshot, &target, rule).await {
+        _ => match dial_target(&ctx.shared, &snapshot, &target, rule).await {
             Ok(a) => a,
             Err(r) => return refuse(txn, r, settings),
         },
@@ -289,7 +289,7 @@ async fn connect(
             (handshake(ctx, s).await?, vetted, a)
         }
         _ => {
-            let (s, a) = super::dial(ctx, addrs, snapshot).await?;
+            let (s, a) = super::dial(&ctx.shared, addrs, snapshot).await?;
             (handshake(ctx, s).await?, a, a)
         }
     };

@@ -115,6 +115,9 @@ pub struct Guards {
     /// Set when the parent is an `https://` URL (shared with the kept-alive
     /// connections made with it, to tell them apart after a reload).
     pub parent_tls: Option<Arc<ParentTls>>,
+    /// Inspected tunnels' upstream connections kept for the next tunnel
+    /// (this snapshot's only: a reload starts an empty pool).
+    pub kept: inspect::Pool,
 }
 
 impl Guards {
@@ -135,6 +138,7 @@ impl Guards {
             auth: Auth::new(&settings.auth).map(Arc::new),
             inspector,
             parent_tls: ParentTls::new(settings)?.map(Arc::new),
+            kept: inspect::Pool::new(settings.limits.upstream_idle_timeout),
         })
     }
 }

@@ -15,6 +15,7 @@ mod http_forward;
 mod import;
 mod inspect;
 mod inspect_wall;
+mod kept;
 mod leaves;
 mod lenient_tls;
 mod limits;

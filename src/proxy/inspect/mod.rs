@@ -3,10 +3,17 @@
 //! the upstream (verified; with the rule's client certificate), and relay
 //! HTTP/1.1 request by request, each with its own audit record.
 //!
+//! The upstream connection of a direct tunnel is kept, when it ends
+//! reusable, for the next inspected tunnel to the same target under the same
+//! rule ([`pool`]).
+//!
 //! `bypass` rules never come here. The client must speak HTTP/1.1 (ALPN);
 //! every inner request is admitted as a plain one and must name the CONNECT
 //! host ([`relay`]).
+mod pool;
 mod relay;
+
+pub use pool::{Conn, Key, Pool};
 
 use std::io;
 use std::pin::Pin;
@@ -46,10 +53,32 @@ pub struct Inspected {
     /// the vetted address, or the parent's. Not the socket's peer: through
     /// an `https://` parent the tunnel's socket is one end of a pair.
     pub upstream: Option<std::net::SocketAddr>,
+    /// Set for a direct tunnel: its upstream connection may be kept under
+    /// this key when the tunnel ends, and a kept one that the origin closed
+    /// is replaced by dialling again.
+    pub key: Option<Key>,
+}
+
+/// The upstream of an inspected tunnel when the client's TLS begins.
+pub enum Upstream {
+    /// Dialled for this tunnel: TLS is started on it.
+    Dialled(TcpStream),
+    /// Kept from an earlier tunnel: TLS and HTTP/1.1 are up.
+    Kept(Conn),
+}
+
+impl Upstream {
+    /// Where a kept connection goes.
+    pub fn addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Upstream::Dialled(_) => None,
+            Upstream::Kept(c) => c.addr,
+        }
+    }
 }
 
 /// Terminate, re-originate, relay. `client` is the upgraded CONNECT stream.
-pub async fn intercept<C>(t: Inspected, client: C, upstream: TcpStream) -> TunnelStats
+pub async fn intercept<C>(t: Inspected, client: C, upstream: Upstream) -> TunnelStats
 where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -106,7 +135,7 @@ where
 }
 
 /// Check the hello, terminate with our leaf, re-originate, then relay.
-async fn inspect<C>(t: &Inspected, client: C, upstream: TcpStream) -> Ended
+async fn inspect<C>(t: &Inspected, client: C, upstream: Upstream) -> Ended
 where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -141,19 +170,27 @@ where
         };
     }
     // Re-originate first, so a failure can be told to the client over HTTP.
-    let upstream_addr = t.upstream;
-    let upstream_tls = connect_upstream(t, upstream).await;
+    let upstream = match upstream {
+        Upstream::Kept(conn) => Ok(conn),
+        Upstream::Dialled(socket) => match connect_upstream(t, socket).await {
+            Ok(tls) => Conn::open(tls, t.upstream).await,
+            Err(r) => Err(r),
+        },
+    };
     let Ok(Ok(client_tls)) = handshake(server).await else {
+        if let (Ok(conn), Some(key)) = (upstream, &t.key) {
+            // Nothing was asked of it: the next tunnel may have it.
+            t.snapshot.guards.kept.keep(key.clone(), conn).await;
+        }
         return Ended::failed(sni, Reason::ClientClosed);
     };
     let cx = relay::Tunnel {
         t,
-        upstream: upstream_addr,
         io: Arc::default(),
     };
     let io = TokioIo::new(client_tls);
-    let reason = match upstream_tls {
-        Ok(tls) => relay::relay(&cx, io, tls).await,
+    let reason = match upstream {
+        Ok(conn) => relay::relay(&cx, io, conn).await,
         Err(reason) => relay::refuse_all(&cx, io, reason).await,
     };
     Ended {
@@ -176,6 +213,23 @@ fn hello_refusal(target: &Target, hello: &ClientHello<'_>) -> Option<Reason> {
         .alpn()
         .is_some_and(|mut offered| !offered.any(|p| p == tls::HTTP_11));
     others_only.then_some(Reason::AlpnUnsupported)
+}
+
+/// A new upstream connection for a direct tunnel whose connection the origin
+/// closed while idle: resolved, vetted and dialled again, as for a CONNECT.
+async fn redial(t: &Inspected) -> Result<Conn, crate::proxy::error::Refusal> {
+    use crate::proxy::error::Refusal;
+    let rule = t.rule.and_then(|i| t.snapshot.policy.rule(i));
+    let addrs = crate::proxy::dial_target(&t.shared, &t.snapshot, &t.target, rule).await?;
+    let (socket, addr) = crate::proxy::dial(&t.shared, &addrs, &t.snapshot).await?;
+    let tls = connect_upstream(t, socket).await.map_err(|r| {
+        if r == Reason::Timeout {
+            Refusal::with_status(r, http::StatusCode::GATEWAY_TIMEOUT)
+        } else {
+            Refusal::new(r)
+        }
+    })?;
+    Conn::open(tls, Some(addr)).await.map_err(Refusal::new)
 }
 
 /// TLS to the upstream: verified for the CONNECT host, with the rule's

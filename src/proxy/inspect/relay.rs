@@ -1,7 +1,8 @@
 //! The HTTP/1.1 inside an inspected tunnel: a hyper server on the
 //! terminated client stream, built like the proxy's own listener (head
 //! limits, time-outs), and one client connection to the re-originated
-//! upstream.
+//! upstream (kept from an earlier tunnel, or made for this one), which goes
+//! back to the pool if it ends reusable.
 //!
 //! Inner requests are requests: each is admitted as a plain one is (head
 //! size, the client's and the rule's rates, the policy for its method, a
@@ -9,21 +10,18 @@
 //! else. The upstream gets a `Host` the proxy writes, never the client's.
 //! Every inner transaction, a head hyper refuses included, gets exactly one
 //! record carrying the tunnel's user and upstream address.
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::{watch, Mutex};
 
-use super::Inspected;
+use super::{Conn, Inspected};
 use crate::audit::Decided;
 use crate::proxy::body::{ProxyBody, RequestBody, ResponseBody, UpCount};
 use crate::proxy::error::Refusal;
@@ -35,7 +33,7 @@ use crate::reason::Reason;
 use crate::target::{self, Host, Target};
 
 /// The upstream as the inner requests share it.
-type Sender = Arc<Mutex<SendRequest<RequestBody>>>;
+type Sender = Arc<Mutex<Conn>>;
 /// Set by the upstream connection task when it ends: `Some(true)` when it
 /// ended on a TLS error.
 type Failed = watch::Receiver<Option<bool>>;
@@ -43,8 +41,6 @@ type Failed = watch::Receiver<Option<bool>>;
 /// One inspected tunnel as its inner requests see it.
 pub(super) struct Tunnel<'a> {
     pub t: &'a Inspected,
-    /// The vetted address the upstream connection goes to.
-    pub upstream: Option<SocketAddr>,
     /// What the inner server has read, to tell a slow head from an idle
     /// keep-alive connection at the head time-out.
     pub io: Arc<ConnIo>,
@@ -60,7 +56,7 @@ impl Tunnel<'_> {
         txn.set_decision(Decided::Inspect);
         let rec = txn.rec();
         rec.user.clone_from(&t.user);
-        rec.upstream = self.upstream;
+        rec.upstream = t.upstream;
         txn
     }
 
@@ -150,53 +146,34 @@ where
     serve(cx, io, svc).await.or(Some(reason))
 }
 
-/// Relay HTTP/1.1 between the terminated client and the upstream.
-pub(super) async fn relay<I>(
-    cx: &Tunnel<'_>,
-    io: TokioIo<I>,
-    upstream: tokio_rustls::client::TlsStream<TcpStream>,
-) -> Option<Reason>
+/// Relay HTTP/1.1 between the terminated client and the upstream; keep the
+/// upstream connection for the next tunnel if it ends ready for another
+/// request.
+pub(super) async fn relay<I>(cx: &Tunnel<'_>, io: TokioIo<I>, conn: Conn) -> Option<Reason>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, conn) = match hyper::client::conn::http1::Builder::new()
-        .handshake::<_, RequestBody>(TokioIo::new(upstream))
-        .await
-    {
-        Ok(x) => x,
-        Err(_) => return Some(Reason::UpstreamReset),
-    };
-    // The connection task learns why the upstream failed; a request that
-    // fails with it asks here (TLS 1.3 reports a refused client
-    // certificate only when the first response is read).
-    let (failed_tx, failed_rx) = watch::channel::<Option<bool>>(None);
-    let conn_task = tokio::spawn(async move {
-        let tls = conn
-            .await
-            .err()
-            .is_some_and(|e| crate::tls::is_tls_error(&e));
-        let _ = failed_tx.send(Some(tls));
-    });
-    let sender = Arc::new(Mutex::new(sender));
+    let sender: Sender = Arc::new(Mutex::new(conn));
     let svc = service_fn(|req: Request<Incoming>| {
         // A head is complete: what was read so far is not a partial head.
         cx.io.mark_idle();
         let sender = Arc::clone(&sender);
-        let failed = failed_rx.clone();
-        async move { Ok::<_, std::convert::Infallible>(inner(cx, req, sender, failed).await) }
+        async move { Ok::<_, std::convert::Infallible>(inner(cx, req, sender).await) }
     });
     let reason = serve(cx, io, svc).await;
-    conn_task.abort();
+    if let (Some(key), Ok(conn), false) = (
+        &cx.t.key,
+        Arc::try_unwrap(sender),
+        reason == Some(Reason::Shutdown),
+    ) {
+        let kept = &cx.t.snapshot.guards.kept;
+        kept.keep(key.clone(), conn.into_inner()).await;
+    }
     reason
 }
 
 /// One inner request: admit, forward with the proxy's `Host`, record.
-async fn inner(
-    cx: &Tunnel<'_>,
-    req: Request<Incoming>,
-    sender: Sender,
-    mut failed: Failed,
-) -> Response<ProxyBody> {
+async fn inner(cx: &Tunnel<'_>, req: Request<Incoming>, sender: Sender) -> Response<ProxyBody> {
     let snapshot = &cx.t.snapshot;
     // Records are never dropped: wait here when the writer is behind.
     cx.t.shared.audit.ready().await;
@@ -223,9 +200,18 @@ async fn inner(
     let body = RequestBody::counted(body, &mut txn).marking(Arc::clone(&cx.io));
     let up = body.count();
     let out = Request::from_parts(parts, body);
-    let sent = send(&sender, out, snapshot.limits.response_timeout).await;
+    let mut conn = sender.lock().await;
+    let sent = send(cx, &mut conn, out, &mut txn).await;
     match sent {
         Ok(resp) => {
+            conn.note_auth(resp.headers());
+            if up.as_deref().is_some_and(|c| !c.body_done()) {
+                // Answered before the request body was all sent: what
+                // follows of it may be read by the origin as another
+                // request, whose answer must not reach another tunnel.
+                conn.pinned = true;
+            }
+            drop(conn);
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             let status = parts.status.as_u16();
@@ -233,7 +219,10 @@ async fn inner(
             Response::from_parts(parts, ProxyBody::Streamed(Box::new(body)))
         }
         Err(Sent::Timeout) => refuse(txn, Refusal::new(Reason::Timeout), snapshot),
+        Err(Sent::Refused(r)) => refuse(txn, r, snapshot),
         Err(Sent::Failed(tls)) => {
+            let mut failed = conn.failed.clone();
+            drop(conn);
             let reason = match up.as_deref().and_then(UpCount::client_fault) {
                 Some(r) => r,
                 None => upstream_failure(tls, &mut failed).await,
@@ -248,25 +237,64 @@ enum Sent {
     Timeout,
     /// The upstream (or the client's body) failed; true for a TLS error.
     Failed(bool),
+    /// Dialling again (for a connection the origin had closed) failed.
+    Refused(Refusal),
 }
 
+/// Send `out` on `conn`. A connection that carried a request before (kept
+/// from another tunnel, or by this one) may have been closed by the origin
+/// while idle: if it is closed, or hands the request back unsent, a direct
+/// tunnel dials again (resolved and vetted anew) and sends it there, once;
+/// the record's `upstream` is where it went.
 async fn send(
-    sender: &Sender,
-    out: Request<RequestBody>,
-    timeout: std::time::Duration,
+    cx: &Tunnel<'_>,
+    conn: &mut Conn,
+    mut out: Request<RequestBody>,
+    txn: &mut Txn,
 ) -> Result<Response<Incoming>, Sent> {
-    let mut s = sender.lock().await;
-    if s.ready().await.is_err() {
-        return Err(Sent::Failed(false));
-    }
-    match tokio::time::timeout(timeout, s.send_request(out)).await {
-        Ok(Ok(resp)) => Ok(resp),
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "inner request failed");
-            Err(Sent::Failed(crate::tls::is_tls_error(&e)))
+    let timeout = cx.t.snapshot.limits.response_timeout;
+    conn.note_auth(out.headers());
+    let mut retried = false;
+    loop {
+        let again = conn.used && !retried && cx.t.key.is_some();
+        conn.used = true;
+        txn.rec().upstream = conn.addr.or(cx.t.upstream);
+        match tokio::time::timeout(timeout, conn.sender.ready()).await {
+            Err(_) => return Err(Sent::Timeout),
+            Ok(Err(_)) if again => {
+                retried = true;
+                *conn = fresh(cx, out.headers()).await?;
+                continue;
+            }
+            Ok(Err(_)) => return Err(Sent::Failed(false)),
+            Ok(Ok(())) => {}
         }
-        Err(_) => Err(Sent::Timeout),
+        match tokio::time::timeout(timeout, conn.sender.try_send_request(out)).await {
+            Err(_) => return Err(Sent::Timeout),
+            Ok(Ok(resp)) => return Ok(resp),
+            Ok(Err(mut e)) => match e.take_message() {
+                Some(req) if again => {
+                    retried = true;
+                    out = req;
+                    *conn = fresh(cx, out.headers()).await?;
+                }
+                _ => {
+                    let e = e.into_error();
+                    tracing::debug!(error = %e, "inner request failed");
+                    return Err(Sent::Failed(crate::tls::is_tls_error(&e)));
+                }
+            },
+        }
     }
+}
+
+/// A new connection in place of one the origin closed, marked as the
+/// request it will carry requires.
+async fn fresh(cx: &Tunnel<'_>, headers: &http::HeaderMap) -> Result<Conn, Sent> {
+    tracing::debug!("kept upstream connection closed by the origin; dialling again");
+    let mut conn = super::redial(cx.t).await.map_err(Sent::Refused)?;
+    conn.note_auth(headers);
+    Ok(conn)
 }
 
 /// Admit an inner request through the plain pipeline's steps, in its
