@@ -43,7 +43,8 @@ certificate for origin.test from a CA loadgen generates at start):
                 The notes give egress ÷ egress-sni-off: the cost of the peek.
   inspect-rate  the same workers through an inspecting proxy, which terminates
                 TLS with a leaf from its own CA (the client trusts only that CA)
-                and re-originates TLS to the origin. Systems: direct,
+                and re-originates TLS to the origin (both proxies keep their
+                origin connections for later tunnels). Systems: direct,
                 egress-inspect (an allow rule and a [tls] CA) and squid-bump
                 (Squid's OpenSSL build, ssl_bump bump all with its own CA).
   inspect-rr    32 inspected tunnels kept alive: CONNECT and TLS once, then
