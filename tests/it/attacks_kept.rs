@@ -46,7 +46,7 @@ struct Evil {
     cert: TestCert,
     accepted: Arc<AtomicUsize>,
     closed: Arc<AtomicUsize>,
-    /// (connection, request line, body bytes read) of each request.
+    /// (connection, request head, body bytes read) of each request.
     seen: Arc<Mutex<Vec<(usize, String, usize)>>>,
 }
 
@@ -232,7 +232,7 @@ async fn evil_serve<S>(
                 None => {}
             }
         }
-        seen.lock().expect("seen").push((n, line.clone(), body_len));
+        seen.lock().expect("seen").push((n, head.clone(), body_len));
         let echo = format!("{n} {method} {path} {body_len}");
         let head_only = method == "HEAD";
         let ok = |extra: &str| {
@@ -776,4 +776,119 @@ async fn a_tunnel_leaving_with_a_request_in_flight_does_not_hand_on_its_answer()
     let (status, body) = next_client(&proxy, &origin, "/who?b").await;
     assert_eq!(status, 200);
     assert_eq!(body, "2 GET /who?b 0");
+}
+
+// ---------------------------------------------------------------- 2. pinning
+
+/// One tunnel sends `req` (its own request bytes) and reads the answer;
+/// returns the answer's body. The tunnel ended.
+async fn one_raw(proxy: &TestProxy, origin: &Evil, req: &str) -> RawResponse {
+    let before = tunnels(&proxy.audit.records());
+    let mut s = tunnel(proxy, origin).await;
+    s.write_all(req.as_bytes()).await.expect("write");
+    let resp = tokio::time::timeout(WAIT, read_response(&mut s))
+        .await
+        .expect("an answer");
+    end(proxy, s, before).await;
+    resp
+}
+
+fn conn_of(body: &str) -> usize {
+    body.split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("not an echo: {body:?}"))
+}
+
+/// Every spelling of a connection-bound challenge that reaches the client
+/// pins the connection: the next client never gets it.
+#[tokio::test]
+async fn connection_bound_challenges_pin_in_every_spelling() {
+    let origin = Evil::start(true).await;
+    let proxy = proxy_for(&origin, "").await;
+    let p = origin.port();
+    let challenges = [
+        "WWW-Authenticate: ntlm",
+        "www-authenticate:    NTLM   ",
+        "WWW-Authenticate: NEGOTIATE",
+        "WWW-Authenticate: Negotiate YIIBhgYGKwYBBQUCoIIBejCCAXY=",
+        "WWW-Authenticate: Basic realm=\"x\", NTLM",
+        "WWW-Authenticate: Basic realm=\"x\",Negotiate",
+        "WWW-Authenticate: Basic realm=\"x\",\tnegotiate",
+        "WWW-Authenticate: Basic realm=\"x\"\r\nWWW-Authenticate: NTLM",
+        "Proxy-Authenticate: NTLM",
+        "WWW-Authenticate: NTLM TlRMTVNTUAACAAAADAAMADgAAAAFgomi",
+    ];
+    for c in challenges {
+        let resp = one_raw(&proxy, &origin, &get(p, &format!("/hdr/{}", hex(c)))).await;
+        assert_eq!(resp.status, 200, "{c}");
+        let pinned = conn_of(&resp.body_text());
+        let (_, next) = next_client(&proxy, &origin, "/who?b").await;
+        assert_ne!(conn_of(&next), pinned, "{c:?} did not pin its connection");
+    }
+}
+
+/// And every spelling of a connection-bound login a client sends.
+#[tokio::test]
+async fn connection_bound_logins_pin_in_every_spelling() {
+    let origin = Evil::start(true).await;
+    let proxy = proxy_for(&origin, "").await;
+    let p = origin.port();
+    let logins = [
+        "authorization: ntlm TlRMTVNTUAABAAAAB4IIogAAAAAAAAAAAAAAAAAAAAAGAbEdAAAADw==",
+        "Authorization:NTLM\tTlRMTVNTUAABAAAAB4IIog==",
+        "Authorization:    Negotiate YIIBhgYGKwYBBQUCoIIBejCCAXY=",
+        "AUTHORIZATION: negotiate",
+        "Authorization: Basic eDp5\r\nAuthorization: NTLM TlRMTVNTUAABAAAA",
+    ];
+    for l in logins {
+        let req = format!("GET /who?a HTTP/1.1\r\nHost: {HOST}:{p}\r\n{l}\r\n\r\n");
+        let resp = one_raw(&proxy, &origin, &req).await;
+        assert_eq!(resp.status, 200, "{l}");
+        let pinned = conn_of(&resp.body_text());
+        let (_, next) = next_client(&proxy, &origin, "/who?b").await;
+        assert_ne!(conn_of(&next), pinned, "{l:?} did not pin its connection");
+    }
+}
+
+/// `Proxy-Authorization` inside a tunnel (a login meant for the proxy) is
+/// not sent on, so it needs no pinning; nor does a login on a request the
+/// proxy refuses (never sent): the next client reuses the connection, and
+/// the origin never saw either login.
+#[tokio::test]
+async fn logins_that_never_reach_the_origin_do_not_matter() {
+    let origin = Evil::start(true).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let (cfg, catalog) = inspecting_config_with(
+        dir.path(),
+        &origin.cert.cert_pem,
+        "methods = [\"GET\", \"HEAD\"]\n",
+        origin.port(),
+        "",
+    );
+    let proxy = start_in(dir, &cfg, &catalog).await;
+    let p = origin.port();
+    let req = format!(
+        "GET /who?a HTTP/1.1\r\nHost: {HOST}:{p}\r\nProxy-Authorization: NTLM TlRMTVNTUAABAAAA\r\n\r\n\
+         POST /who?refused HTTP/1.1\r\nHost: {HOST}:{p}\r\nAuthorization: NTLM TlRMTVNTUAABAAAA\r\ncontent-length: 0\r\n\r\n"
+    );
+    let before = tunnels(&proxy.audit.records());
+    let mut s = tunnel(&proxy, &origin).await;
+    s.write_all(req.as_bytes()).await.expect("write");
+    let a = read_response(&mut s).await;
+    assert_eq!(a.body_text(), "1 GET /who?a 0");
+    let refused = read_response(&mut s).await;
+    assert_eq!(refused.status, 403, "{}", refused.head);
+    end(&proxy, s, before).await;
+    assert_eq!(
+        next_client(&proxy, &origin, "/who?b").await.1,
+        "1 GET /who?b 0"
+    );
+    let seen = origin.seen();
+    assert_eq!(seen.len(), 2, "the refused POST never went: {seen:?}");
+    assert!(
+        seen.iter()
+            .all(|(_, head, _)| !head.to_ascii_lowercase().contains("ntlm")),
+        "{seen:?}"
+    );
 }
