@@ -892,3 +892,306 @@ async fn logins_that_never_reach_the_origin_do_not_matter() {
         "{seen:?}"
     );
 }
+
+// ---------------------------------------------------------------- 3. keys
+
+/// An inspected tunnel to `authority` whose TLS names `server_name`.
+async fn tunnel_named(proxy: &TestProxy, authority: &str, server_name: &str) -> Tls {
+    let s = open_tunnel(proxy.addr, authority).await;
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_string()).expect("name");
+    tokio_rustls::TlsConnector::from(ca_tls(proxy))
+        .connect(name, s)
+        .await
+        .expect("handshake with our leaf")
+}
+
+/// One GET through a tunnel to `authority` (TLS name `server_name`, the
+/// `Host` the tunnel's); the answer's body.
+async fn get_via(proxy: &TestProxy, authority: &str, server_name: &str, path: &str) -> String {
+    let before = tunnels(&proxy.audit.records());
+    let mut s = tunnel_named(proxy, authority, server_name).await;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let resp = read_response(&mut s).await;
+    assert_eq!(resp.status, 200, "{}{}", resp.head, resp.body_text());
+    end(proxy, s, before).await;
+    resp.body_text()
+}
+
+/// The same host on two ports (two origins), one rule: each port's tunnels
+/// keep to their own origin's connection.
+#[tokio::test]
+async fn the_same_host_on_another_port_never_gets_the_connection() {
+    let one = Evil::start(true).await;
+    let two = Evil::start_for(&[HOST], true).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let (cfg, _) = inspecting_config_with(dir.path(), &one.cert.cert_pem, "", one.port(), "");
+    // Both origins' certificates trusted; one rule for both ports.
+    let both = format!("{}{}", one.cert.cert_pem, two.cert.cert_pem);
+    std::fs::write(dir.path().join("origin.pem"), both).expect("roots");
+    let catalog = rule("both", &[HOST], one.port(), "allow", "").replace(
+        &format!("ports = [{}]", one.port()),
+        &format!("ports = [{}, {}]", one.port(), two.port()),
+    );
+    let proxy = start_in(dir, &cfg, &catalog).await;
+    for _ in 0..2 {
+        for o in [&one, &two] {
+            let a = format!("{HOST}:{}", o.port());
+            let body = get_via(&proxy, &a, HOST, "/who").await;
+            assert_eq!(body, "1 GET /who 0");
+        }
+    }
+    assert_eq!((one.accepted(), two.accepted()), (1, 1));
+    assert_eq!(one.seen().len(), 2);
+    assert_eq!(two.seen().len(), 2);
+}
+
+/// Spellings of one name (case, one trailing dot) are one target once
+/// normalised: they share, and the shared connection answers each.
+#[tokio::test]
+async fn spellings_of_one_name_share_one_connection() {
+    let origin = Evil::start(true).await;
+    let proxy = proxy_for(&origin, "").await;
+    let p = origin.port();
+    let spellings = [
+        format!("{HOST}:{p}"),
+        format!("{}:{p}", HOST.to_ascii_uppercase()),
+        format!("{HOST}.:{p}"),
+    ];
+    for a in &spellings {
+        let before = tunnels(&proxy.audit.records());
+        let mut s = tunnel_named(&proxy, a, HOST).await;
+        s.write_all(get(p, "/who").as_bytes()).await.expect("write");
+        let resp = read_response(&mut s).await;
+        assert_eq!(resp.body_text(), "1 GET /who 0", "{a}");
+        end(&proxy, s, before).await;
+    }
+    assert_eq!(origin.accepted(), 1);
+    // The origin always got the normalised name.
+    for (_, head, _) in origin.seen() {
+        assert!(head.contains(&format!("host: {HOST}:{p}")), "{head}");
+    }
+}
+
+/// A rule admitting the host by name and its address as an IP literal:
+/// the name's connection (verified for the name) never carries a tunnel to
+/// the literal (verified for the address), nor the reverse.
+#[tokio::test]
+async fn a_name_and_its_address_never_share() {
+    let origin = Evil::start_for(&[HOST, "127.0.0.1"], true).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let (cfg, catalog) = inspecting_config_with(
+        dir.path(),
+        &origin.cert.cert_pem,
+        "addresses = [\"127.0.0.1/32\"]\n",
+        origin.port(),
+        "",
+    );
+    let proxy = start_in(dir, &cfg, &catalog).await;
+    let p = origin.port();
+    let by_name = format!("{HOST}:{p}");
+    let by_ip = format!("127.0.0.1:{p}");
+    assert_eq!(
+        get_via(&proxy, &by_name, HOST, "/who").await,
+        "1 GET /who 0"
+    );
+    assert_eq!(
+        get_via(&proxy, &by_ip, "127.0.0.1", "/who").await,
+        "2 GET /who 0"
+    );
+    assert_eq!(
+        get_via(&proxy, &by_name, HOST, "/who").await,
+        "1 GET /who 0"
+    );
+    assert_eq!(
+        get_via(&proxy, &by_ip, "127.0.0.1", "/who").await,
+        "2 GET /who 0"
+    );
+    assert_eq!(origin.accepted(), 2);
+}
+
+/// A reload that takes the host out of the catalog: the CONNECT is refused
+/// before any kept connection is looked at (and no request reaches the
+/// origin); put back, the host gets a new connection, never the one kept
+/// under the old rules. A tunnel that outlived the reload keeps its own
+/// connection to its end (decided under its own rules) and hands it to no
+/// tunnel of the new ones.
+#[tokio::test]
+async fn a_reload_that_removes_the_host_refuses_before_any_kept_connection() {
+    let origin = Evil::start(true).await;
+    let proxy = proxy_for(&origin, "").await;
+    let p = origin.port();
+    let path = proxy.dir.path().join("egress-proxy.toml");
+    let catalog = proxy.dir.path().join("catalog.toml");
+    let allowed = std::fs::read_to_string(&catalog).expect("catalog");
+    // A tunnel kept open across the reload, its connection idle.
+    let mut old = tunnel(&proxy, &origin).await;
+    old.write_all(get(p, "/who?old").as_bytes())
+        .await
+        .expect("write");
+    assert_eq!(
+        read_response(&mut old).await.body_text(),
+        "1 GET /who?old 0"
+    );
+    // And a kept connection from another tunnel.
+    assert_eq!(
+        next_client(&proxy, &origin, "/who?kept").await.1,
+        "2 GET /who?kept 0"
+    );
+    std::fs::write(&catalog, "").expect("empty catalog");
+    egress_proxy::reload::reload(&proxy.handle, Some(&path), Vec::new).expect("reload");
+    let (status, _) = connect(proxy.addr, &format!("{HOST}:{p}")).await;
+    assert_eq!(status, 403, "refused by the new rules");
+    // The old tunnel goes on under its own rules, then ends.
+    old.write_all(get(p, "/who?old2").as_bytes())
+        .await
+        .expect("write");
+    assert_eq!(
+        read_response(&mut old).await.body_text(),
+        "1 GET /who?old2 0"
+    );
+    let before = tunnels(&proxy.audit.records());
+    end(&proxy, old, before).await;
+    std::fs::write(&catalog, allowed).expect("catalog back");
+    egress_proxy::reload::reload(&proxy.handle, Some(&path), Vec::new).expect("reload");
+    let (status, body) = next_client(&proxy, &origin, "/who?new").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        body, "3 GET /who?new 0",
+        "a new connection under the new rules"
+    );
+    origin.wait_closed(2).await;
+    let seen: Vec<String> = origin
+        .seen()
+        .into_iter()
+        .map(|(n, h, _)| format!("{n} {}", h.lines().next().unwrap_or("")))
+        .collect();
+    assert_eq!(seen.len(), 4, "{seen:?}");
+}
+
+// ---------------------------------------------------------------- 4. the retry
+
+/// A POST on a kept connection that the origin closes after reading it
+/// (no answer): sent once, never again on a new connection; one record,
+/// 502, with the upstream it went to.
+#[tokio::test]
+async fn a_request_the_origin_read_is_never_sent_again() {
+    let origin = Evil::start(true).await;
+    let proxy = proxy_for(&origin, "").await;
+    let p = origin.port();
+    assert_eq!(next_client(&proxy, &origin, "/who").await.1, "1 GET /who 0");
+    let req = format!("POST /drop HTTP/1.1\r\nHost: {HOST}:{p}\r\ncontent-length: 5\r\n\r\nhello");
+    let resp = one_raw(&proxy, &origin, &req).await;
+    assert_eq!(resp.status, 502, "{}", resp.head);
+    let posts: Vec<_> = origin
+        .seen()
+        .into_iter()
+        .filter(|(_, h, _)| h.starts_with("POST"))
+        .collect();
+    assert_eq!(posts.len(), 1, "sent once: {posts:?}");
+    assert_eq!(origin.accepted(), 1, "no new connection for it");
+    let recs = proxy.audit.records();
+    let post: Vec<&Record> = recs
+        .iter()
+        .filter(|r| r.method.as_ref().is_some_and(|m| m == "POST"))
+        .collect();
+    assert_eq!(post.len(), 1, "{recs:#?}");
+    assert_eq!(post[0].status, Some(502));
+    assert_eq!(post[0].reason, Some(Reason::UpstreamReset));
+    assert_eq!(post[0].upstream, Some(origin.addr));
+    assert_eq!(post[0].decision, Decided::Inspect);
+}
+
+// ---------------------------------------------------------------- 5. bounds
+
+/// More tunnels at once than a key may keep: when they end, 64 stay, the
+/// rest close; later tunnels reuse the kept ones.
+#[tokio::test]
+async fn no_more_than_64_connections_are_kept_for_one_target() {
+    let origin = Evil::start(true).await;
+    let proxy = proxy_for(&origin, "").await;
+    let p = origin.port();
+    let n = 70;
+    let mut open = Vec::new();
+    for _ in 0..n {
+        let mut s = tunnel(&proxy, &origin).await;
+        s.write_all(get(p, "/slow").as_bytes())
+            .await
+            .expect("write");
+        open.push(s);
+    }
+    for s in &mut open {
+        assert_eq!(read_response(s).await.status, 200);
+    }
+    assert_eq!(origin.accepted(), n, "one connection each");
+    drop(open);
+    proxy.audit.wait_for(WAIT, |r| tunnels(r) == n).await;
+    origin.wait_closed(n - 64).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(origin.closed(), n - 64);
+    let (_, body) = next_client(&proxy, &origin, "/who").await;
+    assert!(conn_of(&body) <= n, "{body}");
+    assert_eq!(origin.accepted(), n);
+}
+
+/// Graceful shutdown does not wait for kept connections (they are not
+/// tunnels): with a long grace, it ends well before it.
+#[tokio::test]
+async fn shutdown_does_not_wait_for_kept_connections() {
+    let origin = Evil::start(true).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let (cfg, catalog) =
+        inspecting_config_with(dir.path(), &origin.cert.cert_pem, "", origin.port(), "");
+    let cfg = cfg.replace("shutdown_grace = \"2s\"", "shutdown_grace = \"30s\"");
+    let proxy = start_in(dir, &cfg, &catalog).await;
+    assert_eq!(next_client(&proxy, &origin, "/who").await.1, "1 GET /who 0");
+    assert_eq!(origin.closed(), 0, "kept");
+    let started = std::time::Instant::now();
+    let recs = proxy.stop().await;
+    assert!(
+        started.elapsed() < WAIT,
+        "the drain waited for an idle kept connection"
+    );
+    assert_eq!(recs.len(), 2);
+}
+
+/// A time-out so short that nothing is fresh enough to hand out to a
+/// tunnel 20 ms later: each dials its own, and the janitor (every 100 ms at
+/// the shortest) closes what was kept.
+#[tokio::test]
+async fn a_one_millisecond_idle_time_out_hands_nothing_on_and_closes_all() {
+    let origin = Evil::start(true).await;
+    let proxy = proxy_for(&origin, "[limits]\nupstream_idle_timeout = \"1ms\"\n").await;
+    for n in 1..=3 {
+        let (_, body) = next_client(&proxy, &origin, "/who").await;
+        assert_eq!(body, format!("{n} GET /who 0"));
+        // Past the time-out (a tunnel coming within it may have it).
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    origin.wait_closed(3).await;
+    assert_eq!(metric(&proxy, "egress_tls_upstream_reused_total").await, 0);
+}
+
+// ---------------------------------------------------------------- 6. records and metrics
+
+/// Each inspected tunnel counts once in the routes metric, whether it
+/// dialled or took a kept connection (as a spliced tunnel does).
+#[tokio::test]
+async fn an_inspected_tunnel_counts_once_as_a_direct_route() {
+    let origin = Evil::start(true).await;
+    let proxy = proxy_for(&origin, "").await;
+    for _ in 0..2 {
+        assert_eq!(next_client(&proxy, &origin, "/who").await.1, "1 GET /who 0");
+    }
+    assert_eq!(metric(&proxy, "egress_tls_upstream_reused_total").await, 1);
+    assert_eq!(
+        metric(&proxy, "egress_upstream_routes_total{route=\"direct\"}").await,
+        2,
+        "one per tunnel"
+    );
+    let recs = proxy.audit.records();
+    assert_eq!(recs.len(), 4, "{recs:#?}");
+    records_sane(&recs, &origin);
+    assert_eq!(inner(&recs).len(), 2);
+}
