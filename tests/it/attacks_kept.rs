@@ -31,6 +31,7 @@ use crate::support::*;
 ///   `read_bodies`);
 /// - `/slow`: answered after 1.5 s;
 /// - `/drop`: the request read, then the connection closed, no answer;
+/// - `/then-close`: the echo, then 200 ms later the connection closed;
 /// - `/extra`: the echo and a second, unasked-for response in one write;
 /// - `/extra-late`: the echo, then 300 ms later an unasked-for response;
 /// - `/head-body`: a head with `content-length: 6` and a body, even to HEAD;
@@ -46,6 +47,8 @@ struct Evil {
     cert: TestCert,
     accepted: Arc<AtomicUsize>,
     closed: Arc<AtomicUsize>,
+    /// Its accept loop: aborted, the origin takes no more connections.
+    listener: tokio::task::AbortHandle,
     /// (connection, request head, body bytes read) of each request.
     seen: Arc<Mutex<Vec<(usize, String, usize)>>>,
 }
@@ -73,7 +76,7 @@ impl Evil {
             Arc::clone(&closed),
             Arc::clone(&seen),
         );
-        tokio::spawn(async move {
+        let listener = tokio::spawn(async move {
             while let Ok((s, _)) = listener.accept().await {
                 let acceptor = acceptor.clone();
                 let (acc, clo, see) = (Arc::clone(&acc), Arc::clone(&clo), Arc::clone(&see));
@@ -87,12 +90,14 @@ impl Evil {
                     clo.fetch_add(1, Ordering::SeqCst);
                 });
             }
-        });
+        })
+        .abort_handle();
         Evil {
             addr,
             cert,
             accepted,
             closed,
+            listener,
             seen,
         }
     }
@@ -259,6 +264,12 @@ async fn evil_serve<S>(
                 ok("")
             }
             "/drop" => return,
+            "/then-close" => {
+                let _ = r.s.write_all(ok("").as_bytes()).await;
+                let _ = r.s.flush().await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return;
+            }
             "/extra" => ok("") + poison,
             "/extra-late" => {
                 if r.s.write_all(ok("").as_bytes()).await.is_err() || r.s.flush().await.is_err() {
@@ -1194,4 +1205,166 @@ async fn an_inspected_tunnel_counts_once_as_a_direct_route() {
     assert_eq!(recs.len(), 4, "{recs:#?}");
     records_sane(&recs, &origin);
     assert_eq!(inner(&recs).len(), 2);
+}
+
+/// A kept connection the origin closed, and the origin gone since: the
+/// request's one retry (a new dial) fails; the client is told, and the
+/// request has one record.
+#[tokio::test]
+async fn a_retry_that_cannot_dial_is_one_refusal_with_one_record() {
+    let origin = Evil::start(true).await;
+    let proxy = proxy_for(&origin, "").await;
+    let p = origin.port();
+    let mut s = tunnel(&proxy, &origin).await;
+    s.write_all(get(p, "/then-close").as_bytes())
+        .await
+        .expect("write");
+    assert_eq!(read_response(&mut s).await.status, 200);
+    origin.wait_closed(1).await;
+    origin.listener.abort();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(get(p, "/who?after").as_bytes())
+        .await
+        .expect("write");
+    let resp = read_response(&mut s).await;
+    assert!(resp.status >= 500, "{}", resp.head);
+    end(&proxy, s, 0).await;
+    let recs = proxy.audit.records();
+    assert_eq!(recs.len(), 3, "{recs:#?}");
+    let after: Vec<&Record> = recs
+        .iter()
+        .filter(|r| r.url.as_deref().is_some_and(|u| u.ends_with("/who?after")))
+        .collect();
+    assert_eq!(after.len(), 1, "{recs:#?}");
+    assert_eq!(after[0].status, Some(resp.status));
+    assert!(after[0].reason.is_some(), "{:#?}", after[0]);
+    assert_eq!(origin.seen().len(), 1);
+}
+
+/// An HTTP/1.0 request inside a tunnel (no keep-alive upstream for it):
+/// the next client gets its own answer.
+#[tokio::test]
+async fn an_http_1_0_request_leaves_nothing_for_the_next_tunnel() {
+    let origin = Evil::start(true).await;
+    let proxy = proxy_for(&origin, "").await;
+    let p = origin.port();
+    let mut s = tunnel(&proxy, &origin).await;
+    s.write_all(format!("GET /who?a HTTP/1.0\r\nHost: {HOST}:{p}\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let a = read_response(&mut s).await;
+    assert_eq!(a.body_text(), "1 GET /who?a 0");
+    end(&proxy, s, 0).await;
+    let (status, body) = next_client(&proxy, &origin, "/who?b").await;
+    assert_eq!(status, 200);
+    assert!(own_echo(&body, "/who?b"), "{body}");
+}
+
+/// `Content-Length` then `Transfer-Encoding: chunked` with a request
+/// hidden in the chunked body past the length: whatever the proxy makes of
+/// it, the origin (reading bodies as framed) never sees the hidden request,
+/// and the next client gets its own answer.
+#[tokio::test]
+async fn a_length_and_chunked_body_smuggles_nothing() {
+    let origin = Evil::start(true).await;
+    let proxy = proxy_for(&origin, "").await;
+    let p = origin.port();
+    let hidden = format!("GET /who?hidden HTTP/1.1\r\nHost: {HOST}:{p}\r\n\r\n");
+    let chunk = format!("hello{hidden}");
+    let req = format!(
+        "POST /who?a HTTP/1.1\r\nHost: {HOST}:{p}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{chunk}\r\n0\r\n\r\n",
+        chunk.len()
+    );
+    let mut s = tunnel(&proxy, &origin).await;
+    s.write_all(req.as_bytes()).await.expect("write");
+    let a = read_response(&mut s).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    end(&proxy, s, 0).await;
+    let (status, body) = next_client(&proxy, &origin, "/who?b").await;
+    assert_eq!(status, 200);
+    assert!(
+        own_echo(&body, "/who?b"),
+        "{body} (first answer {})",
+        a.head
+    );
+    let seen = origin.seen();
+    assert!(
+        seen.iter().all(|(_, h, _)| !h.contains("hidden")),
+        "{seen:?}"
+    );
+    // hyper lets chunked win and drops the length: the whole body went up
+    // as the POST's, re-chunked.
+    assert_eq!(seen[0].2, chunk.len(), "{seen:?}");
+}
+
+/// Requests pipelined and the client gone at once, before any answer:
+/// whatever was in flight, the next client gets its own answer.
+#[tokio::test]
+async fn pipelined_requests_and_a_client_gone_at_once_leave_nothing_behind() {
+    let origin = Evil::start(true).await;
+    let proxy = proxy_for(&origin, "").await;
+    let p = origin.port();
+    let mut s = tunnel(&proxy, &origin).await;
+    let burst: String = (0..8).map(|i| get(p, &format!("/who?a{i}"))).collect();
+    s.write_all(burst.as_bytes()).await.expect("write");
+    s.flush().await.expect("flush");
+    end(&proxy, s, 0).await;
+    for _ in 0..3 {
+        let (status, body) = next_client(&proxy, &origin, "/who?b").await;
+        assert_eq!(status, 200);
+        assert!(own_echo(&body, "/who?b"), "{body}");
+    }
+}
+
+/// A client's `Connection: close` ends its tunnel after the answer; the
+/// upstream connection (clean) goes on to the next client.
+#[tokio::test]
+async fn a_clients_connection_close_is_its_own() {
+    let origin = Evil::start(true).await;
+    let proxy = proxy_for(&origin, "").await;
+    let p = origin.port();
+    let req = format!("GET /who?a HTTP/1.1\r\nHost: {HOST}:{p}\r\nConnection: close\r\n\r\n");
+    let a = one_raw(&proxy, &origin, &req).await;
+    assert_eq!(a.body_text(), "1 GET /who?a 0");
+    assert!(
+        origin.seen()[0]
+            .1
+            .to_ascii_lowercase()
+            .find("connection: close")
+            .is_none(),
+        "hop-by-hop, not sent on"
+    );
+    assert_eq!(
+        next_client(&proxy, &origin, "/who?b").await.1,
+        "1 GET /who?b 0"
+    );
+}
+
+/// A tunnel that took a kept connection and was then refused at its hello
+/// (SNI for another name): the connection is not handed on half-used, the
+/// next client gets its own answer, and the refused tunnel's record names
+/// the upstream it had.
+#[tokio::test]
+async fn a_tunnel_refused_at_its_hello_after_taking_a_kept_connection() {
+    let origin = Evil::start(true).await;
+    let proxy = proxy_for(&origin, "").await;
+    let p = origin.port();
+    assert_eq!(next_client(&proxy, &origin, "/who").await.1, "1 GET /who 0");
+    let s = open_tunnel(proxy.addr, &format!("{HOST}:{p}")).await;
+    let name = rustls::pki_types::ServerName::try_from("www.example.com").expect("name");
+    let refused = tokio_rustls::TlsConnector::from(ca_tls(&proxy))
+        .connect(name, s)
+        .await;
+    assert!(refused.is_err(), "SNI for another name is refused");
+    proxy.audit.wait_for(WAIT, |r| tunnels(r) == 2).await;
+    let (status, body) = next_client(&proxy, &origin, "/who?b").await;
+    assert_eq!(status, 200);
+    assert!(own_echo(&body, "/who?b"), "{body}");
+    let recs = proxy.audit.records();
+    let sni = recs
+        .iter()
+        .find(|r| r.reason == Some(Reason::SniMismatch))
+        .unwrap_or_else(|| panic!("{recs:#?}"));
+    assert_eq!(sni.upstream, Some(origin.addr));
+    assert_eq!(sni.decision, Decided::Deny);
 }
