@@ -1368,3 +1368,33 @@ async fn a_tunnel_refused_at_its_hello_after_taking_a_kept_connection() {
     assert_eq!(sni.upstream, Some(origin.addr));
     assert_eq!(sni.decision, Decided::Deny);
 }
+
+/// An answer slower than `response_timeout`: the client is told 504 (and
+/// its tunnel closes), and the late answer, when it comes, never reaches
+/// the next client.
+#[tokio::test]
+async fn a_late_answer_after_a_504_reaches_no_one() {
+    let origin = Evil::start(true).await;
+    let proxy = proxy_for(&origin, "[limits]\nresponse_timeout = \"500ms\"\n").await;
+    let p = origin.port();
+    let mut s = tunnel(&proxy, &origin).await;
+    s.write_all(get(p, "/slow?a").as_bytes()).await.expect("write");
+    let timed_out = read_response(&mut s).await;
+    assert_eq!(timed_out.status, 504, "{}", timed_out.head);
+    end(&proxy, s, 0).await;
+    let (status, body) = next_client(&proxy, &origin, "/who?b").await;
+    assert_eq!(status, 200);
+    assert!(own_echo(&body, "/who?b"), "{body}");
+    assert_ne!(conn_of(&body), 1, "the timed-out connection is not handed on");
+    // And after the late answer's time.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (_, body) = next_client(&proxy, &origin, "/who?c").await;
+    assert!(own_echo(&body, "/who?c"), "{body}");
+    let recs = proxy.audit.records();
+    let slow: Vec<&Record> = recs
+        .iter()
+        .filter(|r| r.url.as_deref().is_some_and(|u| u.ends_with("/slow?a")))
+        .collect();
+    assert_eq!(slow.len(), 1, "{recs:#?}");
+    assert_eq!(slow[0].reason, Some(Reason::Timeout));
+}
