@@ -1378,14 +1378,20 @@ async fn a_late_answer_after_a_504_reaches_no_one() {
     let proxy = proxy_for(&origin, "[limits]\nresponse_timeout = \"500ms\"\n").await;
     let p = origin.port();
     let mut s = tunnel(&proxy, &origin).await;
-    s.write_all(get(p, "/slow?a").as_bytes()).await.expect("write");
+    s.write_all(get(p, "/slow?a").as_bytes())
+        .await
+        .expect("write");
     let timed_out = read_response(&mut s).await;
     assert_eq!(timed_out.status, 504, "{}", timed_out.head);
     end(&proxy, s, 0).await;
     let (status, body) = next_client(&proxy, &origin, "/who?b").await;
     assert_eq!(status, 200);
     assert!(own_echo(&body, "/who?b"), "{body}");
-    assert_ne!(conn_of(&body), 1, "the timed-out connection is not handed on");
+    assert_ne!(
+        conn_of(&body),
+        1,
+        "the timed-out connection is not handed on"
+    );
     // And after the late answer's time.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let (_, body) = next_client(&proxy, &origin, "/who?c").await;
@@ -1397,4 +1403,101 @@ async fn a_late_answer_after_a_504_reaches_no_one() {
         .collect();
     assert_eq!(slow.len(), 1, "{recs:#?}");
     assert_eq!(slow[0].reason, Some(Reason::Timeout));
+}
+
+/// A DNS server on loopback UDP: A queries get `127.0.0.1` (TTL 0) until
+/// `switch` is set, then `10.9.9.9` (private, not allowed); other queries
+/// an empty answer. Counts the A queries.
+async fn switching_dns(
+    switch: Arc<std::sync::atomic::AtomicBool>,
+) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind dns");
+    let addr = sock.local_addr().expect("addr");
+    let queries = Arc::new(AtomicUsize::new(0));
+    let q2 = Arc::clone(&queries);
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, peer)) = sock.recv_from(&mut buf).await {
+            if n < 12 {
+                continue;
+            }
+            let mut i = 12;
+            while i < n && buf[i] != 0 {
+                i += 1 + usize::from(buf[i]);
+            }
+            i += 1 + 4;
+            if i > n {
+                continue;
+            }
+            let qtype = u16::from_be_bytes([buf[i - 4], buf[i - 3]]);
+            let mut answer = buf[..i].to_vec();
+            answer[2] = 0x81; // QR, RD
+            answer[3] = 0x80; // RA, NOERROR
+            answer[6..12].fill(0);
+            if qtype == 1 {
+                q2.fetch_add(1, Ordering::SeqCst);
+                let ip = if switch.load(Ordering::SeqCst) {
+                    [10, 9, 9, 9]
+                } else {
+                    [127, 0, 0, 1]
+                };
+                answer[7] = 1; // one answer
+                answer.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 0, 0, 4]);
+                answer.extend_from_slice(&ip);
+            }
+            let _ = sock.send_to(&answer, peer).await;
+        }
+    });
+    (addr, queries)
+}
+
+/// The retry's new dial resolves and vets again: the name now resolving to
+/// a private address, the request is refused `private_address` and nothing
+/// is dialled; one record.
+#[tokio::test]
+async fn a_retry_resolves_and_vets_again() {
+    let origin = Evil::start(true).await;
+    let switch = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (dns, queries) = switching_dns(Arc::clone(&switch)).await;
+    let dir = tempfile::tempdir().expect("dir");
+    egress_proxy::tls::ca::generate(&dir.path().join("certs"), false).expect("ca generate");
+    std::fs::write(dir.path().join("origin.pem"), &origin.cert.cert_pem).expect("origin pem");
+    let cfg = config_with(&ConfigOpts {
+        allow_private: &["127.0.0.0/8"],
+        dns: &format!("nameservers = [\"{dns}\"]"),
+        extra: "[tls]\nca_cert = \"certs/ca.pem\"\nca_key = \"certs/ca.key\"\nextra_roots = [\"origin.pem\"]\n",
+        ..ConfigOpts::default()
+    });
+    let catalog = rule("lookups", &[HOST], origin.port(), "allow", "");
+    let proxy = start_in(dir, &cfg, &catalog).await;
+    let p = origin.port();
+    let mut s = tunnel(&proxy, &origin).await;
+    s.write_all(get(p, "/then-close").as_bytes())
+        .await
+        .expect("write");
+    assert_eq!(read_response(&mut s).await.status, 200);
+    origin.wait_closed(1).await;
+    let asked = queries.load(Ordering::SeqCst);
+    assert!(asked >= 1);
+    switch.store(true, Ordering::SeqCst);
+    s.write_all(get(p, "/who?after").as_bytes())
+        .await
+        .expect("write");
+    let resp = read_response(&mut s).await;
+    assert_eq!(resp.status, 403, "{}", resp.head);
+    assert_eq!(resp.header("x-egress-error"), Some("private_address"));
+    end(&proxy, s, 0).await;
+    assert!(queries.load(Ordering::SeqCst) > asked, "resolved again");
+    assert_eq!(origin.accepted(), 1, "nothing dialled");
+    assert_eq!(origin.seen().len(), 1);
+    let recs = proxy.audit.records();
+    let after: Vec<&Record> = recs
+        .iter()
+        .filter(|r| r.url.as_deref().is_some_and(|u| u.ends_with("/who?after")))
+        .collect();
+    assert_eq!(after.len(), 1, "{recs:#?}");
+    assert_eq!(after[0].reason, Some(Reason::PrivateAddress));
+    assert_eq!(recs.len(), 3, "{recs:#?}");
 }
