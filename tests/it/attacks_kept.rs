@@ -1501,3 +1501,71 @@ async fn a_retry_resolves_and_vets_again() {
     assert_eq!(after[0].reason, Some(Reason::PrivateAddress));
     assert_eq!(recs.len(), 3, "{recs:#?}");
 }
+
+/// A client trusting only the proxy's CA, from the local address `src`.
+fn client_from(proxy: &TestProxy, src: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .proxy(reqwest::Proxy::all(proxy.url()).expect("proxy"))
+        .use_preconfigured_tls((*ca_tls(proxy)).clone())
+        .local_address(src.parse::<std::net::IpAddr>().expect("ip"))
+        .timeout(WAIT)
+        .build()
+        .expect("client")
+}
+
+/// The same host under two rules, one presenting a client certificate
+/// (for one client group), one not: the connection made with the
+/// certificate (the origin let it in) never carries a tunnel of the rule
+/// without one, which the origin must keep refusing.
+#[tokio::test]
+async fn a_connection_made_with_a_rules_client_certificate_serves_only_that_rule() {
+    crypto();
+    let host = "applianceupdate.clearswift.com";
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let client_ca = rcgen::CertifiedKey {
+        cert: ca_params.self_signed(&ca_key).expect("ca"),
+        signing_key: ca_key,
+    };
+    let issuer = rcgen::Issuer::from_params(&ca_params, &client_ca.signing_key);
+    let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
+    let leaf = rcgen::CertificateParams::new(vec!["gateway.example".to_string()])
+        .expect("leaf params")
+        .signed_by(&leaf_key, &issuer)
+        .expect("leaf");
+    let (addr, origin_cert) = crate::inspect::mtls_origin(host, &client_ca).await;
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(dir.path().join("c.pem"), leaf.pem()).expect("cert");
+    std::fs::write(dir.path().join("c.key"), leaf_key.serialize_pem()).expect("key");
+    egress_proxy::tls::ca::generate(&dir.path().join("certs"), false).expect("ca");
+    std::fs::write(dir.path().join("origin.pem"), &origin_cert.cert_pem).expect("origin pem");
+    let cfg = config(
+        &[host],
+        "[tls]\nca_cert = \"certs/ca.pem\"\nca_key = \"certs/ca.key\"\nextra_roots = [\"origin.pem\"]\n\n\
+         [clients.groups]\nlicensed = [\"127.0.0.2/32\"]\n",
+    );
+    let catalog = rule(
+        "licensed",
+        &[host],
+        addr.port(),
+        "allow",
+        "clients = [\"licensed\"]\nclient_cert = { cert = \"c.pem\", key = \"c.key\" }",
+    ) + &rule("everyone", &[host], addr.port(), "allow", "");
+    let proxy = start_in(dir, &cfg, &catalog).await;
+    let url = format!("https://{host}:{}/validate", addr.port());
+    for (src, want) in [
+        ("127.0.0.2", 200),
+        ("127.0.0.1", 502),
+        ("127.0.0.2", 200),
+        ("127.0.0.1", 502),
+    ] {
+        let before = tunnels(&proxy.audit.records());
+        let client = client_from(&proxy, src);
+        let resp = client.get(&url).send().await.expect("answer");
+        assert_eq!(resp.status(), want, "from {src}");
+        drop(client);
+        proxy.audit.wait_for(WAIT, |r| tunnels(r) > before).await;
+    }
+    assert_eq!(metric(&proxy, "egress_tls_upstream_reused_total").await, 1);
+}
