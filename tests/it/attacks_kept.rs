@@ -1569,3 +1569,33 @@ async fn a_connection_made_with_a_rules_client_certificate_serves_only_that_rule
     }
     assert_eq!(metric(&proxy, "egress_tls_upstream_reused_total").await, 1);
 }
+
+/// A tunnel still open when the drain's grace runs out (hard shutdown)
+/// does not put its connection in the pool on the way out: the origin sees
+/// it close at once, though the proxy's state (and pool) lives on in a
+/// handle.
+#[tokio::test]
+async fn a_tunnel_cut_by_a_hard_shutdown_keeps_nothing() {
+    let origin = Evil::start(true).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let (cfg, catalog) =
+        inspecting_config_with(dir.path(), &origin.cert.cert_pem, "", origin.port(), "");
+    let cfg = cfg.replace("shutdown_grace = \"2s\"", "shutdown_grace = \"300ms\"");
+    let proxy = start_in(dir, &cfg, &catalog).await;
+    let p = origin.port();
+    let mut s = tunnel(&proxy, &origin).await;
+    s.write_all(get(p, "/who").as_bytes()).await.expect("write");
+    assert_eq!(read_response(&mut s).await.body_text(), "1 GET /who 0");
+    let handle = proxy.handle.clone();
+    let audit = proxy.audit.clone();
+    proxy.stop().await;
+    let recs = audit.wait_for(WAIT, |r| tunnels(r) == 1).await;
+    let t = recs
+        .iter()
+        .find(|r| r.url.is_none())
+        .unwrap_or_else(|| panic!("the tunnel's record: {recs:#?}"));
+    assert_eq!(t.reason, Some(Reason::Shutdown), "{t:#?}");
+    // The default idle time-out (30 s) would keep it well past this.
+    origin.wait_closed(1).await;
+    drop((handle, s));
+}
