@@ -659,10 +659,10 @@ async fn expect_continue_leaves_nothing_for_the_next_tunnel() {
     let a = read_response(&mut s).await;
     assert_eq!(a.body_text(), "1 POST /who?a 5");
     end(&proxy, s, 0).await;
-    assert_eq!(
-        next_client(&proxy, &origin, "/who?b").await.1,
-        "1 GET /who?b 0"
-    );
+    // Reused or not (a connection that carried a body may be kept from
+    // sharing), the answer is the next client's own.
+    let (_, body) = next_client(&proxy, &origin, "/who?b").await;
+    assert!(own_echo(&body, "/who?b"), "{body}");
 }
 
 /// Oddities of the origin's answers, one tunnel each, the next client's
