@@ -1602,3 +1602,65 @@ async fn a_tunnel_cut_by_a_hard_shutdown_keeps_nothing() {
     origin.wait_closed(1).await;
     drop((handle, s));
 }
+
+/// A parent proxy written by hand: answers each `CONNECT` 200 and relays
+/// to `origin`; counts the CONNECTs.
+async fn relaying_parent(origin: std::net::SocketAddr) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let connects = Arc::new(AtomicUsize::new(0));
+    let c2 = Arc::clone(&connects);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let c2 = Arc::clone(&c2);
+            tokio::spawn(async move {
+                let head = read_head(&mut s).await;
+                if !head.starts_with("CONNECT ") {
+                    return;
+                }
+                c2.fetch_add(1, Ordering::SeqCst);
+                let Ok(mut up) = TcpStream::connect(origin).await else {
+                    return;
+                };
+                if s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let _ = tokio::io::copy_bidirectional(&mut s, &mut up).await;
+            });
+        }
+    });
+    (addr, connects)
+}
+
+/// Through a parent, each inspected tunnel has its own upstream connection
+/// (none kept, none reused) and counts once as a `parent` route.
+#[tokio::test]
+async fn tunnels_through_a_parent_keep_nothing_and_count_once() {
+    let origin = Evil::start(true).await;
+    let (parent, connects) = relaying_parent(origin.addr).await;
+    let proxy = proxy_for(
+        &origin,
+        &format!("[upstream]\nparent = \"http://{parent}\"\n"),
+    )
+    .await;
+    for n in 1..=3 {
+        let (status, body) = next_client(&proxy, &origin, "/who").await;
+        assert_eq!(status, 200);
+        assert_eq!(body, format!("{n} GET /who 0"));
+    }
+    assert_eq!(connects.load(Ordering::SeqCst), 3);
+    assert_eq!(metric(&proxy, "egress_tls_upstream_reused_total").await, 0);
+    assert_eq!(
+        metric(&proxy, "egress_upstream_routes_total{route=\"parent\"}").await,
+        3,
+        "one per tunnel"
+    );
+    assert_eq!(
+        metric(&proxy, "egress_upstream_routes_total{route=\"direct\"}").await,
+        0
+    );
+    origin.wait_closed(3).await;
+}
