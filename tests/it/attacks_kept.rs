@@ -135,6 +135,8 @@ impl Evil {
 struct Reader<'a, S> {
     s: &'a mut S,
     buf: Vec<u8>,
+    /// The trailer lines of the last chunked body.
+    trailers: Vec<u8>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Reader<'_, S> {
@@ -191,9 +193,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Reader<'_, S> {
                 if size == 0 {
                     // Trailers, then the blank line.
                     loop {
-                        if self.until(b"\r\n").await?.len() == 2 {
+                        let line = self.until(b"\r\n").await?;
+                        if line.len() == 2 {
                             return Some(total);
                         }
+                        self.trailers.extend_from_slice(&line);
                     }
                 }
                 self.exactly(size + 2).await?;
@@ -214,7 +218,11 @@ async fn evil_serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut r = Reader { s, buf: Vec::new() };
+    let mut r = Reader {
+        s,
+        buf: Vec::new(),
+        trailers: Vec::new(),
+    };
     loop {
         let Some(head) = r.until(b"\r\n\r\n").await else {
             return;
@@ -237,7 +245,12 @@ async fn evil_serve<S>(
                 None => {}
             }
         }
-        seen.lock().expect("seen").push((n, head.clone(), body_len));
+        let mut record = head.clone();
+        if !r.trailers.is_empty() {
+            record.push_str("trailers:\r\n");
+            record.push_str(&String::from_utf8_lossy(&std::mem::take(&mut r.trailers)));
+        }
+        seen.lock().expect("seen").push((n, record, body_len));
         let echo = format!("{n} {method} {path} {body_len}");
         let head_only = method == "HEAD";
         let ok = |extra: &str| {
@@ -1663,4 +1676,30 @@ async fn tunnels_through_a_parent_keep_nothing_and_count_once() {
         0
     );
     origin.wait_closed(3).await;
+}
+
+/// A connection-bound login in a request's trailers (declared with
+/// `Trailer`): if it reaches the origin, it must pin like one in the head
+/// (`note_auth` reads heads only). Today trailers are not sent on at all
+/// (`Trailer` is stripped as hop-by-hop, and hyper sends only declared
+/// trailer fields).
+#[tokio::test]
+async fn a_login_in_trailers_never_reaches_the_origin_unpinned() {
+    let origin = Evil::start(true).await;
+    let proxy = proxy_for(&origin, "").await;
+    let p = origin.port();
+    let req = format!(
+        "POST /who?a HTTP/1.1\r\nHost: {HOST}:{p}\r\nTransfer-Encoding: chunked\r\nTrailer: Authorization\r\nTE: trailers\r\n\r\n\
+         5\r\nhello\r\n0\r\nAuthorization: NTLM TlRMTVNTUAADAAAA\r\n\r\n"
+    );
+    let a = one_raw(&proxy, &origin, &req).await;
+    assert_eq!(a.status, 200, "{}", a.head);
+    let first = conn_of(&a.body_text());
+    let (_, next) = next_client(&proxy, &origin, "/who?b").await;
+    let seen = origin.seen();
+    let reached = seen[0].1.to_ascii_lowercase().contains("ntlm");
+    assert!(
+        !reached || conn_of(&next) != first,
+        "the trailer login reached the origin and the connection went on: {seen:?}"
+    );
 }
