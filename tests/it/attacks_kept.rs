@@ -252,7 +252,8 @@ async fn evil_serve<S>(
         }
         seen.lock().expect("seen").push((n, record, body_len));
         let echo = format!("{n} {method} {path} {body_len}");
-        let head_only = method == "HEAD";
+        // Lenient: any case of HEAD (methods are case-sensitive).
+        let head_only = method.eq_ignore_ascii_case("HEAD");
         let ok = |extra: &str| {
             let body = if head_only { "" } else { echo.as_str() };
             format!(
@@ -1702,4 +1703,27 @@ async fn a_login_in_trailers_never_reaches_the_origin_unpinned() {
         !reached || conn_of(&next) != first,
         "the trailer login reached the origin and the connection went on: {seen:?}"
     );
+}
+
+/// `head` in lower case is not HEAD to hyper (it waits for the body the
+/// length announces) but is to a lenient origin (which sends none): the
+/// connection is out of step, so it must not go on. The client gets the
+/// head, waits, leaves; the next client gets its own answer.
+#[tokio::test]
+async fn a_lower_case_head_out_of_step_is_not_handed_on() {
+    let origin = Evil::start(true).await;
+    let proxy = proxy_for(&origin, "").await;
+    let p = origin.port();
+    let mut s = tunnel(&proxy, &origin).await;
+    s.write_all(format!("head /who?a HTTP/1.1\r\nHost: {HOST}:{p}\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    end(&proxy, s, 0).await;
+    let (status, body) = next_client(&proxy, &origin, "/who?b").await;
+    assert_eq!(status, 200);
+    assert!(own_echo(&body, "/who?b"), "{body}");
+    assert_eq!(origin.accepted(), 2, "the out-of-step connection closed");
 }
