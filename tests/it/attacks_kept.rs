@@ -1727,3 +1727,40 @@ async fn a_lower_case_head_out_of_step_is_not_handed_on() {
     assert!(own_echo(&body, "/who?b"), "{body}");
     assert_eq!(origin.accepted(), 2, "the out-of-step connection closed");
 }
+
+/// A tunnel that ends after a reload, while another tunnel of the old rules
+/// still holds them: its connection could only go to the old rules' pool,
+/// which no new tunnel looks in; it closes at once rather than idling there
+/// until the idle time-out (30 s by default).
+#[tokio::test]
+async fn a_tunnel_ending_after_a_reload_closes_its_connection() {
+    let origin = Evil::start(true).await;
+    let proxy = proxy_for(&origin, "").await;
+    let p = origin.port();
+    let path = proxy.dir.path().join("egress-proxy.toml");
+    // Holds the old rules for the whole test (and connection 1).
+    let holder = tunnel(&proxy, &origin).await;
+    let mut s = tunnel(&proxy, &origin).await;
+    s.write_all(get(p, "/who?old").as_bytes())
+        .await
+        .expect("write");
+    assert_eq!(read_response(&mut s).await.body_text(), "2 GET /who?old 0");
+    egress_proxy::reload::reload(&proxy.handle, Some(&path), Vec::new).expect("reload");
+    end(&proxy, s, 0).await;
+    // Well before the holder's idle tunnel ends (the head time-out, 10 s),
+    // which frees the old rules and their pool.
+    let closed = async {
+        while origin.closed() < 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    assert!(
+        tokio::time::timeout(Duration::from_secs(3), closed)
+            .await
+            .is_ok(),
+        "the connection idles in a pool no tunnel looks in"
+    );
+    let (_, body) = next_client(&proxy, &origin, "/who?new").await;
+    assert_eq!(body, "3 GET /who?new 0");
+    drop(holder);
+}
