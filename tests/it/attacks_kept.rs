@@ -1764,3 +1764,28 @@ async fn a_tunnel_ending_after_a_reload_closes_its_connection() {
     assert_eq!(body, "3 GET /who?new 0");
     drop(holder);
 }
+
+/// The client half-closes (TLS `close_notify`) right behind its request:
+/// whether or not it still gets its answer, the next client gets its own.
+#[tokio::test]
+async fn a_half_close_behind_a_request_leaves_nothing_behind() {
+    let origin = Evil::start(true).await;
+    let proxy = proxy_for(&origin, "").await;
+    let p = origin.port();
+    let mut s = tunnel(&proxy, &origin).await;
+    s.write_all(get(p, "/slow?a").as_bytes())
+        .await
+        .expect("write");
+    s.shutdown().await.expect("close_notify");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    assert!(
+        text.is_empty() || text.ends_with("GET /slow?a 0"),
+        "its own answer or none: {text}"
+    );
+    end(&proxy, s, 0).await;
+    let (status, body) = next_client(&proxy, &origin, "/who?b").await;
+    assert_eq!(status, 200);
+    assert!(own_echo(&body, "/who?b"), "{body}");
+}
