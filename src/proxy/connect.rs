@@ -25,7 +25,7 @@ use super::tunnel::{self, Check, TunnelStats};
 use super::txn::Txn;
 use super::{dial_target, ConnCtx};
 use crate::audit::Decided;
-use crate::policy::{EchMode, Rule, SniMode};
+use crate::policy::{EchMode, Route, Rule, SniMode};
 use crate::reason::Reason;
 use crate::target::Target;
 
@@ -69,7 +69,9 @@ async fn inspect_tunnel(
     inspector: Arc<crate::tls::Inspector>,
 ) -> Response<ProxyBody> {
     let rule = x.decision.rule.and_then(|i| x.snapshot.policy.rule(i));
-    let direct = parent::parent_for(ctx, &x.snapshot, rule).is_none();
+    // Not counted here: `open_upstream` counts the route of a tunnel that
+    // dials, a kept connection's is counted where it is taken.
+    let direct = parent::route(&x.snapshot, rule) == Route::Direct;
     let key = direct.then(|| inspect::Key {
         rule: x.decision.rule,
         target: x.target.clone(),
@@ -77,6 +79,7 @@ async fn inspect_tunnel(
     let kept = key.as_ref().and_then(|k| x.snapshot.guards.kept.take(k));
     let (upstream, addr, bridge) = match kept {
         Some(conn) => {
+            ctx.shared.metrics.route(false);
             ctx.shared.metrics.upstream_reused.inc();
             (inspect::Upstream::Kept(conn), None, None)
         }

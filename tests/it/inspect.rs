@@ -240,7 +240,7 @@ async fn bypass_rule_is_never_terminated_with_a_ca() {
 }
 
 /// An origin that demands a client certificate signed by `client_ca`.
-async fn mtls_origin(
+pub(crate) async fn mtls_origin(
     name: &str,
     client_ca: &rcgen::CertifiedKey<rcgen::KeyPair>,
 ) -> (std::net::SocketAddr, TestCert) {

@@ -4,6 +4,7 @@
 mod abuse;
 mod admin;
 mod attacks;
+mod attacks_kept;
 mod audit_faults;
 mod auth;
 mod catalog_seed;

@@ -178,9 +178,9 @@ where
         },
     };
     let Ok(Ok(client_tls)) = handshake(server).await else {
-        if let (Ok(conn), Some(key)) = (upstream, &t.key) {
+        if let Ok(conn) = upstream {
             // Nothing was asked of it: the next tunnel may have it.
-            t.snapshot.guards.kept.keep(key.clone(), conn).await;
+            keep(t, conn).await;
         }
         return Ended::failed(sni, Reason::ClientClosed);
     };
@@ -198,6 +198,18 @@ where
         reason,
         denied: false,
     }
+}
+
+/// Keep a direct tunnel's upstream connection for the next tunnel, in the
+/// pool of the settings in force: after a reload the tunnel's own snapshot
+/// is one no new tunnel takes from, so the connection closes instead of
+/// idling there for as long as another old tunnel holds that snapshot.
+async fn keep(t: &Inspected, conn: Conn) {
+    let Some(key) = &t.key else { return };
+    if !Arc::ptr_eq(&t.shared.settings.load(), &t.snapshot) {
+        return;
+    }
+    t.snapshot.guards.kept.keep(key.clone(), conn).await;
 }
 
 /// Why a ClientHello is refused before any certificate is shown: an SNI

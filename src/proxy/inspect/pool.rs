@@ -11,7 +11,8 @@
 //!   snapshot (the pool lives in the snapshot's guards): the connection was
 //!   dialled to an address vetted for that target under that rule, verified
 //!   for that host, with that rule's client certificate (if any). A reload
-//!   starts an empty pool; the old one closes with its snapshot;
+//!   starts an empty pool; the old one closes with its snapshot, and a
+//!   tunnel of the old snapshot ending after the reload keeps nothing;
 //! - a connection goes back only when hyper says it is ready for another
 //!   request: every response read to its end, nothing in flight (a tunnel
 //!   that ends mid-response closes its connection);

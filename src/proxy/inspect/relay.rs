@@ -161,13 +161,8 @@ where
         async move { Ok::<_, std::convert::Infallible>(inner(cx, req, sender).await) }
     });
     let reason = serve(cx, io, svc).await;
-    if let (Some(key), Ok(conn), false) = (
-        &cx.t.key,
-        Arc::try_unwrap(sender),
-        reason == Some(Reason::Shutdown),
-    ) {
-        let kept = &cx.t.snapshot.guards.kept;
-        kept.keep(key.clone(), conn.into_inner()).await;
+    if let (Ok(conn), false) = (Arc::try_unwrap(sender), reason == Some(Reason::Shutdown)) {
+        super::keep(cx.t, conn.into_inner()).await;
     }
     reason
 }
