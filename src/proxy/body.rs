@@ -131,7 +131,9 @@ impl UpCount {
 
 /// The client's request body on its way upstream, counted.
 pub struct RequestBody {
-    inner: Incoming,
+    /// None: no body at all (a request the proxy sends again on a new
+    /// connection after the first one closed under it).
+    inner: Option<Incoming>,
     /// None for a request without a body: nothing to count, nothing allocated.
     count: Option<Arc<UpCount>>,
     /// Marked idle when the body is complete (see `ConnIo`).
@@ -144,8 +146,17 @@ impl RequestBody {
     /// [`RequestBody::counted`].
     pub fn new(inner: Incoming, count: Option<Arc<UpCount>>) -> Self {
         RequestBody {
-            inner,
+            inner: Some(inner),
             count,
+            conn: None,
+        }
+    }
+
+    /// No body.
+    pub fn empty() -> Self {
+        RequestBody {
+            inner: None,
+            count: None,
             conn: None,
         }
     }
@@ -181,7 +192,10 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(&mut *inner).poll_frame(cx);
         match (&polled, &this.count) {
             (Poll::Ready(Some(Ok(f))), Some(count)) => {
                 if let Some(d) = f.data_ref() {
@@ -200,7 +214,7 @@ impl Body for RequestBody {
             (Poll::Ready(None), Some(count)) => count.end_body(),
             _ => {}
         }
-        if this.inner.is_end_stream() {
+        if inner.is_end_stream() {
             if let Some(c) = &this.conn {
                 c.mark_idle();
             }
@@ -212,11 +226,13 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Incoming::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Incoming::size_hint)
     }
 }
 

@@ -18,8 +18,9 @@
 //!   that ends mid-response closes its connection);
 //! - a connection that carried connection-based authentication (NTLM,
 //!   Negotiate: the origin ties the login to the TCP connection) belongs to
-//!   its client and is never kept; nor is one whose origin answered before
-//!   a request body was all sent (the rest may be read as another request);
+//!   its client and is never kept; nor is one that carried a request body
+//!   (an origin that does not read it reads it as a request of the client's
+//!   making, whose answer would reach the next tunnel);
 //! - every inner request is still admitted and recorded on its own; the
 //!   pool changes where a request goes, never whether it may.
 //!
@@ -63,8 +64,7 @@ pub struct Conn {
     /// origin while idle) may go on a new connection.
     pub used: bool,
     /// Tied to this tunnel, never kept for another: it carried
-    /// connection-based authentication, or was answered before a request
-    /// body was all sent.
+    /// connection-based authentication, or a request body.
     pub pinned: bool,
     task: tokio::task::AbortHandle,
 }

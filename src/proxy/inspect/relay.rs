@@ -200,10 +200,10 @@ async fn inner(cx: &Tunnel<'_>, req: Request<Incoming>, sender: Sender) -> Respo
     match sent {
         Ok(resp) => {
             conn.note_auth(resp.headers());
-            if up.as_deref().is_some_and(|c| !c.body_done()) {
-                // Answered before the request body was all sent: what
-                // follows of it may be read by the origin as another
-                // request, whose answer must not reach another tunnel.
+            if up.is_some() {
+                // A request body: an origin that does not read it (a CL.0
+                // origin, or one answering early) reads it as a request of
+                // its own, whose answer must not reach another tunnel.
                 conn.pinned = true;
             }
             drop(conn);
@@ -239,8 +239,11 @@ enum Sent {
 /// Send `out` on `conn`. A connection that carried a request before (kept
 /// from another tunnel, or by this one) may have been closed by the origin
 /// while idle: if it is closed, or hands the request back unsent, a direct
-/// tunnel dials again (resolved and vetted anew) and sends it there, once;
-/// the record's `upstream` is where it went.
+/// tunnel dials again (resolved and vetted anew) and sends it there, once.
+/// A request the origin may have read goes again only when it is safe to
+/// repeat: GET, HEAD or OPTIONS without a body, the connection closed or
+/// reset before a whole answer (the origin closed it as the request went
+/// out). The record's `upstream` is where it went last.
 async fn send(
     cx: &Tunnel<'_>,
     conn: &mut Conn,
@@ -264,13 +267,20 @@ async fn send(
             Ok(Err(_)) => return Err(Sent::Failed(false)),
             Ok(Ok(())) => {}
         }
+        let replay = again.then(|| Replay::of(&out)).flatten();
         match tokio::time::timeout(timeout, conn.sender.try_send_request(out)).await {
             Err(_) => return Err(Sent::Timeout),
             Ok(Ok(resp)) => return Ok(resp),
-            Ok(Err(mut e)) => match e.take_message() {
-                Some(req) if again => {
+            Ok(Err(mut e)) => match (e.take_message(), replay) {
+                (Some(req), _) if again => {
                     retried = true;
                     out = req;
+                    *conn = fresh(cx, out.headers()).await?;
+                }
+                (None, Some(replay)) if closed_under(e.error()) => {
+                    tracing::debug!(error = %e.error(), "kept connection closed as a safe request went out");
+                    retried = true;
+                    out = replay.request();
                     *conn = fresh(cx, out.headers()).await?;
                 }
                 _ => {
@@ -281,6 +291,60 @@ async fn send(
             },
         }
     }
+}
+
+/// A request safe to send again: its method, target and headers, when it
+/// is a GET, HEAD or OPTIONS without a body.
+struct Replay {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+}
+
+impl Replay {
+    fn of(req: &Request<RequestBody>) -> Option<Replay> {
+        use http::Method;
+        use hyper::body::Body;
+        let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+        (safe && req.body().is_end_stream()).then(|| Replay {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+        })
+    }
+
+    fn request(self) -> Request<RequestBody> {
+        let mut req = Request::new(RequestBody::empty());
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers;
+        req
+    }
+}
+
+/// The connection went away under a request: closed before a whole answer,
+/// or reset (not a TLS failure, not a malformed answer).
+fn closed_under(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() {
+        return true;
+    }
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            ) && !crate::tls::is_tls_error(e);
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// A new connection in place of one the origin closed, marked as the
