@@ -1446,7 +1446,11 @@ async fn a_tunnel_refused_at_its_hello_after_taking_a_kept_connection() {
     proxy.audit.wait_for(WAIT, |r| tunnels(r) == 2).await;
     let (status, body) = next_client(&proxy, &origin, "/who?b").await;
     assert_eq!(status, 200);
-    assert!(own_echo(&body, "/who?b"), "{body}");
+    assert_eq!(
+        body, "1 GET /who?b 0",
+        "the kept connection the refused tunnel never used went back"
+    );
+    assert_eq!(origin.accepted(), 1);
     let recs = proxy.audit.records();
     let sni = recs
         .iter()

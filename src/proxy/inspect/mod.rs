@@ -134,7 +134,9 @@ where
     }
 }
 
-/// Check the hello, terminate with our leaf, re-originate, then relay.
+/// Check the hello, terminate with our leaf, re-originate, then relay. A
+/// kept upstream connection that a tunnel refused at its hello never used
+/// goes back for the next tunnel.
 async fn inspect<C>(t: &Inspected, client: C, upstream: Upstream) -> Ended
 where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -142,20 +144,21 @@ where
     let limits = &t.snapshot.limits;
     let start = match read_hello(t, client).await {
         Ok(s) => s,
-        Err(ended) => return ended,
+        Err(ended) => return unused(t, upstream, ended).await,
     };
     let sni = start.client_hello().server_name().map(str::to_string);
     let refused = hello_refusal(&t.target, &start.client_hello());
     if refused == Some(Reason::SniMismatch) {
-        return Ended {
+        let ended = Ended {
             sni,
             reason: refused,
             denied: true,
         };
+        return unused(t, upstream, ended).await;
     }
     let server = match tls::server_config(&t.inspector.ca, &t.target.host.to_string()) {
         Ok(c) => c,
-        Err(r) => return Ended::failed(sni, r),
+        Err(r) => return unused(t, upstream, Ended::failed(sni, r)).await,
     };
     let handshake =
         |server| tokio::time::timeout(limits.header_read_timeout, start.into_stream(server));
@@ -163,11 +166,12 @@ where
         // Complete the handshake so that rustls tells the client why (a
         // `no_application_protocol` alert); it cannot succeed.
         let _ = handshake(server).await;
-        return Ended {
+        let ended = Ended {
             sni,
             reason: refused,
             denied: true,
         };
+        return unused(t, upstream, ended).await;
     }
     // Re-originate first, so a failure can be told to the client over HTTP.
     let upstream = match upstream {
@@ -198,6 +202,15 @@ where
         reason,
         denied: false,
     }
+}
+
+/// The tunnel ended before its upstream was used: a kept connection goes
+/// back (a dialled socket, with no TLS on it yet, closes).
+async fn unused(t: &Inspected, upstream: Upstream, ended: Ended) -> Ended {
+    if let Upstream::Kept(conn) = upstream {
+        keep(t, conn).await;
+    }
+    ended
 }
 
 /// Keep a direct tunnel's upstream connection for the next tunnel, in the

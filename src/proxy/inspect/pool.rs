@@ -103,14 +103,18 @@ impl Conn {
 
     /// Note connection-based authentication in a request's or a response's
     /// headers (`Authorization`, `WWW-Authenticate`, and their proxy forms
-    /// as an origin may misuse them): any token of a value naming NTLM or
-    /// Negotiate (one header may list several challenges). Erring towards
+    /// as an origin may misuse them): any token of a value naming NTLM,
+    /// Negotiate or Kerberos (one header may list several challenges). Erring towards
     /// pinning costs only a connection not kept.
     pub fn note_auth(&mut self, headers: &HeaderMap) {
         let connection_bound = |v: &http::HeaderValue| {
             v.as_bytes()
                 .split(|b| matches!(b, b' ' | b',' | b'\t'))
-                .any(|t| t.eq_ignore_ascii_case(b"NTLM") || t.eq_ignore_ascii_case(b"Negotiate"))
+                .any(|t| {
+                    [b"NTLM".as_slice(), b"Negotiate", b"Kerberos"]
+                        .iter()
+                        .any(|s| t.eq_ignore_ascii_case(s))
+                })
         };
         for name in [
             header::AUTHORIZATION,

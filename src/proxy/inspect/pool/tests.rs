@@ -192,6 +192,7 @@ fn connection_bound_schemes_pin_and_per_request_ones_do_not() {
     assert!(pinned("www-authenticate", "negotiate"));
     assert!(pinned("proxy-authorization", "ntlm abc"));
     assert!(pinned("proxy-authenticate", "Negotiate"));
+    assert!(pinned("authorization", "Kerberos YIIG"));
     assert!(!pinned("authorization", "Basic dXNlcjpwYXNz"));
     assert!(pinned("www-authenticate", "Basic realm=\"x\", NTLM"));
     assert!(!pinned("www-authenticate", "Basic realm=\"ntlm\""));
