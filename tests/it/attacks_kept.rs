@@ -43,14 +43,17 @@ use crate::support::*;
 /// - `/big`: 8 MiB (more than the sockets on the way buffer);
 /// - `/hdr/<hex>`: the echo with the header line `<hex>` decoded.
 struct Evil {
-    addr: std::net::SocketAddr,
-    cert: TestCert,
-    accepted: Arc<AtomicUsize>,
-    closed: Arc<AtomicUsize>,
-    /// Its accept loop: aborted, the origin takes no more connections.
-    listener: tokio::task::AbortHandle,
+    origin: CountingOrigin,
     /// (connection, request head, body bytes read) of each request.
     seen: Arc<Mutex<Vec<(usize, String, usize)>>>,
+}
+
+impl std::ops::Deref for Evil {
+    type Target = CountingOrigin;
+
+    fn deref(&self) -> &CountingOrigin {
+        &self.origin
+    }
 }
 
 impl Evil {
@@ -59,75 +62,21 @@ impl Evil {
     }
 
     async fn start_for(names: &[&str], read_bodies: bool) -> Evil {
-        crypto();
-        let cert = self_signed(names);
-        let config = rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.cert_der.clone()], cert.key_der.clone_key())
-            .expect("server config");
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let closed = Arc::new(AtomicUsize::new(0));
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let (acc, clo, see) = (
-            Arc::clone(&accepted),
-            Arc::clone(&closed),
-            Arc::clone(&seen),
-        );
-        let listener = tokio::spawn(async move {
-            while let Ok((s, _)) = listener.accept().await {
-                let acceptor = acceptor.clone();
-                let (acc, clo, see) = (Arc::clone(&acc), Arc::clone(&clo), Arc::clone(&see));
-                tokio::spawn(async move {
-                    let Ok(mut tls) = acceptor.accept(s).await else {
-                        return;
-                    };
-                    let n = acc.fetch_add(1, Ordering::SeqCst) + 1;
-                    evil_serve(&mut tls, n, read_bodies, &see).await;
-                    let _ = tls.shutdown().await;
-                    clo.fetch_add(1, Ordering::SeqCst);
-                });
+        let see = Arc::clone(&seen);
+        let origin = CountingOrigin::start(names, move |mut tls, n| {
+            let see = Arc::clone(&see);
+            async move {
+                evil_serve(&mut tls, n, read_bodies, &see).await;
+                let _ = tls.shutdown().await;
             }
         })
-        .abort_handle();
-        Evil {
-            addr,
-            cert,
-            accepted,
-            closed,
-            listener,
-            seen,
-        }
-    }
-
-    fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
-    }
-
-    fn closed(&self) -> usize {
-        self.closed.load(Ordering::SeqCst)
+        .await;
+        Evil { origin, seen }
     }
 
     fn seen(&self) -> Vec<(usize, String, usize)> {
         self.seen.lock().expect("seen").clone()
-    }
-
-    fn port(&self) -> u16 {
-        self.addr.port()
-    }
-
-    /// Wait until `n` of its connections have closed.
-    async fn wait_closed(&self, n: usize) {
-        let closed = async {
-            while self.closed() < n {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        };
-        tokio::time::timeout(WAIT, closed)
-            .await
-            .unwrap_or_else(|_| panic!("{n} origin connections closed, saw {}", self.closed()));
     }
 }
 
@@ -363,16 +312,7 @@ fn inner(recs: &[Record]) -> Vec<&Record> {
 
 /// The rustls client config of a client trusting only the proxy's CA.
 fn ca_tls(proxy: &TestProxy) -> Arc<rustls::ClientConfig> {
-    use rustls::pki_types::pem::PemObject;
-    crypto();
-    let pem = std::fs::read(proxy.dir.path().join("certs/ca.pem")).expect("ca.pem");
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls::pki_types::CertificateDer::from_pem_slice(&pem).expect("pem"))
-        .expect("root");
-    let mut tls = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut tls = crate::leaves::proxy_ca_config(proxy);
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     Arc::new(tls)
 }
@@ -425,22 +365,6 @@ fn own_echo(body: &str, path: &str) -> bool {
         .is_some_and(|(_, rest)| rest == format!("GET {path} 0"))
 }
 
-/// `name{labels} value` from the admin listener's metrics.
-async fn metric(proxy: &TestProxy, name: &str) -> u64 {
-    let mut s = TcpStream::connect(proxy.admin).await.expect("admin");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("write");
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.expect("read metrics");
-    body.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("no {name} in:\n{body}"))
-        .trim()
-        .parse()
-        .expect("a number")
-}
-
 /// Every record names the origin as its upstream and is an inspect one
 /// (the tunnels') or carries a status.
 fn records_sane(recs: &[Record], origin: &Evil) {
@@ -479,7 +403,7 @@ async fn pipelined_requests_do_not_leave_an_answer_for_the_next_tunnel() {
         "the kept connection, its own answer"
     );
     assert_eq!(origin.accepted(), 1);
-    assert_eq!(metric(&proxy, "egress_tls_upstream_reused_total").await, 1);
+    assert_eq!(proxy.metric("egress_tls_upstream_reused_total").await, 1);
     let recs = proxy.audit.records();
     assert_eq!(recs.len(), 5, "2 tunnels, 3 requests: {recs:#?}");
     records_sane(&recs, &origin);
@@ -1268,7 +1192,7 @@ async fn a_one_millisecond_idle_time_out_hands_nothing_on_and_closes_all() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     origin.wait_closed(3).await;
-    assert_eq!(metric(&proxy, "egress_tls_upstream_reused_total").await, 0);
+    assert_eq!(proxy.metric("egress_tls_upstream_reused_total").await, 0);
 }
 
 // ---------------------------------------------------------------- 6. records and metrics
@@ -1282,9 +1206,11 @@ async fn an_inspected_tunnel_counts_once_as_a_direct_route() {
     for _ in 0..2 {
         assert_eq!(next_client(&proxy, &origin, "/who").await.1, "1 GET /who 0");
     }
-    assert_eq!(metric(&proxy, "egress_tls_upstream_reused_total").await, 1);
+    assert_eq!(proxy.metric("egress_tls_upstream_reused_total").await, 1);
     assert_eq!(
-        metric(&proxy, "egress_upstream_routes_total{route=\"direct\"}").await,
+        proxy
+            .metric("egress_upstream_routes_total{route=\"direct\"}")
+            .await,
         2,
         "one per tunnel"
     );
@@ -1610,21 +1536,8 @@ fn client_from(proxy: &TestProxy, src: &str) -> reqwest::Client {
 /// without one, which the origin must keep refusing.
 #[tokio::test]
 async fn a_connection_made_with_a_rules_client_certificate_serves_only_that_rule() {
-    crypto();
     let host = "applianceupdate.clearswift.com";
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_key = rcgen::KeyPair::generate().expect("key");
-    let client_ca = rcgen::CertifiedKey {
-        cert: ca_params.self_signed(&ca_key).expect("ca"),
-        signing_key: ca_key,
-    };
-    let issuer = rcgen::Issuer::from_params(&ca_params, &client_ca.signing_key);
-    let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
-    let leaf = rcgen::CertificateParams::new(vec!["gateway.example".to_string()])
-        .expect("leaf params")
-        .signed_by(&leaf_key, &issuer)
-        .expect("leaf");
+    let (client_ca, leaf, leaf_key) = crate::inspect::client_ca_and_leaf();
     let (addr, origin_cert) = crate::inspect::mtls_origin(host, &client_ca).await;
     let dir = tempfile::tempdir().expect("dir");
     std::fs::write(dir.path().join("c.pem"), leaf.pem()).expect("cert");
@@ -1658,7 +1571,7 @@ async fn a_connection_made_with_a_rules_client_certificate_serves_only_that_rule
         drop(client);
         proxy.audit.wait_for(WAIT, |r| tunnels(r) > before).await;
     }
-    assert_eq!(metric(&proxy, "egress_tls_upstream_reused_total").await, 1);
+    assert_eq!(proxy.metric("egress_tls_upstream_reused_total").await, 1);
 }
 
 /// A tunnel still open when the drain's grace runs out (hard shutdown)
@@ -1740,14 +1653,18 @@ async fn tunnels_through_a_parent_keep_nothing_and_count_once() {
         assert_eq!(body, format!("{n} GET /who 0"));
     }
     assert_eq!(connects.load(Ordering::SeqCst), 3);
-    assert_eq!(metric(&proxy, "egress_tls_upstream_reused_total").await, 0);
+    assert_eq!(proxy.metric("egress_tls_upstream_reused_total").await, 0);
     assert_eq!(
-        metric(&proxy, "egress_upstream_routes_total{route=\"parent\"}").await,
+        proxy
+            .metric("egress_upstream_routes_total{route=\"parent\"}")
+            .await,
         3,
         "one per tunnel"
     );
     assert_eq!(
-        metric(&proxy, "egress_upstream_routes_total{route=\"direct\"}").await,
+        proxy
+            .metric("egress_upstream_routes_total{route=\"direct\"}")
+            .await,
         0
     );
     origin.wait_closed(3).await;

@@ -279,10 +279,14 @@ pub(crate) async fn mtls_origin(
     (addr, cert)
 }
 
-#[tokio::test]
-async fn client_certificate_is_presented_where_the_rule_asks() {
+/// A CA for client certificates, and a gateway's certificate and key
+/// signed by it.
+pub(crate) fn client_ca_and_leaf() -> (
+    rcgen::CertifiedKey<rcgen::KeyPair>,
+    rcgen::Certificate,
+    rcgen::KeyPair,
+) {
     crypto();
-    let host = "applianceupdate.clearswift.com";
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let ca_key = rcgen::KeyPair::generate().expect("key");
@@ -296,6 +300,13 @@ async fn client_certificate_is_presented_where_the_rule_asks() {
         .expect("leaf params")
         .signed_by(&leaf_key, &issuer)
         .expect("leaf");
+    (client_ca, leaf, leaf_key)
+}
+
+#[tokio::test]
+async fn client_certificate_is_presented_where_the_rule_asks() {
+    let host = "applianceupdate.clearswift.com";
+    let (client_ca, leaf, leaf_key) = client_ca_and_leaf();
     let (addr, origin_cert) = mtls_origin(host, &client_ca).await;
 
     for with_cert in [true, false] {

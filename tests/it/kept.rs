@@ -1,74 +1,26 @@
 //! Upstream connections kept across inspected tunnels: what is shared, and
 //! what never is.
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use egress_proxy::audit::{Decided, Reason, Record};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 use crate::inspect::{client_trusting_ca, inspecting_config_with, start_in, HOST};
 use crate::support::*;
 
-/// A TLS origin written by hand, to count its connections and close them
-/// when a test needs: each connection serves requests (GET, no body) until
-/// the proxy closes it, or until it idles `idle_close` between requests.
+/// An origin counting its connections: each serves requests (GET, no body)
+/// until the proxy closes it, or until it idles `idle_close` between
+/// requests.
 ///
 /// Paths: `/` 200 "ok"; `/ntlm`, `/negotiate`, `/basic` a 401 asking for
 /// that scheme; `/slow` a 1 MB body written 1 KB per 20 ms; `/who` 200 with
 /// the connection's number as the body.
-struct KeepOrigin {
-    addr: std::net::SocketAddr,
-    cert: TestCert,
-    accepted: Arc<AtomicUsize>,
-    closed: Arc<AtomicUsize>,
-}
-
-impl KeepOrigin {
-    async fn start(idle_close: Option<Duration>) -> KeepOrigin {
-        crypto();
-        let cert = self_signed(&[HOST]);
-        let config = rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.cert_der.clone()], cert.key_der.clone_key())
-            .expect("server config");
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let closed = Arc::new(AtomicUsize::new(0));
-        let (acc, clo) = (Arc::clone(&accepted), Arc::clone(&closed));
-        tokio::spawn(async move {
-            while let Ok((s, _)) = listener.accept().await {
-                let acceptor = acceptor.clone();
-                let (acc, clo) = (Arc::clone(&acc), Arc::clone(&clo));
-                tokio::spawn(async move {
-                    let Ok(mut tls) = acceptor.accept(s).await else {
-                        return;
-                    };
-                    let n = acc.fetch_add(1, Ordering::SeqCst) + 1;
-                    serve(&mut tls, n, idle_close).await;
-                    let _ = tls.shutdown().await;
-                    clo.fetch_add(1, Ordering::SeqCst);
-                });
-            }
-        });
-        KeepOrigin {
-            addr,
-            cert,
-            accepted,
-            closed,
-        }
-    }
-
-    fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
-    }
-
-    fn closed(&self) -> usize {
-        self.closed.load(Ordering::SeqCst)
-    }
+async fn keep_origin(idle_close: Option<Duration>) -> CountingOrigin {
+    CountingOrigin::start(&[HOST], move |mut tls, n| async move {
+        serve(&mut tls, n, idle_close).await;
+        let _ = tls.shutdown().await;
+    })
+    .await
 }
 
 async fn serve<S>(s: &mut S, n: usize, idle_close: Option<Duration>)
@@ -131,7 +83,7 @@ async fn next_head<S: tokio::io::AsyncRead + Unpin>(
     }
 }
 
-async fn kept_proxy(origin: &KeepOrigin, limits: &str) -> TestProxy {
+async fn kept_proxy(origin: &CountingOrigin, limits: &str) -> TestProxy {
     let dir = tempfile::tempdir().expect("dir");
     let (cfg, catalog) = inspecting_config_with(
         dir.path(),
@@ -143,26 +95,8 @@ async fn kept_proxy(origin: &KeepOrigin, limits: &str) -> TestProxy {
     start_in(dir, &cfg, &catalog).await
 }
 
-fn url(origin: &KeepOrigin, path: &str) -> String {
+fn url(origin: &CountingOrigin, path: &str) -> String {
     format!("https://{HOST}:{}{path}", origin.addr.port())
-}
-
-/// `egress_tls_upstream_reused_total` from the admin listener.
-async fn reused(proxy: &TestProxy) -> u64 {
-    let mut s = tokio::net::TcpStream::connect(proxy.admin)
-        .await
-        .expect("admin");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("write");
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.expect("read metrics");
-    body.lines()
-        .find_map(|l| l.strip_prefix("egress_tls_upstream_reused_total "))
-        .unwrap_or_else(|| panic!("no reuse counter in:\n{body}"))
-        .trim()
-        .parse()
-        .expect("a number")
 }
 
 fn tunnels(recs: &[Record]) -> usize {
@@ -171,7 +105,7 @@ fn tunnels(recs: &[Record]) -> usize {
 
 /// One inspected tunnel with one request, ended (its record written, so its
 /// upstream connection went back to the pool if it could).
-async fn one_tunnel(proxy: &TestProxy, origin: &KeepOrigin, path: &str) -> (u16, String) {
+async fn one_tunnel(proxy: &TestProxy, origin: &CountingOrigin, path: &str) -> (u16, String) {
     let before = tunnels(&proxy.audit.records());
     let client = client_trusting_ca(proxy);
     let resp = client
@@ -188,7 +122,7 @@ async fn one_tunnel(proxy: &TestProxy, origin: &KeepOrigin, path: &str) -> (u16,
 
 #[tokio::test]
 async fn the_next_inspected_tunnel_to_a_host_reuses_the_last_ones_upstream_connection() {
-    let origin = KeepOrigin::start(None).await;
+    let origin = keep_origin(None).await;
     let proxy = kept_proxy(&origin, "").await;
     for _ in 0..3 {
         assert_eq!(one_tunnel(&proxy, &origin, "/who").await, (200, "1".into()));
@@ -198,7 +132,7 @@ async fn the_next_inspected_tunnel_to_a_host_reuses_the_last_ones_upstream_conne
         1,
         "one upstream connection for three tunnels"
     );
-    assert_eq!(reused(&proxy).await, 2);
+    assert_eq!(proxy.metric("egress_tls_upstream_reused_total").await, 2);
     let recs = proxy.audit.records();
     assert_eq!(
         recs.len(),
@@ -218,7 +152,7 @@ async fn the_next_inspected_tunnel_to_a_host_reuses_the_last_ones_upstream_conne
 
 #[tokio::test]
 async fn tunnels_at_once_each_get_a_connection_and_later_ones_reuse_them() {
-    let origin = KeepOrigin::start(None).await;
+    let origin = keep_origin(None).await;
     let proxy = kept_proxy(&origin, "").await;
     // Two tunnels open at once: two connections (one request each in flight).
     let a = client_trusting_ca(&proxy);
@@ -249,7 +183,7 @@ async fn tunnels_at_once_each_get_a_connection_and_later_ones_reuse_them() {
 
 #[tokio::test]
 async fn a_tunnel_that_leaves_mid_response_does_not_hand_its_connection_on() {
-    let origin = KeepOrigin::start(None).await;
+    let origin = keep_origin(None).await;
     let proxy = kept_proxy(&origin, "").await;
     let client = client_trusting_ca(&proxy);
     let resp = client
@@ -273,7 +207,7 @@ async fn a_tunnel_that_leaves_mid_response_does_not_hand_its_connection_on() {
 
 #[tokio::test]
 async fn a_connection_that_carried_ntlm_or_negotiate_stays_with_its_tunnel() {
-    let origin = KeepOrigin::start(None).await;
+    let origin = keep_origin(None).await;
     let proxy = kept_proxy(&origin, "").await;
     // The origin asks for a connection-bound login: not handed on.
     assert_eq!(one_tunnel(&proxy, &origin, "/ntlm").await.0, 401);
@@ -303,17 +237,11 @@ async fn a_connection_that_carried_ntlm_or_negotiate_stays_with_its_tunnel() {
 
 #[tokio::test]
 async fn a_kept_connection_the_origin_closed_is_not_handed_out() {
-    let origin = KeepOrigin::start(Some(Duration::from_millis(300))).await;
+    let origin = keep_origin(Some(Duration::from_millis(300))).await;
     let proxy = kept_proxy(&origin, "").await;
     assert_eq!(one_tunnel(&proxy, &origin, "/who").await, (200, "1".into()));
-    let closed = async {
-        while origin.closed() < 1 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(WAIT, closed)
-        .await
-        .expect("the origin closes it");
+    // The origin closes it.
+    origin.wait_closed(1).await;
     assert_eq!(one_tunnel(&proxy, &origin, "/who").await, (200, "2".into()));
     let recs = proxy.audit.records();
     assert!(recs.iter().all(|r| r.status == Some(200)), "{recs:#?}");
@@ -321,7 +249,7 @@ async fn a_kept_connection_the_origin_closed_is_not_handed_out() {
 
 #[tokio::test]
 async fn a_request_after_the_origin_closed_the_tunnels_connection_goes_on_a_new_one() {
-    let origin = KeepOrigin::start(Some(Duration::from_millis(300))).await;
+    let origin = keep_origin(Some(Duration::from_millis(300))).await;
     let proxy = kept_proxy(&origin, "").await;
     let client = client_trusting_ca(&proxy);
     let first = client
@@ -330,14 +258,8 @@ async fn a_request_after_the_origin_closed_the_tunnels_connection_goes_on_a_new_
         .await
         .expect("first");
     assert_eq!(first.text().await.expect("body"), "1");
-    let closed = async {
-        while origin.closed() < 1 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(WAIT, closed)
-        .await
-        .expect("the origin closes it");
+    // The origin closes it.
+    origin.wait_closed(1).await;
     // Same tunnel (the client keeps it), the upstream gone: dialled again.
     let second = client
         .get(url(&origin, "/who"))
@@ -359,25 +281,19 @@ async fn a_request_after_the_origin_closed_the_tunnels_connection_goes_on_a_new_
 
 #[tokio::test]
 async fn kept_connections_close_once_idle_past_the_time_out() {
-    let origin = KeepOrigin::start(None).await;
+    let origin = keep_origin(None).await;
     let proxy = kept_proxy(&origin, "[limits]\nupstream_idle_timeout = \"1s\"\n").await;
     assert_eq!(one_tunnel(&proxy, &origin, "/who").await.0, 200);
     assert_eq!(origin.closed(), 0, "kept open for the next tunnel");
-    let closed = async {
-        while origin.closed() < 1 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), closed)
-        .await
-        .expect("closed by the proxy within the time-out and half of it");
+    // Closed by the proxy within the time-out and half of it.
+    origin.wait_closed(1).await;
     // A later tunnel makes a new one.
     assert_eq!(one_tunnel(&proxy, &origin, "/who").await, (200, "2".into()));
 }
 
 #[tokio::test]
 async fn upstream_idle_timeout_zero_keeps_none() {
-    let origin = KeepOrigin::start(None).await;
+    let origin = keep_origin(None).await;
     let proxy = kept_proxy(&origin, "[limits]\nupstream_idle_timeout = \"0s\"\n").await;
     for n in 1..=3 {
         assert_eq!(
@@ -385,34 +301,22 @@ async fn upstream_idle_timeout_zero_keeps_none() {
             (200, n.to_string())
         );
     }
-    assert_eq!(reused(&proxy).await, 0);
-    let closed = async {
-        while origin.closed() < 3 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(WAIT, closed)
-        .await
-        .expect("each closed with its tunnel");
+    assert_eq!(proxy.metric("egress_tls_upstream_reused_total").await, 0);
+    // Each closed with its tunnel.
+    origin.wait_closed(3).await;
 }
 
 #[tokio::test]
 async fn a_reload_starts_with_no_kept_connection_and_closes_the_old_ones() {
-    let origin = KeepOrigin::start(None).await;
+    let origin = keep_origin(None).await;
     let proxy = kept_proxy(&origin, "").await;
     assert_eq!(one_tunnel(&proxy, &origin, "/who").await, (200, "1".into()));
     let path = proxy.dir.path().join("egress-proxy.toml");
     egress_proxy::reload::reload(&proxy.handle, Some(&path), Vec::new).expect("reload");
     // Under the new snapshot (its rules might vet another way): a new one.
     assert_eq!(one_tunnel(&proxy, &origin, "/who").await, (200, "2".into()));
-    let closed = async {
-        while origin.closed() < 1 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(WAIT, closed)
-        .await
-        .expect("the old snapshot's kept connection closes with it");
+    // The old snapshot's kept connection closes with it.
+    origin.wait_closed(1).await;
 }
 
 /// A client from `src` that trusts only the proxy's CA.
@@ -432,7 +336,7 @@ fn client_from(proxy: &TestProxy, src: &str) -> reqwest::Client {
 
 #[tokio::test]
 async fn a_connection_made_under_one_rule_is_never_handed_to_a_tunnel_under_another() {
-    let origin = KeepOrigin::start(None).await;
+    let origin = keep_origin(None).await;
     let dir = tempfile::tempdir().expect("dir");
     let (cfg, _) = inspecting_config_with(
         dir.path(),

@@ -4,8 +4,7 @@
 //! (its configuration serves one tunnel: none could ever be resumed).
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::Barrier;
 
 use crate::inspect::{inspecting_config, start_in, HOST};
@@ -13,22 +12,11 @@ use crate::support::*;
 
 /// `egress_tls_leaves_minted_total` from the admin listener.
 async fn minted(proxy: &TestProxy) -> u64 {
-    let mut s = TcpStream::connect(proxy.admin).await.expect("admin");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("write");
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.expect("read metrics");
-    body.lines()
-        .find_map(|l| l.strip_prefix("egress_tls_leaves_minted_total "))
-        .unwrap_or_else(|| panic!("no leaf counter in:\n{body}"))
-        .trim()
-        .parse()
-        .expect("a number")
+    proxy.metric("egress_tls_leaves_minted_total").await
 }
 
 /// A client configuration trusting only the proxy's CA.
-fn proxy_ca_config(proxy: &TestProxy) -> rustls::ClientConfig {
+pub(crate) fn proxy_ca_config(proxy: &TestProxy) -> rustls::ClientConfig {
     use rustls::pki_types::pem::PemObject;
     crypto();
     let pem = std::fs::read(proxy.dir.path().join("certs/ca.pem")).expect("ca.pem");

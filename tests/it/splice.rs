@@ -44,18 +44,7 @@ async fn open(proxy: &TestProxy, port: u16) -> TcpStream {
 
 /// `egress_tunnel_splices_total` from the admin listener.
 async fn splices(proxy: &TestProxy) -> u64 {
-    let mut s = TcpStream::connect(proxy.admin).await.expect("admin");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("write");
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.expect("read metrics");
-    body.lines()
-        .find_map(|l| l.strip_prefix("egress_tunnel_splices_total "))
-        .unwrap_or_else(|| panic!("no splice counter in:\n{body}"))
-        .trim()
-        .parse()
-        .expect("a number")
+    proxy.metric("egress_tunnel_splices_total").await
 }
 
 fn assert_clean(r: &Record, up: u64, down: u64) {

@@ -160,6 +160,24 @@ impl TestProxy {
             .expect("client")
     }
 
+    /// The value of the metric `name` (with its labels, e.g.
+    /// `egress_upstream_routes_total{route="direct"}`) from the admin
+    /// listener.
+    pub async fn metric(&self, name: &str) -> u64 {
+        let mut s = TcpStream::connect(self.admin).await.expect("admin");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.expect("read metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("no {name} in:\n{body}"))
+            .trim()
+            .parse()
+            .expect("a number")
+    }
+
     /// Wait for `n` records and return them.
     pub async fn records(&self, n: usize) -> Vec<Record> {
         let got = self.audit.wait_for(WAIT, |r| r.len() >= n).await;
@@ -402,6 +420,94 @@ pub fn self_signed(names: &[&str]) -> TestCert {
         key_der: rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into()),
         cert_pem: ck.cert.pem(),
         key_pem: ck.signing_key.serialize_pem(),
+    }
+}
+
+/// A TLS origin written by hand, for a test that needs to count its
+/// connections or answer in ways hyper never would: `serve` gets each
+/// accepted connection after its handshake, numbered from 1, and closes it
+/// when done.
+pub struct CountingOrigin {
+    pub addr: SocketAddr,
+    pub cert: TestCert,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+    closed: Arc<std::sync::atomic::AtomicUsize>,
+    /// Its accept loop: aborted, the origin takes no more connections.
+    pub listener: tokio::task::AbortHandle,
+}
+
+/// A connection of a [`CountingOrigin`].
+pub type OriginTls = tokio_rustls::server::TlsStream<TcpStream>;
+
+impl CountingOrigin {
+    /// Listen on loopback with a self-signed certificate for `names`.
+    pub async fn start<F, Fut>(names: &[&str], serve: F) -> CountingOrigin
+    where
+        F: Fn(OriginTls, usize) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        crypto();
+        let cert = self_signed(names);
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert_der.clone()], cert.key_der.clone_key())
+            .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let closed = Arc::new(AtomicUsize::new(0));
+        let (acc, clo) = (Arc::clone(&accepted), Arc::clone(&closed));
+        let serve = Arc::new(serve);
+        let listener = tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                let (acc, clo, serve) = (Arc::clone(&acc), Arc::clone(&clo), Arc::clone(&serve));
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(s).await else {
+                        return;
+                    };
+                    let n = acc.fetch_add(1, Ordering::SeqCst) + 1;
+                    serve(tls, n).await;
+                    clo.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        })
+        .abort_handle();
+        CountingOrigin {
+            addr,
+            cert,
+            accepted,
+            closed,
+            listener,
+        }
+    }
+
+    /// Connections that completed a handshake.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Connections `serve` is done with.
+    pub fn closed(&self) -> usize {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Wait until `n` of its connections have closed.
+    pub async fn wait_closed(&self, n: usize) {
+        let closed = async {
+            while self.closed() < n {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(WAIT, closed)
+            .await
+            .unwrap_or_else(|_| panic!("{n} connections closed: {} did", self.closed()));
     }
 }
 
