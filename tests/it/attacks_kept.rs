@@ -1083,6 +1083,27 @@ async fn a_get_caught_by_the_origin_closing_its_kept_connection_goes_again_once(
     assert_eq!(inner[0].upstream, Some(origin.addr));
 }
 
+/// The same race inside one tunnel: its connection idled between two
+/// requests (longer than the 100 ms after which the proxy keeps a copy of a
+/// safe request) and the origin closes it as the second goes out.
+#[tokio::test]
+async fn a_get_caught_by_the_origin_closing_an_idle_tunnels_connection_goes_again() {
+    let origin = Evil::start(true).await;
+    let proxy = proxy_for(&origin, "").await;
+    let p = origin.port();
+    let mut s = tunnel(&proxy, &origin).await;
+    s.write_all(get(p, "/who").as_bytes()).await.expect("write");
+    assert_eq!(read_response(&mut s).await.body_text(), "1 GET /who 0");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.write_all(get(p, "/drop-if-kept").as_bytes())
+        .await
+        .expect("write");
+    let second = read_response(&mut s).await;
+    assert_eq!(second.status, 200, "{}", second.head);
+    assert_eq!(second.body_text(), "2 GET /drop-if-kept 0");
+    end(&proxy, s, 0).await;
+}
+
 /// Sent again at most once: an origin that drops the GET on the new
 /// connection too gets it twice, and the client a 502 with one record.
 #[tokio::test]

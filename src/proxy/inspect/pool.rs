@@ -63,6 +63,9 @@ pub struct Conn {
     /// Carried a request before: a request it returns unsent (closed by the
     /// origin while idle) may go on a new connection.
     pub used: bool,
+    /// When the head of its last answer came: a connection idle for
+    /// longer may be closed by the origin under the next request.
+    pub answered: Option<Instant>,
     /// Tied to this tunnel, never kept for another: it carried
     /// connection-based authentication, or a request body.
     pub pinned: bool,
@@ -96,6 +99,7 @@ impl Conn {
             failed,
             addr,
             used: false,
+            answered: None,
             pinned: false,
             task,
         })
@@ -107,6 +111,9 @@ impl Conn {
     /// Negotiate or Kerberos (one header may list several challenges). Erring towards
     /// pinning costs only a connection not kept.
     pub fn note_auth(&mut self, headers: &HeaderMap) {
+        if self.pinned {
+            return;
+        }
         let connection_bound = |v: &http::HeaderValue| {
             v.as_bytes()
                 .split(|b| matches!(b, b' ' | b',' | b'\t'))
@@ -126,6 +133,14 @@ impl Conn {
                 self.pinned = true;
             }
         }
+    }
+}
+
+impl Conn {
+    /// Idle for `d` or more since its last answer (or never answered): the
+    /// origin may have closed it by now.
+    pub fn idled(&self, d: Duration) -> bool {
+        self.answered.is_none_or(|t| t.elapsed() >= d)
     }
 }
 
@@ -209,8 +224,10 @@ impl Pool {
                     && conn.sender.is_ready()
                 {
                     // It idled: the origin may close it under the next
-                    // request, which then goes on a new connection.
+                    // request, which then goes on a new connection (its
+                    // first request is copied for that, whatever the time).
                     conn.used = true;
+                    conn.answered = None;
                     found = Some(conn);
                     break;
                 }

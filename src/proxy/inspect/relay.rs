@@ -267,10 +267,18 @@ async fn send(
             Ok(Err(_)) => return Err(Sent::Failed(false)),
             Ok(Ok(())) => {}
         }
-        let replay = again.then(|| Replay::of(&out)).flatten();
+        // Only a connection that idled can be closed under a request by an
+        // origin's idle time-out (none is as short as this): the copy is
+        // not made for back-to-back requests.
+        let replay = (again && conn.idled(IDLE_RISK))
+            .then(|| Replay::of(&out))
+            .flatten();
         match tokio::time::timeout(timeout, conn.sender.try_send_request(out)).await {
             Err(_) => return Err(Sent::Timeout),
-            Ok(Ok(resp)) => return Ok(resp),
+            Ok(Ok(resp)) => {
+                conn.answered = Some(std::time::Instant::now());
+                return Ok(resp);
+            }
             Ok(Err(mut e)) => match (e.take_message(), replay) {
                 (Some(req), _) if again => {
                     retried = true;
@@ -292,6 +300,10 @@ async fn send(
         }
     }
 }
+
+/// How long a connection idles before a safe request on it is copied to be
+/// sent again should the origin close the connection under it.
+const IDLE_RISK: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A request safe to send again: its method, target and headers, when it
 /// is a GET, HEAD or OPTIONS without a body.
