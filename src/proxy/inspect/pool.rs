@@ -108,8 +108,8 @@ impl Conn {
     /// Note connection-based authentication in a request's or a response's
     /// headers (`Authorization`, `WWW-Authenticate`, and their proxy forms
     /// as an origin may misuse them): any token of a value naming NTLM,
-    /// Negotiate or Kerberos (one header may list several challenges). Erring towards
-    /// pinning costs only a connection not kept.
+    /// Negotiate or Kerberos (one header may list several challenges).
+    /// Erring towards pinning costs only a connection not kept.
     pub fn note_auth(&mut self, headers: &HeaderMap) {
         if self.pinned {
             return;
