@@ -1449,45 +1449,20 @@ async fn a_late_answer_after_a_504_reaches_no_one() {
 async fn switching_dns(
     switch: Arc<std::sync::atomic::AtomicBool>,
 ) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
-    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0")
-        .await
-        .expect("bind dns");
-    let addr = sock.local_addr().expect("addr");
     let queries = Arc::new(AtomicUsize::new(0));
     let q2 = Arc::clone(&queries);
-    tokio::spawn(async move {
-        let mut buf = [0u8; 1500];
-        while let Ok((n, peer)) = sock.recv_from(&mut buf).await {
-            if n < 12 {
-                continue;
-            }
-            let mut i = 12;
-            while i < n && buf[i] != 0 {
-                i += 1 + usize::from(buf[i]);
-            }
-            i += 1 + 4;
-            if i > n {
-                continue;
-            }
-            let qtype = u16::from_be_bytes([buf[i - 4], buf[i - 3]]);
-            let mut answer = buf[..i].to_vec();
-            answer[2] = 0x81; // QR, RD
-            answer[3] = 0x80; // RA, NOERROR
-            answer[6..12].fill(0);
-            if qtype == 1 {
-                q2.fetch_add(1, Ordering::SeqCst);
-                let ip = if switch.load(Ordering::SeqCst) {
-                    [10, 9, 9, 9]
-                } else {
-                    [127, 0, 0, 1]
-                };
-                answer[7] = 1; // one answer
-                answer.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 0, 0, 4]);
-                answer.extend_from_slice(&ip);
-            }
-            let _ = sock.send_to(&answer, peer).await;
+    let addr = dns_server(move |qtype| {
+        if qtype != 1 {
+            return Ok(None);
         }
-    });
+        q2.fetch_add(1, Ordering::SeqCst);
+        Ok(Some(if switch.load(Ordering::SeqCst) {
+            [10, 9, 9, 9]
+        } else {
+            [127, 0, 0, 1]
+        }))
+    })
+    .await;
     (addr, queries)
 }
 

@@ -624,33 +624,13 @@ async fn connection_limit() {
 /// A DNS server on loopback UDP that answers every query NXDOMAIN; counts
 /// the queries.
 async fn nxdomain_server() -> (SocketAddr, Arc<AtomicUsize>) {
-    let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind dns");
-    let addr = sock.local_addr().expect("addr");
     let queries = Arc::new(AtomicUsize::new(0));
     let q2 = Arc::clone(&queries);
-    tokio::spawn(async move {
-        let mut buf = [0u8; 1500];
-        while let Ok((n, peer)) = sock.recv_from(&mut buf).await {
-            q2.fetch_add(1, Ordering::SeqCst);
-            if n < 12 {
-                continue;
-            }
-            // Skip the question's name (labels up to the root), then type and class.
-            let mut i = 12;
-            while i < n && buf[i] != 0 {
-                i += 1 + usize::from(buf[i]);
-            }
-            i += 1 + 4;
-            if i > n {
-                continue;
-            }
-            let mut answer = buf[..i].to_vec();
-            answer[2] = 0x81; // QR, RD
-            answer[3] = 0x83; // RA, RCODE 3 (NXDOMAIN)
-            answer[6..12].fill(0); // no answers, authorities or additionals
-            let _ = sock.send_to(&answer, peer).await;
-        }
-    });
+    let addr = dns_server(move |_| {
+        q2.fetch_add(1, Ordering::SeqCst);
+        Err(3)
+    })
+    .await;
     (addr, queries)
 }
 

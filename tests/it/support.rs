@@ -423,6 +423,63 @@ pub fn self_signed(names: &[&str]) -> TestCert {
     }
 }
 
+/// A self-signed certificate for `names` and a TLS acceptor presenting it.
+pub fn tls_acceptor(names: &[&str]) -> (TestCert, tokio_rustls::TlsAcceptor) {
+    crypto();
+    let cert = self_signed(names);
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert_der.clone()], cert.key_der.clone_key())
+        .expect("server config");
+    (cert, tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// A DNS server on loopback UDP. Each query gets its question back with
+/// what `answer` says for its type: `Err(rcode)` (3 is NXDOMAIN),
+/// `Ok(None)` no record, `Ok(Some(ip))` one A record with TTL 0.
+pub async fn dns_server<F>(answer: F) -> SocketAddr
+where
+    F: Fn(u16) -> Result<Option<[u8; 4]>, u8> + Send + 'static,
+{
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind dns");
+    let addr = sock.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, peer)) = sock.recv_from(&mut buf).await {
+            if n < 12 {
+                continue;
+            }
+            // Skip the question's name (labels up to the root), then type and class.
+            let mut i = 12;
+            while i < n && buf[i] != 0 {
+                i += 1 + usize::from(buf[i]);
+            }
+            i += 1 + 4;
+            if i > n {
+                continue;
+            }
+            let qtype = u16::from_be_bytes([buf[i - 4], buf[i - 3]]);
+            let mut out = buf[..i].to_vec();
+            out[2] = 0x81; // QR, RD
+            out[6..12].fill(0); // no answers, authorities or additionals yet
+            match answer(qtype) {
+                Err(rcode) => out[3] = 0x80 | rcode, // RA, the error
+                Ok(None) => out[3] = 0x80,
+                Ok(Some(ip)) => {
+                    out[3] = 0x80;
+                    out[7] = 1; // one answer: the question's name, A, IN, TTL 0
+                    out.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 0, 0, 4]);
+                    out.extend_from_slice(&ip);
+                }
+            }
+            let _ = sock.send_to(&out, peer).await;
+        }
+    });
+    addr
+}
+
 /// A TLS origin written by hand, for a test that needs to count its
 /// connections or answer in ways hyper never would: `serve` gets each
 /// accepted connection after its handshake, numbered from 1, and closes it
@@ -447,13 +504,7 @@ impl CountingOrigin {
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         use std::sync::atomic::{AtomicUsize, Ordering};
-        crypto();
-        let cert = self_signed(names);
-        let config = rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.cert_der.clone()], cert.key_der.clone_key())
-            .expect("server config");
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let (cert, acceptor) = tls_acceptor(names);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -527,13 +578,7 @@ impl TlsOrigin {
 
     /// Like [`TlsOrigin::start`], with a certificate naming all of `names`.
     pub async fn start_for(names: &[&str]) -> TlsOrigin {
-        crypto();
-        let cert = self_signed(names);
-        let config = rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.cert_der.clone()], cert.key_der.clone_key())
-            .expect("server config");
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let (cert, acceptor) = tls_acceptor(names);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let snis = Arc::new(Mutex::new(Vec::new()));
