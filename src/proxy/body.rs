@@ -249,17 +249,27 @@ impl Drop for RequestBody {
 /// `InvalidInput`/`InvalidData` io error), as opposed to a client that went
 /// away (EOF, reset).
 fn is_malformed(e: &hyper::Error) -> bool {
+    io_error(e).map_or_else(
+        || e.is_parse(),
+        |io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData
+            )
+        },
+    )
+}
+
+/// The first I/O error in what caused `e`, if any.
+pub(crate) fn io_error(e: &hyper::Error) -> Option<&std::io::Error> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(err) = cur {
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            return matches!(
-                io.kind(),
-                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData
-            );
+            return Some(io);
         }
         cur = err.source();
     }
-    e.is_parse()
+    None
 }
 
 /// The upstream response body on its way to the client; owns the

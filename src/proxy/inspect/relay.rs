@@ -340,23 +340,17 @@ impl Replay {
 /// The connection went away under a request: closed before a whole answer,
 /// or reset (not a TLS failure, not a malformed answer).
 fn closed_under(e: &hyper::Error) -> bool {
-    if e.is_incomplete_message() {
-        return true;
-    }
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            return matches!(
+    use std::io::ErrorKind;
+    e.is_incomplete_message()
+        || crate::proxy::body::io_error(e).is_some_and(|io| {
+            matches!(
                 io.kind(),
-                std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::ConnectionAborted
-                    | std::io::ErrorKind::BrokenPipe
-                    | std::io::ErrorKind::UnexpectedEof
-            ) && !crate::tls::is_tls_error(e);
-        }
-        cur = err.source();
-    }
-    false
+                ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+                    | ErrorKind::BrokenPipe
+                    | ErrorKind::UnexpectedEof
+            ) && !crate::tls::is_tls_error(e)
+        })
 }
 
 /// A new connection in place of one the origin closed, marked as the
