@@ -14,7 +14,6 @@
 //! Origin-form, asterisk-form, `u:p@` userinfo, `http://:port/`, CONNECT
 //! without a port and the port 0 / 70000 of an absolute URI are in
 //! `refusals.rs::bad_request_targets`; these are the cases it does not have.
-use std::sync::Arc;
 
 use egress_proxy::audit::{Decided, Reason, Record};
 use tokio::io::AsyncWriteExt;
@@ -710,21 +709,6 @@ async fn a_refusal_in_the_middle_of_a_pipeline_ends_it() {
 }
 
 // ================================================================ not HTTP/1
-
-/// The ClientHello a TLS client sends first.
-fn client_hello(name: &str) -> Vec<u8> {
-    crypto();
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from(name.to_owned()).expect("server name");
-    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).expect("client");
-    let mut out = Vec::new();
-    while conn.wants_write() {
-        conn.write_tls(&mut out).expect("write_tls");
-    }
-    out
-}
 
 /// `n` bytes from xorshift64* seeded with `seed` (deterministic, no crate).
 fn random_bytes(seed: u64, n: usize) -> Vec<u8> {

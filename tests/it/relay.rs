@@ -33,21 +33,6 @@ async fn open(proxy: &TestProxy, port: u16) -> TcpStream {
     s
 }
 
-/// The ClientHello a rustls client sends first for `name`.
-fn hello(name: &str) -> Vec<u8> {
-    crypto();
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from(name.to_owned()).expect("server name");
-    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).expect("client");
-    let mut out = Vec::new();
-    while conn.wants_write() {
-        conn.write_tls(&mut out).expect("write_tls");
-    }
-    out
-}
-
 /// An origin that keeps every byte it is sent (all connections) and, when
 /// `tick` is set, writes "tick" every 200 ms until the client goes.
 async fn keeping_origin(tick: bool) -> (SocketAddr, Arc<Mutex<Vec<u8>>>) {
@@ -114,7 +99,7 @@ async fn connect_with(proxy: &TestProxy, port: u16, first: &[u8]) -> TcpStream {
 async fn a_fronted_hello_pipelined_behind_the_connect_head_is_refused() {
     let (origin, got) = keeping_origin(false).await;
     let proxy = proxy(origin.port(), "").await;
-    let mut s = connect_with(&proxy, origin.port(), &hello(FRONT)).await;
+    let mut s = connect_with(&proxy, origin.port(), &client_hello(FRONT)).await;
     read_to_end(&mut s).await;
     let r = proxy.only_record().await;
     assert_refused(&r, Reason::SniMismatch, Some(FRONT));
@@ -129,7 +114,7 @@ async fn a_fronted_hello_pipelined_behind_the_connect_head_is_refused() {
 async fn a_fronted_hello_split_between_the_connect_head_and_the_socket_is_refused() {
     let (origin, got) = keeping_origin(false).await;
     let proxy = proxy(origin.port(), "[limits]\ntunnel_idle_timeout = \"3s\"\n").await;
-    let first = hello(FRONT);
+    let first = client_hello(FRONT);
     let mut s = connect_with(&proxy, origin.port(), &first[..5]).await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
     s.write_all(&first[5..]).await.expect("write");
@@ -145,7 +130,7 @@ async fn a_fronted_hello_split_between_the_connect_head_and_the_socket_is_refuse
 async fn a_matching_hello_pipelined_behind_the_connect_head_is_replayed_whole() {
     let (origin, got) = keeping_origin(false).await;
     let proxy = proxy(origin.port(), "[limits]\ntunnel_idle_timeout = \"1s\"\n").await;
-    let first = hello(KSN);
+    let first = client_hello(KSN);
     let _s = connect_with(&proxy, origin.port(), &first).await;
     // The origin never answers: the tunnel idles out, its hello counted.
     let r = proxy.only_record().await;
@@ -177,7 +162,7 @@ async fn trickled_hello(name: &str) -> (TestProxy, Arc<Mutex<Vec<u8>>>, Vec<u8>)
     )
     .await;
     let mut s = open(&proxy, origin.port()).await;
-    let first = hello(name);
+    let first = client_hello(name);
     trickle(&mut s, &first, 8, Duration::from_millis(400)).await;
     (proxy, got, first)
 }
@@ -316,7 +301,7 @@ async fn shutdown_ends_tunnels_in_every_relay_state_with_one_record_each() {
     let mut silent = open(&proxy, echo.port()).await;
     // Half a hello in the gate.
     let mut half = open(&proxy, echo.port()).await;
-    let first = hello(KSN);
+    let first = client_hello(KSN);
     half.write_all(&first[..first.len() / 2])
         .await
         .expect("write");

@@ -423,6 +423,21 @@ pub fn self_signed(names: &[&str]) -> TestCert {
     }
 }
 
+/// The ClientHello a rustls client sends first for `name`.
+pub fn client_hello(name: &str) -> Vec<u8> {
+    crypto();
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(name.to_owned()).expect("server name");
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).expect("client");
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out).expect("write_tls");
+    }
+    out
+}
+
 /// A self-signed certificate for `names` and a TLS acceptor presenting it.
 pub fn tls_acceptor(names: &[&str]) -> (TestCert, tokio_rustls::TlsAcceptor) {
     crypto();
